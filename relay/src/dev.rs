@@ -1,0 +1,137 @@
+//! `relay dev`: everything a newcomer needs in one command. Creates the development database if
+//! missing, migrates it, adds demo users and appointments (idempotently: fixed ids), prints a
+//! token and a ready-to-paste connection line for each role, and serves.
+
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+use uuid::{uuid, Uuid};
+
+use crate::authz::{Principal, Role};
+use crate::token::Keys;
+
+/// The demo users, with fixed ids so tokens and SQL lines stay valid across runs.
+pub const DEMO_USERS: [(Uuid, Role, &str); 6] = [
+    (uuid!("00000000-0000-4000-8000-00000000a001"), Role::Admin, "Ada Admin"),
+    (uuid!("00000000-0000-4000-8000-00000000d001"), Role::Dentist, "Dr. Dana Molar"),
+    (uuid!("00000000-0000-4000-8000-00000000d002"), Role::Dentist, "Dr. Dev Canine"),
+    (uuid!("00000000-0000-4000-8000-00000000b001"), Role::Patient, "Pat Patient"),
+    (uuid!("00000000-0000-4000-8000-00000000b002"), Role::Patient, "Paz Person"),
+    (uuid!("00000000-0000-4000-8000-00000000c001"), Role::Chatbot, "Booking bot"),
+];
+
+/// How long the printed tokens are valid.
+pub const DEMO_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("cannot reach Postgres at {target}: {source} (is it running? see the README)")]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
+}
+
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| format!("{h:?}"))
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DevError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|source| DevError::Connect {
+        target: describe(config),
+        source,
+    })?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Creates the database named in `config` if it does not exist (connecting to `postgres` to do
+/// so), then migrates it and adds the demo data.
+pub async fn prepare(config: &tokio_postgres::Config) -> Result<(), DevError> {
+    let name = config.get_dbname().unwrap_or("relay_dev").to_string();
+    let mut maintenance = config.clone();
+    maintenance.dbname("postgres");
+    let admin = connect(&maintenance).await?;
+    let exists = admin
+        .query_opt("select 1 from pg_database where datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        admin.batch_execute(&format!("create database {quoted}")).await?;
+        println!("created database {name}");
+    }
+    let mut client = connect(config).await?;
+    let applied = crate::migrate::migrate(&mut client).await?;
+    if !applied.is_empty() {
+        println!("applied {}", applied.join(", "));
+    }
+    seed(&client).await
+}
+
+async fn seed(client: &tokio_postgres::Client) -> Result<(), DevError> {
+    for (id, role, name) in DEMO_USERS {
+        client
+            .execute(
+                "insert into profiles (id, role, full_name) values ($1, $2, $3) on conflict (id) do nothing",
+                &[&id, &role.as_str(), &name],
+            )
+            .await?;
+    }
+    client
+        .batch_execute(
+            "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at, kind, notes)
+             select * from (values
+               ('00000000-0000-4000-8000-0000000e0001'::uuid, '00000000-0000-4000-8000-00000000b001'::uuid,
+                '00000000-0000-4000-8000-00000000d001'::uuid, date_trunc('day', now()) + interval '1 day 9 hours',
+                date_trunc('day', now()) + interval '1 day 10 hours', 'in_person', 'Check-up'),
+               ('00000000-0000-4000-8000-0000000e0002'::uuid, '00000000-0000-4000-8000-00000000b002'::uuid,
+                '00000000-0000-4000-8000-00000000d002'::uuid, date_trunc('day', now()) + interval '1 day 11 hours',
+                date_trunc('day', now()) + interval '1 day 12 hours', 'video', 'Follow-up on a filling')
+             ) as demo (id, patient_id, dentist_id, starts_at, ends_at, kind, notes)
+             on conflict (id) do nothing;
+             insert into availability (id, dentist_id, starts_at, ends_at)
+             select * from (values
+               ('00000000-0000-4000-8000-0000000f0001'::uuid, '00000000-0000-4000-8000-00000000d001'::uuid,
+                date_trunc('day', now()) + interval '2 days 9 hours', date_trunc('day', now()) + interval '2 days 12 hours'),
+               ('00000000-0000-4000-8000-0000000f0002'::uuid, '00000000-0000-4000-8000-00000000d002'::uuid,
+                date_trunc('day', now()) + interval '2 days 13 hours', date_trunc('day', now()) + interval '2 days 17 hours')
+             ) as demo (id, dentist_id, starts_at, ends_at)
+             on conflict (id) do nothing;",
+        )
+        .await?;
+    Ok(())
+}
+
+/// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
+pub fn banner(keys: &Keys, addr: std::net::SocketAddr, database: &str) -> String {
+    let mut out = format!("\nrelay dev: serving on http://{addr} with database {database}\n");
+    out.push_str("\nConnect as any demo user (tokens valid 24 h), then send\n");
+    out.push_str("  {\"type\":\"subscribe\",\"ref\":\"1\",\"feed\":\"appointments\"}\n");
+    for (id, role, name) in DEMO_USERS {
+        let token = keys.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
+        out.push_str(&format!(
+            "\n# {role:<8} {name} ({id})\nnpx wscat -c 'ws://{addr}/ws?access_token={token}'\n"
+        ));
+    }
+    out.push_str(&format!(
+        "\nThen change a row, e.g. book for Dr. Dana Molar and move it to Dr. Dev Canine:\n\
+         psql {database} -c \"insert into appointments (id, patient_id, dentist_id, starts_at, ends_at) \
+         values ('00000000-0000-4000-8000-0000000e00aa', '00000000-0000-4000-8000-00000000b001', \
+         '00000000-0000-4000-8000-00000000d001', now() + interval '1 day', now() + interval '1 day 1 hour')\"\n\
+         psql {database} -c \"update appointments set dentist_id = '00000000-0000-4000-8000-00000000d002' \
+         where id = '00000000-0000-4000-8000-0000000e00aa'\"\n"
+    ));
+    out
+}

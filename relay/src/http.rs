@@ -1,0 +1,172 @@
+//! HTTP routes: the WebSocket upgrade and the small JSON API (health, status, stats).
+//!
+//! Tokens are verified before a socket is upgraded; every refusal is JSON
+//! `{"error": "<code>", "message": "..."}` with the right status, produced in one place
+//! ([`recover`]). This module turns requests into calls on the hub and the session; it holds no
+//! state of its own.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reject::Reject;
+use warp::{Filter, Rejection, Reply};
+
+use crate::authz::{Principal, Role};
+use crate::listener::Health;
+use crate::session::{self, SessionContext};
+use crate::token::{Keys, TokenError};
+
+/// Everything the routes need, cloned into each request.
+#[derive(Clone)]
+pub struct AppState {
+    pub session: SessionContext,
+    pub health: Arc<Health>,
+    pub keys: Arc<Keys>,
+    pub max_frame_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Unauthorized(TokenError);
+impl Reject for Unauthorized {}
+
+#[derive(Debug)]
+struct Forbidden(&'static str);
+impl Reject for Forbidden {}
+
+pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let with_state = warp::any().map(move || state.clone());
+
+    let ws = warp::path!("ws")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(|state: AppState, header: Option<String>, query: HashMap<String, String>| async move {
+            let token = bearer(header.as_deref())?.or_else(|| query.get("access_token").cloned());
+            authenticate(&state, token.as_deref()).map(|principal| (state, principal))
+        })
+        .untuple_one()
+        .and(warp::ws())
+        .map(|state: AppState, principal: Principal, ws: warp::ws::Ws| {
+            let context = state.session.clone();
+            ws.max_message_size(state.max_frame_bytes)
+                .max_frame_size(state.max_frame_bytes)
+                .on_upgrade(move |socket| session::run(socket, principal, context))
+        });
+
+    let health = warp::path!("api" / "realtime" / "health")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(|state: AppState| {
+            let healthy = state.health.is_listening();
+            let body = json!({
+                "status": if healthy { "healthy" } else { "unhealthy" },
+                "service": "realtime-relay",
+                "activeSubscriptions": state.session.hub.active_subscriptions(),
+                "timestamp": crate::rfc3339(SystemTime::now()),
+            });
+            let status = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            warp::reply::with_status(warp::reply::json(&body), status)
+        });
+
+    let with_principal = with_state
+        .clone()
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(|state: AppState, header: Option<String>| async move {
+            let token = bearer(header.as_deref())?;
+            authenticate(&state, token.as_deref()).map(|principal| (state, principal))
+        })
+        .untuple_one();
+
+    let status = warp::path!("api" / "realtime" / "status")
+        .and(warp::get())
+        .and(with_principal.clone())
+        .map(|state: AppState, principal: Principal| {
+            warp::reply::json(&json!({
+                "userId": principal.user_id,
+                "role": principal.role,
+                "subscriptions": state.session.hub.subscriptions_of(principal.user_id),
+            }))
+        });
+
+    let stats = warp::path!("api" / "realtime" / "stats")
+        .and(warp::get())
+        .and(with_principal)
+        .and_then(|state: AppState, principal: Principal| async move {
+            if principal.role != Role::Admin {
+                return Err(warp::reject::custom(Forbidden("stats are for admin tokens only")));
+            }
+            let snapshot = state.session.hub.snapshot();
+            let mut body = serde_json::to_value(snapshot).unwrap_or_default();
+            body["timestamp"] = json!(crate::rfc3339(SystemTime::now()));
+            Ok(warp::reply::json(&body))
+        });
+
+    ws.or(health).or(status).or(stats).recover(recover)
+}
+
+/// The token from an `Authorization: Bearer <jwt>` header, if there is such a header.
+fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
+    let Some(value) = header else {
+        return Ok(None);
+    };
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(Some(token.trim().to_string()))
+        }
+        _ => Err(warp::reject::custom(Unauthorized(TokenError::Invalid(
+            "the Authorization header must be `Bearer <jwt>`",
+        )))),
+    }
+}
+
+fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, Rejection> {
+    let token = token.ok_or(TokenError::Missing);
+    token
+        .and_then(|t| state.keys.verify(t))
+        .map_err(|e| warp::reject::custom(Unauthorized(e)))
+}
+
+fn error_reply(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
+    warp::reply::with_status(
+        warp::reply::json(&json!({"error": code, "message": message})),
+        status,
+    )
+    .into_response()
+}
+
+async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let reply = if let Some(Unauthorized(e)) = rejection.find() {
+        let mut response = error_reply(StatusCode::UNAUTHORIZED, e.code(), &e.to_string());
+        response.headers_mut().insert(
+            warp::http::header::WWW_AUTHENTICATE,
+            warp::http::HeaderValue::from_static("Bearer"),
+        );
+        response
+    } else if let Some(Forbidden(message)) = rejection.find() {
+        error_reply(StatusCode::FORBIDDEN, "forbidden", message)
+    } else if rejection.is_not_found() {
+        error_reply(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error_reply(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        error_reply(StatusCode::BAD_REQUEST, "bad_request", "the query string is malformed")
+    } else if rejection.find::<warp::ws::MissingConnectionUpgrade>().is_some() {
+        error_reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint takes a WebSocket upgrade",
+        )
+    } else {
+        error_reply(StatusCode::BAD_REQUEST, "bad_request", "the request is malformed")
+    };
+    Ok(reply)
+}

@@ -1,0 +1,68 @@
+//! A Postgres change-feed relay: row changes, captured by triggers and announced with NOTIFY, go
+//! out over WebSockets to every connected user allowed to see them, and to no one else.
+//!
+//! # Layout
+//!
+//! Modules follow the data's path:
+//!
+//! - [`listener`]: the one LISTEN connection; receives notifications, reads large events from the
+//!   event log, hands events to the hub in commit order.
+//! - [`event`]: decoding the capture trigger's payloads; rendering `event` frames.
+//! - [`authz`]: the mirror of the tables' row-level security: who may see which row, and which
+//!   columns. Pure, no I/O.
+//! - [`hub`]: subscriptions indexed by feed and user; fans each event out to exactly the
+//!   subscribers allowed to see it, through bounded per-socket queues.
+//! - [`session`]: one WebSocket: client frames in, queued frames out.
+//! - [`protocol`]: the client frames and the relay's replies.
+//! - [`http`]: routes: the upgrade, health, status, stats.
+//! - [`token`]: verifying and issuing JWTs.
+//! - [`server`]: wiring it together; start and graceful shutdown.
+//! - [`migrate`]: applying `sql/` and `triggers/`.
+//! - [`config`]: the command line and environment; [`dev`]: the `relay dev` command.
+
+pub mod authz;
+pub mod config;
+pub mod dev;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod listener;
+pub mod migrate;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod token;
+
+pub use config::Config;
+pub use server::{Relay, StartError};
+
+use std::time::SystemTime;
+
+/// RFC 3339 in UTC, as every timestamp the relay writes.
+pub fn rfc3339(at: SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}

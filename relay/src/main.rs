@@ -1,0 +1,102 @@
+//! The `relay` binary: parses the command line, sets up logging, and calls into the library.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use relay::config::{Cli, Command, Config};
+use relay::token::Keys;
+use relay::{dev, migrate, Relay};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One clear line: clap's first line names the setting and the problem.
+            let rendered = e.to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match EnvFilter::try_new(&cli.rust_log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: invalid value {:?} for RUST_LOG: {e}", cli.rust_log);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Migrate(args) => {
+            let (mut client, connection) = args
+                .database_url
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
+            tokio::spawn(connection);
+            let applied = migrate::migrate(&mut client).await.map_err(|e| e.to_string())?;
+            if applied.is_empty() {
+                println!("up to date: nothing to apply");
+            } else {
+                for name in applied {
+                    println!("applied {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Token(args) => {
+            let principal = relay::authz::Principal {
+                user_id: args.sub.unwrap_or_else(uuid::Uuid::new_v4),
+                role: args.role,
+            };
+            println!("{}", Keys::new(&args.relay_jwt_secret).issue(&principal, args.ttl));
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
+            serve(config, None).await
+        }
+        Command::Dev(args) => {
+            dev::prepare(&args.database_url).await.map_err(|e| e.to_string())?;
+            let database = args.database_url.get_dbname().unwrap_or_default().to_string();
+            let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
+            serve(config, Some(database)).await
+        }
+    }
+}
+
+async fn serve(config: Config, dev_database: Option<String>) -> Result<(), String> {
+    let keys = Keys::new(&config.jwt_secret);
+    let relay = Relay::start(config).await.map_err(|e| e.to_string())?;
+    if let Some(database) = dev_database {
+        println!("{}", dev::banner(&keys, relay.local_addr(), &database));
+    }
+    relay::shutdown_signal().await;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}

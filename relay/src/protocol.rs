@@ -1,0 +1,372 @@
+//! The WebSocket protocol's frames (see `docs/protocol.md`): parsing what clients send and
+//! rendering the relay's replies. `event` frames are rendered by [`crate::event`].
+//!
+//! Parsing never fails the socket: every malformed frame becomes a [`FrameError`] that is sent back
+//! as an `error` frame, echoing the frame's `ref` when one could be read.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::authz::Feed;
+
+/// WebSocket close codes the relay uses, beyond the standard ones.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The relay is shutting down; reconnect (to another instance).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The socket's outbound queue was full: the client read too slowly.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Subscribe {
+        reference: Option<String>,
+        feed: Feed,
+        filter: Filter,
+    },
+    Unsubscribe {
+        reference: Option<String>,
+        feed: Feed,
+    },
+    Ping {
+        reference: Option<String>,
+    },
+}
+
+/// Narrows a subscription; never widens what authorization allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Filter {
+    /// Only messages of this consultation session (`consultation_messages` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.session_id.is_none()
+    }
+}
+
+/// The error codes of `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or not a valid frame.
+    BadRequest,
+    /// The `feed` names no feed.
+    UnknownFeed,
+    /// The caller may never see this feed, or filters on something that is not theirs.
+    Forbidden,
+    /// The relay could not complete the request right now (e.g. the database is unreachable).
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownFeed => "unknown_feed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A frame the relay refuses, with the `ref` to echo in the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub reference: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(reference: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        FrameError {
+            reference,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn to_frame(&self) -> Bytes {
+        error(self.reference.as_deref(), self.code, &self.message)
+    }
+}
+
+impl ClientFrame {
+    /// Parses one text frame.
+    pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+        let bad = |reference: Option<String>, message: String| {
+            FrameError::new(reference, ErrorCode::BadRequest, message)
+        };
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| bad(None, format!("frame is not valid JSON: {e}")))?;
+        let Value::Object(mut object) = value else {
+            return Err(bad(None, "frame must be a JSON object".into()));
+        };
+        let reference = match object.remove("ref") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err(bad(None, "`ref` must be a string".into())),
+        };
+        let kind = match object.remove("type") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(bad(reference, "`type` must be a string".into())),
+            None => return Err(bad(reference, "missing field `type`".into())),
+        };
+        let frame = match kind.as_str() {
+            "subscribe" => {
+                let feed = take_feed(&mut object, &reference)?;
+                let filter = take_filter(&mut object, feed, &reference)?;
+                ClientFrame::Subscribe {
+                    reference: reference.clone(),
+                    feed,
+                    filter,
+                }
+            }
+            "unsubscribe" => ClientFrame::Unsubscribe {
+                feed: take_feed(&mut object, &reference)?,
+                reference: reference.clone(),
+            },
+            "ping" => ClientFrame::Ping {
+                reference: reference.clone(),
+            },
+            other => {
+                return Err(bad(
+                    reference,
+                    format!("unknown type {other:?}: expected subscribe, unsubscribe or ping"),
+                ))
+            }
+        };
+        if let Some(field) = object.keys().next() {
+            return Err(bad(
+                reference,
+                format!("unknown field `{field}` in a {kind} frame"),
+            ));
+        }
+        Ok(frame)
+    }
+}
+
+fn take_feed(object: &mut Map<String, Value>, reference: &Option<String>) -> Result<Feed, FrameError> {
+    match object.remove("feed") {
+        Some(Value::String(name)) => name.parse().map_err(|_| {
+            FrameError::new(
+                reference.clone(),
+                ErrorCode::UnknownFeed,
+                format!(
+                    "unknown feed {name:?}: expected one of appointments, availability, \
+                     consultation_sessions, consultation_messages"
+                ),
+            )
+        }),
+        Some(_) => Err(FrameError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "`feed` must be a string",
+        )),
+        None => Err(FrameError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "missing field `feed`",
+        )),
+    }
+}
+
+fn take_filter(
+    object: &mut Map<String, Value>,
+    feed: Feed,
+    reference: &Option<String>,
+) -> Result<Filter, FrameError> {
+    let bad = |message: String| FrameError::new(reference.clone(), ErrorCode::BadRequest, message);
+    let mut filter = match object.remove("filter") {
+        None | Some(Value::Null) => return Ok(Filter::default()),
+        Some(Value::Object(filter)) => filter,
+        Some(_) => return Err(bad("`filter` must be an object".into())),
+    };
+    if filter.is_empty() {
+        return Ok(Filter::default());
+    }
+    if feed != Feed::ConsultationMessages {
+        return Err(bad(format!(
+            "feed {feed} takes no filter; only consultation_messages filters, by session_id"
+        )));
+    }
+    let session_id = match filter.remove("session_id") {
+        Some(Value::String(s)) => Some(
+            Uuid::parse_str(&s).map_err(|_| bad(format!("filter.session_id {s:?} is not a uuid")))?,
+        ),
+        Some(Value::Null) | None => None,
+        Some(_) => return Err(bad("filter.session_id must be a uuid string".into())),
+    };
+    if let Some(field) = filter.keys().next() {
+        return Err(bad(format!(
+            "unknown filter field `{field}`: consultation_messages filters by session_id only"
+        )));
+    }
+    Ok(Filter { session_id })
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    feed: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+impl<'a> Reply<'a> {
+    fn new(kind: &'static str, reference: Option<&'a str>) -> Self {
+        Reply {
+            kind,
+            reference,
+            feed: None,
+            code: None,
+            message: None,
+        }
+    }
+
+    fn render(&self) -> Bytes {
+        // A struct of strings always serializes.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+pub fn subscribed(reference: Option<&str>, feed: Feed) -> Bytes {
+    Reply {
+        feed: Some(feed.as_str()),
+        ..Reply::new("subscribed", reference)
+    }
+    .render()
+}
+
+pub fn unsubscribed(reference: Option<&str>, feed: Feed) -> Bytes {
+    Reply {
+        feed: Some(feed.as_str()),
+        ..Reply::new("unsubscribed", reference)
+    }
+    .render()
+}
+
+pub fn pong(reference: Option<&str>) -> Bytes {
+    Reply::new("pong", reference).render()
+}
+
+pub fn error(reference: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
+    Reply {
+        code: Some(code.as_str()),
+        message: Some(message),
+        ..Reply::new("error", reference)
+    }
+    .render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: Value) -> Result<ClientFrame, FrameError> {
+        ClientFrame::parse(&value.to_string())
+    }
+
+    #[test]
+    fn parses_each_frame_type() {
+        let session = Uuid::new_v4();
+        assert_eq!(
+            parse(json!({"type": "subscribe", "ref": "1", "feed": "appointments"})),
+            Ok(ClientFrame::Subscribe {
+                reference: Some("1".into()),
+                feed: Feed::Appointments,
+                filter: Filter::default()
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "subscribe", "feed": "consultation_messages",
+                         "filter": {"session_id": session.to_string()}})),
+            Ok(ClientFrame::Subscribe {
+                reference: None,
+                feed: Feed::ConsultationMessages,
+                filter: Filter {
+                    session_id: Some(session)
+                }
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "unsubscribe", "ref": "2", "feed": "availability"})),
+            Ok(ClientFrame::Unsubscribe {
+                reference: Some("2".into()),
+                feed: Feed::Availability
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "ping", "ref": "3"})),
+            Ok(ClientFrame::Ping {
+                reference: Some("3".into())
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_frames_with_the_right_code_and_ref() {
+        let cases = [
+            (json!("just a string"), ErrorCode::BadRequest, None),
+            (json!({"ref": "a"}), ErrorCode::BadRequest, Some("a")),
+            (json!({"ref": "b", "type": "launch"}), ErrorCode::BadRequest, Some("b")),
+            (json!({"ref": "c", "type": "subscribe"}), ErrorCode::BadRequest, Some("c")),
+            (json!({"ref": "d", "type": "subscribe", "feed": 4}), ErrorCode::BadRequest, Some("d")),
+            (json!({"ref": "e", "type": "subscribe", "feed": "profiles"}), ErrorCode::UnknownFeed, Some("e")),
+            (json!({"ref": "f", "type": "subscribe", "feed": "appointments", "filter": {"session_id": Uuid::new_v4().to_string()}}), ErrorCode::BadRequest, Some("f")),
+            (json!({"ref": "g", "type": "subscribe", "feed": "consultation_messages", "filter": {"session_id": "nope"}}), ErrorCode::BadRequest, Some("g")),
+            (json!({"ref": "h", "type": "subscribe", "feed": "consultation_messages", "filter": {"sender_id": "x"}}), ErrorCode::BadRequest, Some("h")),
+            (json!({"ref": "i", "type": "ping", "extra": true}), ErrorCode::BadRequest, Some("i")),
+            (json!({"ref": 5, "type": "ping"}), ErrorCode::BadRequest, None),
+        ];
+        for (value, code, reference) in cases {
+            let err = parse(value.clone()).expect_err(&value.to_string());
+            assert_eq!(err.code, code, "{value}");
+            assert_eq!(err.reference.as_deref(), reference, "{value}");
+            assert!(!err.message.is_empty());
+        }
+        for text in ["", "{", "\u{0}", "[1,2]", "null"] {
+            assert_eq!(ClientFrame::parse(text).unwrap_err().code, ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn an_empty_filter_is_no_filter() {
+        for filter in [json!({}), json!(null), json!({"session_id": null})] {
+            let frame = parse(json!({"type": "subscribe", "feed": "consultation_messages", "filter": filter}));
+            assert!(matches!(frame, Ok(ClientFrame::Subscribe { filter, .. }) if filter.is_empty()));
+        }
+    }
+
+    #[test]
+    fn replies_render_as_documented() {
+        let v = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap();
+        assert_eq!(
+            v(subscribed(Some("1"), Feed::Appointments)),
+            json!({"type": "subscribed", "ref": "1", "feed": "appointments"})
+        );
+        assert_eq!(
+            v(unsubscribed(None, Feed::Availability)),
+            json!({"type": "unsubscribed", "feed": "availability"})
+        );
+        assert_eq!(v(pong(Some("x"))), json!({"type": "pong", "ref": "x"}));
+        assert_eq!(
+            v(error(Some("e"), ErrorCode::Forbidden, "no")),
+            json!({"type": "error", "ref": "e", "code": "forbidden", "message": "no"})
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Starting and stopping a relay: the pool, the LISTEN task, the HTTP server, and shutdown.
+//!
+//! [`Relay::start`] binds and returns at once with the address it serves on, so tests run whole
+//! relays in-process on port 0. [`Relay::shutdown`] stops accepting, closes every socket with
+//! 1001 (going away) so clients resume elsewhere, and waits at most the configured grace.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::hub::{Close, Hub};
+use crate::listener::{Health, Listener};
+use crate::session::SessionContext;
+use crate::token::Keys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the connection pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+}
+
+/// A running relay.
+pub struct Relay {
+    local_addr: SocketAddr,
+    hub: Arc<Hub>,
+    health: Arc<Health>,
+    /// Turning it true stops the HTTP server and the LISTEN task.
+    stop: watch::Sender<bool>,
+    /// Live session count; shutdown waits for it to reach zero.
+    live: Arc<watch::Sender<usize>>,
+    server: JoinHandle<()>,
+    listener: JoinHandle<()>,
+    config: Config,
+}
+
+pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager = Manager::from_config(
+        config.database.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager).max_size(config.pool_size).build()
+}
+
+impl Relay {
+    pub async fn start(config: Config) -> Result<Relay, StartError> {
+        let pool = pool(&config)?;
+        let tcp = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        let local_addr = tcp.local_addr().map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let hub = Hub::new(config.socket_queue);
+        let health = Arc::new(Health::default());
+        let (stop, stopped) = watch::channel(false);
+        let live = Arc::new(watch::Sender::new(0usize));
+
+        let listener = tokio::spawn(
+            Listener {
+                database: config.database.clone(),
+                pool: pool.clone(),
+                hub: hub.clone(),
+                health: health.clone(),
+            }
+            .run(stopped.clone()),
+        );
+        let state = AppState {
+            session: SessionContext {
+                hub: hub.clone(),
+                pool,
+                live: live.clone(),
+            },
+            health: health.clone(),
+            keys: Arc::new(Keys::new(&config.jwt_secret)),
+            max_frame_bytes: config.max_frame_bytes,
+        };
+        let mut stopped_server = stopped;
+        let server = tokio::spawn(
+            warp::serve(http::routes(state))
+                .incoming(tcp)
+                .graceful(async move {
+                    let _ = stopped_server.wait_for(|stop| *stop).await;
+                })
+                .run(),
+        );
+        tracing::info!(addr = %local_addr, "serving");
+        Ok(Relay {
+            local_addr,
+            hub,
+            health,
+            stop,
+            live,
+            server,
+            listener,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Stops accepting, closes every socket with 1001, and waits up to the shutdown grace for
+    /// sockets to close.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.hub.close_all(Close::going_away());
+        let mut live = self.live.subscribe();
+        let grace = self.config.shutdown_grace;
+        if tokio::time::timeout(grace, live.wait_for(|n| *n == 0)).await.is_err() {
+            tracing::warn!(open = *live.borrow(), ?grace, "sockets still open after the shutdown grace");
+        }
+        let _ = tokio::time::timeout(grace, self.server).await;
+        self.listener.abort();
+        tracing::info!("stopped");
+    }
+}
