@@ -332,7 +332,11 @@ mod tests {
     #[test]
     fn rows_without_owners_are_nobodys_own() {
         for role in [Role::Dentist, Role::Patient] {
-            assert!(!may_see(&user(role), Feed::Appointments, &Owners::default()));
+            assert!(!may_see(
+                &user(role),
+                Feed::Appointments,
+                &Owners::default()
+            ));
         }
     }
 
@@ -347,8 +351,14 @@ mod tests {
     fn chatbot_sees_all_appointments_as_slots_and_no_consultations() {
         let bot = user(Role::Chatbot);
         assert!(may_see(&bot, Feed::Appointments, &Owners::default()));
-        assert_eq!(projection(Role::Chatbot, Feed::Appointments), Projection::Slot);
-        assert_eq!(projection(Role::Chatbot, Feed::Availability), Projection::Full);
+        assert_eq!(
+            projection(Role::Chatbot, Feed::Appointments),
+            Projection::Slot
+        );
+        assert_eq!(
+            projection(Role::Chatbot, Feed::Availability),
+            Projection::Full
+        );
         for feed in [Feed::ConsultationSessions, Feed::ConsultationMessages] {
             assert_eq!(reach(Role::Chatbot, feed), Reach::Nothing);
             let anything = owned_by(&bot, &bot);
@@ -390,7 +400,10 @@ mod tests {
         assert_eq!(owners.dentist_id, Some(d));
         assert_eq!(owners.user_ids().collect::<Vec<_>>(), vec![p, d]);
         let bad = json!({"patient_id": "not-a-uuid", "dentist_id": 7});
-        assert_eq!(Owners::from_columns(bad.as_object().unwrap()), Owners::default());
+        assert_eq!(
+            Owners::from_columns(bad.as_object().unwrap()),
+            Owners::default()
+        );
         let same = Owners {
             patient_id: Some(p),
             dentist_id: Some(p),

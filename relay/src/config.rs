@@ -33,7 +33,12 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 )]
 pub struct Cli {
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `relay=debug`).
-    #[arg(long = "rust-log", env = "RUST_LOG", default_value = "info", global = true)]
+    #[arg(
+        long = "rust-log",
+        env = "RUST_LOG",
+        default_value = "info",
+        global = true
+    )]
     pub rust_log: String,
 
     #[command(subcommand)]
@@ -155,7 +160,11 @@ impl Config {
         Config::from_parts(database, jwt_secret, defaults)
     }
 
-    pub fn from_parts(database: tokio_postgres::Config, jwt_secret: Secret, tuning: Tuning) -> Config {
+    pub fn from_parts(
+        database: tokio_postgres::Config,
+        jwt_secret: Secret,
+        tuning: Tuning,
+    ) -> Config {
         Config {
             database,
             jwt_secret,
@@ -214,7 +223,10 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let t = Tuning::defaults();
         assert_eq!(t.relay_bind, DEFAULT_BIND.parse().unwrap());
-        assert_eq!(parse_duration(DEFAULT_SHUTDOWN_GRACE), Ok(t.relay_shutdown_grace));
+        assert_eq!(
+            parse_duration(DEFAULT_SHUTDOWN_GRACE),
+            Ok(t.relay_shutdown_grace)
+        );
         assert_eq!(t.relay_bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(t.relay_socket_queue, 1024);
         assert_eq!(t.relay_pool_size, 8);
@@ -226,15 +238,59 @@ mod tests {
     fn invalid_settings_fail_with_one_clear_line() {
         let secret = "x".repeat(32);
         let cases = [
-            vec!["relay", "serve", "--database-url", "nonsense://", "--relay-jwt-secret", &secret],
-            vec!["relay", "serve", "--database-url", "postgres://h/db", "--relay-jwt-secret", "short"],
-            vec!["relay", "serve", "--database-url", "postgres://h/db", "--relay-jwt-secret", &secret, "--relay-bind", "nowhere"],
-            vec!["relay", "serve", "--database-url", "postgres://h/db", "--relay-jwt-secret", &secret, "--relay-socket-queue", "0"],
-            vec!["relay", "token", "--role", "root", "--relay-jwt-secret", &secret],
+            vec![
+                "relay",
+                "serve",
+                "--database-url",
+                "nonsense://",
+                "--relay-jwt-secret",
+                &secret,
+            ],
+            vec![
+                "relay",
+                "serve",
+                "--database-url",
+                "postgres://h/db",
+                "--relay-jwt-secret",
+                "short",
+            ],
+            vec![
+                "relay",
+                "serve",
+                "--database-url",
+                "postgres://h/db",
+                "--relay-jwt-secret",
+                &secret,
+                "--relay-bind",
+                "nowhere",
+            ],
+            vec![
+                "relay",
+                "serve",
+                "--database-url",
+                "postgres://h/db",
+                "--relay-jwt-secret",
+                &secret,
+                "--relay-socket-queue",
+                "0",
+            ],
+            vec![
+                "relay",
+                "token",
+                "--role",
+                "root",
+                "--relay-jwt-secret",
+                &secret,
+            ],
         ];
         for args in cases {
             let err = Cli::try_parse_from(&args).expect_err(&args.join(" "));
-            let first = err.to_string().lines().next().unwrap_or_default().to_string();
+            let first = err
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
             assert!(first.starts_with("error: invalid value"), "{first}");
         }
     }

@@ -12,12 +12,36 @@ use crate::token::Keys;
 
 /// The demo users, with fixed ids so tokens and SQL lines stay valid across runs.
 pub const DEMO_USERS: [(Uuid, Role, &str); 6] = [
-    (uuid!("00000000-0000-4000-8000-00000000a001"), Role::Admin, "Ada Admin"),
-    (uuid!("00000000-0000-4000-8000-00000000d001"), Role::Dentist, "Dr. Dana Molar"),
-    (uuid!("00000000-0000-4000-8000-00000000d002"), Role::Dentist, "Dr. Dev Canine"),
-    (uuid!("00000000-0000-4000-8000-00000000b001"), Role::Patient, "Pat Patient"),
-    (uuid!("00000000-0000-4000-8000-00000000b002"), Role::Patient, "Paz Person"),
-    (uuid!("00000000-0000-4000-8000-00000000c001"), Role::Chatbot, "Booking bot"),
+    (
+        uuid!("00000000-0000-4000-8000-00000000a001"),
+        Role::Admin,
+        "Ada Admin",
+    ),
+    (
+        uuid!("00000000-0000-4000-8000-00000000d001"),
+        Role::Dentist,
+        "Dr. Dana Molar",
+    ),
+    (
+        uuid!("00000000-0000-4000-8000-00000000d002"),
+        Role::Dentist,
+        "Dr. Dev Canine",
+    ),
+    (
+        uuid!("00000000-0000-4000-8000-00000000b001"),
+        Role::Patient,
+        "Pat Patient",
+    ),
+    (
+        uuid!("00000000-0000-4000-8000-00000000b002"),
+        Role::Patient,
+        "Paz Person",
+    ),
+    (
+        uuid!("00000000-0000-4000-8000-00000000c001"),
+        Role::Chatbot,
+        "Booking bot",
+    ),
 ];
 
 /// How long the printed tokens are valid.
@@ -48,10 +72,13 @@ fn describe(config: &tokio_postgres::Config) -> String {
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DevError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|source| DevError::Connect {
-        target: describe(config),
-        source,
-    })?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| DevError::Connect {
+            target: describe(config),
+            source,
+        })?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -69,7 +96,9 @@ pub async fn prepare(config: &tokio_postgres::Config) -> Result<(), DevError> {
         .is_some();
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        admin.batch_execute(&format!("create database {quoted}")).await?;
+        admin
+            .batch_execute(&format!("create database {quoted}"))
+            .await?;
         println!("created database {name}");
     }
     let mut client = connect(config).await?;

@@ -127,13 +127,10 @@ impl TryFrom<RawEvent> for Event {
 
     fn try_from(raw: RawEvent) -> Result<Event, DecodeError> {
         let id = raw.id;
-        let feed: Feed = raw
-            .table
-            .parse()
-            .map_err(|_| DecodeError::UnknownTable {
-                id,
-                table: raw.table.clone(),
-            })?;
+        let feed: Feed = raw.table.parse().map_err(|_| DecodeError::UnknownTable {
+            id,
+            table: raw.table.clone(),
+        })?;
         let op = match raw.op.as_str() {
             "INSERT" => Op::Insert,
             "UPDATE" => Op::Update,
@@ -156,9 +153,10 @@ impl TryFrom<RawEvent> for Event {
                 // A message's owners are its session's participants (the message policies join
                 // the session); every other feed's rows name their owners themselves.
                 let owners = match feed {
-                    Feed::ConsultationMessages => {
-                        session.as_ref().map(Owners::from_columns).unwrap_or_default()
-                    }
+                    Feed::ConsultationMessages => session
+                        .as_ref()
+                        .map(Owners::from_columns)
+                        .unwrap_or_default(),
                     _ => Owners::from_columns(&row),
                 };
                 Version { row, owners }
@@ -249,13 +247,18 @@ mod tests {
     #[test]
     fn decodes_an_inline_update_with_owners_from_the_rows() {
         let (p, d1, d2) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let text = payload(json!({"id": 7, "table": "appointments", "op": "UPDATE", "xid": "99",
+        let text = payload(
+            json!({"id": 7, "table": "appointments", "op": "UPDATE", "xid": "99",
             "at": "2026-11-21T10:00:00.000001Z", "new": appointment(p, d2), "old": appointment(p, d1),
-            "new_session": null, "old_session": null}));
+            "new_session": null, "old_session": null}),
+        );
         let Payload::Inline(event) = Payload::decode(&text).unwrap() else {
             panic!("expected an inline event")
         };
-        assert_eq!((event.id, event.feed, event.op), (7, Feed::Appointments, Op::Update));
+        assert_eq!(
+            (event.id, event.feed, event.op),
+            (7, Feed::Appointments, Op::Update)
+        );
         assert_eq!(event.new.unwrap().owners.dentist_id, Some(d2));
         assert_eq!(event.old.unwrap().owners.dentist_id, Some(d1));
     }
@@ -263,9 +266,11 @@ mod tests {
     #[test]
     fn message_owners_come_from_the_session() {
         let (p, d) = (Uuid::new_v4(), Uuid::new_v4());
-        let text = payload(json!({"id": 1, "table": "consultation_messages", "op": "INSERT",
+        let text = payload(
+            json!({"id": 1, "table": "consultation_messages", "op": "INSERT",
             "at": "t", "new": {"id": Uuid::new_v4(), "body": "hi", "session_id": Uuid::new_v4()},
-            "new_session": {"patient_id": p, "dentist_id": d}}));
+            "new_session": {"patient_id": p, "dentist_id": d}}),
+        );
         let Payload::Inline(event) = Payload::decode(&text).unwrap() else {
             panic!("expected an inline event")
         };
@@ -275,8 +280,12 @@ mod tests {
 
     #[test]
     fn a_fetch_payload_names_only_the_id() {
-        let text = r#"{"id": 12, "table": "appointments", "op": "INSERT", "at": "t", "fetch": true}"#;
-        assert!(matches!(Payload::decode(text), Ok(Payload::Fetch { id: 12 })));
+        let text =
+            r#"{"id": 12, "table": "appointments", "op": "INSERT", "at": "t", "fetch": true}"#;
+        assert!(matches!(
+            Payload::decode(text),
+            Ok(Payload::Fetch { id: 12 })
+        ));
     }
 
     #[test]
@@ -311,7 +320,10 @@ mod tests {
         assert_eq!(entered["type"], "event");
         assert_eq!(entered["op"], "INSERT");
         assert_eq!(entered["row"]["dentist_id"], json!(d2));
-        assert!(entered.get("old").is_none(), "a row entering view must not reveal its past");
+        assert!(
+            entered.get("old").is_none(),
+            "a row entering view must not reveal its past"
+        );
 
         let left = parse(event.frame(Perceived::Delete, Projection::Full));
         assert_eq!(left["op"], "DELETE");

@@ -45,10 +45,13 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(with_state.clone())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::query::<HashMap<String, String>>())
-        .and_then(|state: AppState, header: Option<String>, query: HashMap<String, String>| async move {
-            let token = bearer(header.as_deref())?.or_else(|| query.get("access_token").cloned());
-            authenticate(&state, token.as_deref()).map(|principal| (state, principal))
-        })
+        .and_then(
+            |state: AppState, header: Option<String>, query: HashMap<String, String>| async move {
+                let token =
+                    bearer(header.as_deref())?.or_else(|| query.get("access_token").cloned());
+                authenticate(&state, token.as_deref()).map(|principal| (state, principal))
+            },
+        )
         .untuple_one()
         .and(warp::ws())
         .map(|state: AppState, principal: Principal, ws: warp::ws::Ws| {
@@ -102,7 +105,9 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(with_principal)
         .and_then(|state: AppState, principal: Principal| async move {
             if principal.role != Role::Admin {
-                return Err(warp::reject::custom(Forbidden("stats are for admin tokens only")));
+                return Err(warp::reject::custom(Forbidden(
+                    "stats are for admin tokens only",
+                )));
             }
             let snapshot = state.session.hub.snapshot();
             let mut body = serde_json::to_value(snapshot).unwrap_or_default();
@@ -119,7 +124,9 @@ fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
         return Ok(None);
     };
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(Some(token.trim().to_string()))
         }
         _ => Err(warp::reject::custom(Unauthorized(TokenError::Invalid(
@@ -156,17 +163,32 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
     } else if rejection.is_not_found() {
         error_reply(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        error_reply(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
+        error_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        )
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
-        error_reply(StatusCode::BAD_REQUEST, "bad_request", "the query string is malformed")
-    } else if rejection.find::<warp::ws::MissingConnectionUpgrade>().is_some() {
+        error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the query string is malformed",
+        )
+    } else if rejection
+        .find::<warp::ws::MissingConnectionUpgrade>()
+        .is_some()
+    {
         error_reply(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "this endpoint takes a WebSocket upgrade",
         )
     } else {
-        error_reply(StatusCode::BAD_REQUEST, "bad_request", "the request is malformed")
+        error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request is malformed",
+        )
     };
     Ok(reply)
 }

@@ -355,7 +355,9 @@ impl Hub {
         let link = self.read().sockets.get(&socket).map(|s| s.link.clone());
         if let Some(link) = link {
             if reason.code == close::SLOW_CONSUMER {
-                self.counters.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .slow_consumers_cut
+                    .fetch_add(1, Ordering::Relaxed);
             }
             self.disconnect(socket);
             link.close(reason);
@@ -372,7 +374,9 @@ impl Hub {
     /// Delivers an event to every subscriber allowed to see it; returns how many frames were
     /// queued.
     pub fn dispatch(&self, event: &Event) -> usize {
-        self.counters.events_received.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .events_received
+            .fetch_add(1, Ordering::Relaxed);
         let mut frames: [[Option<Bytes>; 2]; 3] = Default::default();
         let mut delivered = 0;
         let mut slow = Vec::new();
@@ -480,5 +484,250 @@ impl Hub {
             slow_consumers_cut: c.slow_consumers_cut.load(Ordering::Relaxed),
             events_malformed: c.events_malformed.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Payload;
+    use serde_json::json;
+
+    fn principal(role: Role) -> Principal {
+        Principal {
+            user_id: Uuid::new_v4(),
+            role,
+        }
+    }
+
+    fn appointment_event(
+        id: i64,
+        op: &str,
+        old: Option<(Uuid, Uuid)>,
+        new: Option<(Uuid, Uuid)>,
+    ) -> Event {
+        let row = |(patient, dentist): (Uuid, Uuid)| {
+            json!({"id": "00000000-0000-4000-8000-000000000001", "patient_id": patient,
+                   "dentist_id": dentist, "notes": "private", "status": "booked",
+                   "kind": "video", "starts_at": "s", "ends_at": "e"})
+        };
+        let payload = json!({"id": id, "table": "appointments", "op": op, "at": "t",
+                             "new": new.map(row), "old": old.map(row)});
+        match Payload::decode(&payload.to_string()).unwrap() {
+            Payload::Inline(event) => event,
+            Payload::Fetch { .. } => unreachable!(),
+        }
+    }
+
+    /// Joins the hub and subscribes to appointments, consuming the ack.
+    fn join(hub: &Hub, who: Principal) -> Connection {
+        let mut connection = hub.connect(who);
+        hub.subscribe(
+            connection.id,
+            Feed::Appointments,
+            Filter::default(),
+            Bytes::from_static(b"ack"),
+        )
+        .unwrap();
+        assert_eq!(
+            connection.outbox.try_recv().unwrap(),
+            Bytes::from_static(b"ack")
+        );
+        connection
+    }
+
+    fn received(connection: &mut Connection) -> Vec<Value> {
+        std::iter::from_fn(|| connection.outbox.try_recv().ok())
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn delivers_to_exactly_the_subscribers_who_may_see_the_row() {
+        let hub = Hub::new(16);
+        let (patient, dentist, other_dentist) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Dentist),
+        );
+        let mut admin = join(&hub, principal(Role::Admin));
+        let mut bot = join(&hub, principal(Role::Chatbot));
+        let mut p = join(&hub, patient);
+        let mut d = join(&hub, dentist);
+        let mut other = join(&hub, other_dentist);
+
+        let pair = (patient.user_id, dentist.user_id);
+        assert_eq!(
+            hub.dispatch(&appointment_event(1, "INSERT", None, Some(pair))),
+            4
+        );
+        for c in [&mut admin, &mut p, &mut d] {
+            let frames = received(c);
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0]["op"], "INSERT");
+            assert_eq!(frames[0]["row"]["notes"], "private");
+        }
+        let slots = received(&mut bot);
+        assert_eq!(slots.len(), 1);
+        assert!(slots[0]["row"].get("patient_id").is_none());
+        assert!(slots[0]["row"].get("notes").is_none());
+        assert!(received(&mut other).is_empty());
+    }
+
+    #[test]
+    fn reassignment_is_a_delete_for_one_dentist_and_an_insert_for_the_other() {
+        let hub = Hub::new(16);
+        let (patient, from, to) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Dentist),
+        );
+        let mut p = join(&hub, patient);
+        let mut a = join(&hub, from);
+        let mut b = join(&hub, to);
+        let event = appointment_event(
+            2,
+            "UPDATE",
+            Some((patient.user_id, from.user_id)),
+            Some((patient.user_id, to.user_id)),
+        );
+        assert_eq!(hub.dispatch(&event), 3);
+        let left = received(&mut a);
+        assert_eq!(left[0]["op"], "DELETE");
+        assert_eq!(left[0]["row"]["dentist_id"], json!(from.user_id));
+        let entered = received(&mut b);
+        assert_eq!(entered[0]["op"], "INSERT");
+        assert!(entered[0].get("old").is_none());
+        let stays = received(&mut p);
+        assert_eq!(stays[0]["op"], "UPDATE");
+        assert_eq!(stays[0]["old"]["dentist_id"], json!(from.user_id));
+    }
+
+    #[test]
+    fn identical_frames_share_one_buffer() {
+        let hub = Hub::new(16);
+        let mut admins: Vec<Connection> =
+            (0..3).map(|_| join(&hub, principal(Role::Admin))).collect();
+        hub.dispatch(&appointment_event(
+            3,
+            "INSERT",
+            None,
+            Some((Uuid::new_v4(), Uuid::new_v4())),
+        ));
+        let frames: Vec<Bytes> = admins
+            .iter_mut()
+            .map(|c| c.outbox.try_recv().unwrap())
+            .collect();
+        assert!(frames.windows(2).all(|w| w[0].as_ptr() == w[1].as_ptr()));
+    }
+
+    #[test]
+    fn a_full_queue_cuts_only_that_socket() {
+        let hub = Hub::new(2);
+        let mut slow = join(&hub, principal(Role::Admin));
+        let mut fast = join(&hub, principal(Role::Admin));
+        for id in 0..3 {
+            hub.dispatch(&appointment_event(
+                id,
+                "INSERT",
+                None,
+                Some((Uuid::new_v4(), Uuid::new_v4())),
+            ));
+            received(&mut fast);
+        }
+        assert_eq!(
+            slow.closed.borrow().as_ref().map(|c| c.code),
+            Some(close::SLOW_CONSUMER)
+        );
+        assert!(fast.closed.borrow().is_none());
+        assert_eq!(hub.counters().slow_consumers_cut.load(Ordering::Relaxed), 1);
+        // The cut socket is gone from the index; the other still receives.
+        assert_eq!(
+            hub.dispatch(&appointment_event(
+                9,
+                "INSERT",
+                None,
+                Some((Uuid::new_v4(), Uuid::new_v4()))
+            )),
+            1
+        );
+        assert_eq!(
+            received(&mut slow).len(),
+            2,
+            "what was queued before the cut stays queued"
+        );
+    }
+
+    #[test]
+    fn refuses_feeds_the_role_may_never_read() {
+        let hub = Hub::new(4);
+        let bot = hub.connect(principal(Role::Chatbot));
+        for feed in [Feed::ConsultationSessions, Feed::ConsultationMessages] {
+            assert!(matches!(
+                hub.subscribe(bot.id, feed, Filter::default(), Bytes::new()),
+                Err(SubscribeError::Forbidden { .. })
+            ));
+        }
+        assert_eq!(hub.active_subscriptions(), 0);
+    }
+
+    #[test]
+    fn session_filter_narrows_message_delivery() {
+        let hub = Hub::new(8);
+        let admin = principal(Role::Admin);
+        let (wanted, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut c = hub.connect(admin);
+        let filter = Filter {
+            session_id: Some(wanted),
+        };
+        hub.subscribe(c.id, Feed::ConsultationMessages, filter, Bytes::new())
+            .unwrap();
+        assert_eq!(received_raw(&mut c), vec![Bytes::new()]);
+        let message = |id: i64, session: Uuid| {
+            let payload = json!({"id": id, "table": "consultation_messages", "op": "INSERT", "at": "t",
+                "new": {"id": Uuid::new_v4(), "session_id": session, "body": "hi"},
+                "new_session": {"patient_id": Uuid::new_v4(), "dentist_id": Uuid::new_v4()}});
+            match Payload::decode(&payload.to_string()).unwrap() {
+                Payload::Inline(event) => event,
+                Payload::Fetch { .. } => unreachable!(),
+            }
+        };
+        hub.dispatch(&message(1, other));
+        hub.dispatch(&message(2, wanted));
+        let frames = received(&mut c);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["id"], 2);
+    }
+
+    #[test]
+    fn unsubscribe_and_disconnect_leave_no_trace() {
+        let hub = Hub::new(8);
+        let dentist = principal(Role::Dentist);
+        let mut c = join(&hub, dentist);
+        hub.unsubscribe(c.id, Feed::Appointments, Bytes::from_static(b"bye"));
+        assert_eq!(received_raw(&mut c), vec![Bytes::from_static(b"bye")]);
+        assert_eq!(
+            hub.dispatch(&appointment_event(
+                1,
+                "INSERT",
+                None,
+                Some((Uuid::new_v4(), dentist.user_id))
+            )),
+            0
+        );
+        let c2 = join(&hub, dentist);
+        assert_eq!(hub.subscriptions_of(dentist.user_id).len(), 1);
+        hub.disconnect(c2.id);
+        hub.disconnect(c.id);
+        assert_eq!(hub.snapshot().connected_sockets, 0);
+        assert!(hub
+            .read()
+            .feeds
+            .iter()
+            .all(|f| f.everyone.is_empty() && f.by_user.is_empty()));
+    }
+
+    fn received_raw(connection: &mut Connection) -> Vec<Bytes> {
+        std::iter::from_fn(|| connection.outbox.try_recv().ok()).collect()
     }
 }

@@ -9,7 +9,7 @@
 //! When the connection fails it reconnects with capped, jittered backoff and reports itself
 //! unhealthy meanwhile. This module must not decide who sees what; that is the hub's job.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,18 +24,33 @@ use crate::event::{self, DecodeError, Event, Payload, RawEvent};
 use crate::hub::Hub;
 
 /// Whether the relay is currently receiving events; read by the health endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
-    listening: AtomicBool,
+    listening: watch::Sender<bool>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            listening: watch::Sender::new(false),
+        }
+    }
 }
 
 impl Health {
     pub fn is_listening(&self) -> bool {
-        self.listening.load(Ordering::Acquire)
+        *self.listening.borrow()
+    }
+
+    /// Waits until the LISTEN connection is (`true`) or is not (`false`) established.
+    pub async fn wait_for(&self, listening: bool) {
+        let mut changes = self.listening.subscribe();
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = changes.wait_for(|now| *now == listening).await;
     }
 
     fn set_listening(&self, value: bool) {
-        self.listening.store(value, Ordering::Release);
+        self.listening.send_replace(value);
     }
 }
 
@@ -150,13 +165,19 @@ impl Listener {
             Ok(Payload::Fetch { id }) => match self.fetch(id).await {
                 Ok(event) => event,
                 Err(e) => {
-                    self.hub.counters().events_malformed.fetch_add(1, Ordering::Relaxed);
+                    self.hub
+                        .counters()
+                        .events_malformed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(event_id = id, cause = %e, "could not read a large event from relay.events");
                     return;
                 }
             },
             Err(e) => {
-                self.hub.counters().events_malformed.fetch_add(1, Ordering::Relaxed);
+                self.hub
+                    .counters()
+                    .events_malformed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(cause = %e, payload_bytes = payload.len(), "skipped an undecodable notification");
                 return;
             }
@@ -231,7 +252,10 @@ mod tests {
     fn jitter_stays_within_half_to_one_and_a_half() {
         for _ in 0..1000 {
             let d = jitter(Duration::from_secs(2));
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(3),
+                "{d:?}"
+            );
         }
     }
 }

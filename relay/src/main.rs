@@ -20,7 +20,13 @@ fn main() -> ExitCode {
         Err(e) => {
             // One clear line: clap's first line names the setting and the problem.
             let rendered = e.to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
             return ExitCode::from(2);
         }
     };
@@ -52,13 +58,15 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Migrate(args) => {
-            let (mut client, connection) = args
-                .database_url
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
+            let (mut client, connection) =
+                args.database_url
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
             tokio::spawn(connection);
-            let applied = migrate::migrate(&mut client).await.map_err(|e| e.to_string())?;
+            let applied = migrate::migrate(&mut client)
+                .await
+                .map_err(|e| e.to_string())?;
             if applied.is_empty() {
                 println!("up to date: nothing to apply");
             } else {
@@ -73,7 +81,10 @@ async fn run(command: Command) -> Result<(), String> {
                 user_id: args.sub.unwrap_or_else(uuid::Uuid::new_v4),
                 role: args.role,
             };
-            println!("{}", Keys::new(&args.relay_jwt_secret).issue(&principal, args.ttl));
+            println!(
+                "{}",
+                Keys::new(&args.relay_jwt_secret).issue(&principal, args.ttl)
+            );
             Ok(())
         }
         Command::Serve(args) => {
@@ -81,8 +92,14 @@ async fn run(command: Command) -> Result<(), String> {
             serve(config, None).await
         }
         Command::Dev(args) => {
-            dev::prepare(&args.database_url).await.map_err(|e| e.to_string())?;
-            let database = args.database_url.get_dbname().unwrap_or_default().to_string();
+            dev::prepare(&args.database_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let database = args
+                .database_url
+                .get_dbname()
+                .unwrap_or_default()
+                .to_string();
             let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
             serve(config, Some(database)).await
         }

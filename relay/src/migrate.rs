@@ -47,8 +47,10 @@ const BOOTSTRAP: &str = "
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("{name} was changed after it was applied (checksum {applied} then, {now} now); \
-             migrations are append-only: put the change in a new numbered file")]
+    #[error(
+        "{name} was changed after it was applied (checksum {applied} then, {now} now); \
+             migrations are append-only: put the change in a new numbered file"
+    )]
     Changed {
         name: &'static str,
         applied: String,
@@ -67,7 +69,8 @@ pub enum MigrateError {
 /// Applies every migration not yet applied; returns the names applied by this run.
 pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>, MigrateError> {
     let tx = client.transaction().await?;
-    tx.batch_execute("set local client_min_messages = warning").await?;
+    tx.batch_execute("set local client_min_messages = warning")
+        .await?;
     tx.execute("select pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await?;
     tx.batch_execute(BOOTSTRAP).await?;

@@ -17,6 +17,12 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The relay is shutting down; reconnect (to another instance).
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A frame exceeded `RELAY_MAX_FRAME_BYTES`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The socket's outbound queue was full: the client read too slowly.
     pub const SLOW_CONSUMER: u16 = 4008;
 }
@@ -153,7 +159,10 @@ impl ClientFrame {
     }
 }
 
-fn take_feed(object: &mut Map<String, Value>, reference: &Option<String>) -> Result<Feed, FrameError> {
+fn take_feed(
+    object: &mut Map<String, Value>,
+    reference: &Option<String>,
+) -> Result<Feed, FrameError> {
     match object.remove("feed") {
         Some(Value::String(name)) => name.parse().map_err(|_| {
             FrameError::new(
@@ -199,7 +208,8 @@ fn take_filter(
     }
     let session_id = match filter.remove("session_id") {
         Some(Value::String(s)) => Some(
-            Uuid::parse_str(&s).map_err(|_| bad(format!("filter.session_id {s:?} is not a uuid")))?,
+            Uuid::parse_str(&s)
+                .map_err(|_| bad(format!("filter.session_id {s:?} is not a uuid")))?,
         ),
         Some(Value::Null) | None => None,
         Some(_) => return Err(bad("filter.session_id must be a uuid string".into())),
@@ -323,15 +333,51 @@ mod tests {
         let cases = [
             (json!("just a string"), ErrorCode::BadRequest, None),
             (json!({"ref": "a"}), ErrorCode::BadRequest, Some("a")),
-            (json!({"ref": "b", "type": "launch"}), ErrorCode::BadRequest, Some("b")),
-            (json!({"ref": "c", "type": "subscribe"}), ErrorCode::BadRequest, Some("c")),
-            (json!({"ref": "d", "type": "subscribe", "feed": 4}), ErrorCode::BadRequest, Some("d")),
-            (json!({"ref": "e", "type": "subscribe", "feed": "profiles"}), ErrorCode::UnknownFeed, Some("e")),
-            (json!({"ref": "f", "type": "subscribe", "feed": "appointments", "filter": {"session_id": Uuid::new_v4().to_string()}}), ErrorCode::BadRequest, Some("f")),
-            (json!({"ref": "g", "type": "subscribe", "feed": "consultation_messages", "filter": {"session_id": "nope"}}), ErrorCode::BadRequest, Some("g")),
-            (json!({"ref": "h", "type": "subscribe", "feed": "consultation_messages", "filter": {"sender_id": "x"}}), ErrorCode::BadRequest, Some("h")),
-            (json!({"ref": "i", "type": "ping", "extra": true}), ErrorCode::BadRequest, Some("i")),
-            (json!({"ref": 5, "type": "ping"}), ErrorCode::BadRequest, None),
+            (
+                json!({"ref": "b", "type": "launch"}),
+                ErrorCode::BadRequest,
+                Some("b"),
+            ),
+            (
+                json!({"ref": "c", "type": "subscribe"}),
+                ErrorCode::BadRequest,
+                Some("c"),
+            ),
+            (
+                json!({"ref": "d", "type": "subscribe", "feed": 4}),
+                ErrorCode::BadRequest,
+                Some("d"),
+            ),
+            (
+                json!({"ref": "e", "type": "subscribe", "feed": "profiles"}),
+                ErrorCode::UnknownFeed,
+                Some("e"),
+            ),
+            (
+                json!({"ref": "f", "type": "subscribe", "feed": "appointments", "filter": {"session_id": Uuid::new_v4().to_string()}}),
+                ErrorCode::BadRequest,
+                Some("f"),
+            ),
+            (
+                json!({"ref": "g", "type": "subscribe", "feed": "consultation_messages", "filter": {"session_id": "nope"}}),
+                ErrorCode::BadRequest,
+                Some("g"),
+            ),
+            (
+                json!({"ref": "h", "type": "subscribe", "feed": "consultation_messages", "filter": {"sender_id": "x"}}),
+                ErrorCode::BadRequest,
+                Some("h"),
+            ),
+            (
+                json!({"ref": "i", "type": "ping", "extra": true}),
+                ErrorCode::BadRequest,
+                Some("i"),
+            ),
+            (
+                json!({"ref": 5, "type": "ping"}),
+                ErrorCode::BadRequest,
+                None,
+            ),
         ];
         for (value, code, reference) in cases {
             let err = parse(value.clone()).expect_err(&value.to_string());
@@ -340,15 +386,22 @@ mod tests {
             assert!(!err.message.is_empty());
         }
         for text in ["", "{", "\u{0}", "[1,2]", "null"] {
-            assert_eq!(ClientFrame::parse(text).unwrap_err().code, ErrorCode::BadRequest);
+            assert_eq!(
+                ClientFrame::parse(text).unwrap_err().code,
+                ErrorCode::BadRequest
+            );
         }
     }
 
     #[test]
     fn an_empty_filter_is_no_filter() {
         for filter in [json!({}), json!(null), json!({"session_id": null})] {
-            let frame = parse(json!({"type": "subscribe", "feed": "consultation_messages", "filter": filter}));
-            assert!(matches!(frame, Ok(ClientFrame::Subscribe { filter, .. }) if filter.is_empty()));
+            let frame = parse(
+                json!({"type": "subscribe", "feed": "consultation_messages", "filter": filter}),
+            );
+            assert!(
+                matches!(frame, Ok(ClientFrame::Subscribe { filter, .. }) if filter.is_empty())
+            );
         }
     }
 

@@ -135,8 +135,15 @@ impl Relay {
         self.hub.close_all(Close::going_away());
         let mut live = self.live.subscribe();
         let grace = self.config.shutdown_grace;
-        if tokio::time::timeout(grace, live.wait_for(|n| *n == 0)).await.is_err() {
-            tracing::warn!(open = *live.borrow(), ?grace, "sockets still open after the shutdown grace");
+        if tokio::time::timeout(grace, live.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = *live.borrow(),
+                ?grace,
+                "sockets still open after the shutdown grace"
+            );
         }
         let _ = tokio::time::timeout(grace, self.server).await;
         self.listener.abort();

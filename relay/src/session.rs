@@ -63,7 +63,11 @@ pub async fn run(socket: WebSocket, principal: Principal, context: SessionContex
         match message {
             Some(Ok(message)) if message.is_text() => match message.to_str() {
                 Ok(text) => reader.handle(text).await,
-                Err(()) => reader.reply(protocol::error(None, ErrorCode::BadRequest, "text frame is not UTF-8")),
+                Err(()) => reader.reply(protocol::error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "text frame is not UTF-8",
+                )),
             },
             Some(Ok(message)) if message.is_binary() => reader.reply(protocol::error(
                 None,
@@ -75,6 +79,7 @@ pub async fn run(socket: WebSocket, principal: Principal, context: SessionContex
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 tracing::debug!(parent: &span, cause = %e, "socket read failed");
+                link.close(close_for(&e));
                 break;
             }
             None => break,
@@ -88,6 +93,21 @@ pub async fn run(socket: WebSocket, principal: Principal, context: SessionContex
     let _ = writer.await;
     tracing::debug!(parent: &span, "disconnected");
     context.live.send_modify(|n| *n -= 1);
+}
+
+/// The close code for a failed read: the client broke the protocol or a limit.
+fn close_for(error: &warp::Error) -> Close {
+    use std::error::Error as _;
+    use tungstenite::error::Error as WsError;
+    let (code, reason) = match error.source().and_then(|s| s.downcast_ref::<WsError>()) {
+        Some(WsError::Capacity(_)) => (close::MESSAGE_TOO_BIG, "frame exceeds the size limit"),
+        Some(WsError::Utf8(_)) => (close::INVALID_PAYLOAD, "text frame is not UTF-8"),
+        _ => (close::PROTOCOL_ERROR, "protocol error"),
+    };
+    Close {
+        code,
+        reason: reason.into(),
+    }
 }
 
 struct Reader {
@@ -125,9 +145,11 @@ impl Reader {
                 let ack = protocol::subscribed(reference.as_deref(), feed);
                 match self.context.hub.subscribe(self.id, feed, filter, ack) {
                     Ok(()) | Err(SubscribeError::Closing) => {}
-                    Err(e @ SubscribeError::Forbidden { .. }) => {
-                        self.reply(protocol::error(reference.as_deref(), ErrorCode::Forbidden, &e.to_string()))
-                    }
+                    Err(e @ SubscribeError::Forbidden { .. }) => self.reply(protocol::error(
+                        reference.as_deref(),
+                        ErrorCode::Forbidden,
+                        &e.to_string(),
+                    )),
                 }
             }
         }
@@ -135,10 +157,17 @@ impl Reader {
 
     /// Refuses a feed the role may never read, and a session filter on a session the caller
     /// may not read (one query at subscribe time, never per event).
-    async fn check_subscription(&self, feed: Feed, filter: &Filter) -> Result<(), (ErrorCode, String)> {
+    async fn check_subscription(
+        &self,
+        feed: Feed,
+        filter: &Filter,
+    ) -> Result<(), (ErrorCode, String)> {
         let role = self.principal.role;
         if authz::reach(role, feed) == Reach::Nothing {
-            return Err((ErrorCode::Forbidden, format!("role {role} may not read {feed}")));
+            return Err((
+                ErrorCode::Forbidden,
+                format!("role {role} may not read {feed}"),
+            ));
         }
         let Some(session_id) = filter.session_id else {
             return Ok(());
@@ -148,7 +177,10 @@ impl Reader {
         }
         let unavailable = |e: &dyn std::fmt::Display| {
             tracing::warn!(cause = %e, "session lookup for a filter failed");
-            (ErrorCode::Unavailable, "could not check the session; try again".to_string())
+            (
+                ErrorCode::Unavailable,
+                "could not check the session; try again".to_string(),
+            )
         };
         let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
         let row = client

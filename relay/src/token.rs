@@ -51,7 +51,9 @@ impl fmt::Debug for Secret {
 /// Why a token was refused. Each maps to the `error` code of the HTTP 401 body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("no access token: send `Authorization: Bearer <jwt>` or the `access_token` query parameter")]
+    #[error(
+        "no access token: send `Authorization: Bearer <jwt>` or the `access_token` query parameter"
+    )]
     Missing,
     #[error("the access token has expired")]
     Expired,
@@ -119,8 +121,12 @@ impl Keys {
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     TokenError::Invalid("it must be signed with HS256")
                 }
-                ErrorKind::MissingRequiredClaim(_) => TokenError::Invalid("the `exp` claim is required"),
-                ErrorKind::Json(_) => TokenError::Invalid("its claims are malformed (is `exp` a number?)"),
+                ErrorKind::MissingRequiredClaim(_) => {
+                    TokenError::Invalid("the `exp` claim is required")
+                }
+                ErrorKind::Json(_) => {
+                    TokenError::Invalid("its claims are malformed (is `exp` a number?)")
+                }
                 _ => TokenError::Invalid("it is not a well-formed JWT"),
             })?;
         let claims = data.claims;
@@ -129,7 +135,8 @@ impl Keys {
             .as_deref()
             .ok_or(TokenError::Invalid("the `sub` claim is required"))
             .and_then(|s| {
-                Uuid::parse_str(s).map_err(|_| TokenError::Invalid("the `sub` claim must be a uuid"))
+                Uuid::parse_str(s)
+                    .map_err(|_| TokenError::Invalid("the `sub` claim must be a uuid"))
             })?;
         let role = claims
             .role
@@ -137,7 +144,9 @@ impl Keys {
             .ok_or(TokenError::Invalid("the `role` claim is required"))
             .and_then(|r| {
                 r.parse::<Role>().map_err(|_| {
-                    TokenError::Invalid("the `role` claim must be admin, dentist, patient or chatbot")
+                    TokenError::Invalid(
+                        "the `role` claim must be admin, dentist, patient or chatbot",
+                    )
                 })
             })?;
         Ok(Principal { user_id, role })
@@ -164,7 +173,9 @@ impl Keys {
 /// Parses a duration such as `90s`, `15m`, `1h` or `7d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -175,7 +186,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
     };
     number
         .checked_mul(seconds)
@@ -209,8 +224,14 @@ mod tests {
         };
         let other = Keys::new(&Secret::new("b".repeat(32)).unwrap());
         let token = other.issue(&principal, Duration::from_secs(60));
-        assert_eq!(keys().verify(&token).unwrap_err().code(), "invalid_signature");
-        assert_eq!(keys().verify("garbage").unwrap_err().code(), "invalid_token");
+        assert_eq!(
+            keys().verify(&token).unwrap_err().code(),
+            "invalid_signature"
+        );
+        assert_eq!(
+            keys().verify("garbage").unwrap_err().code(),
+            "invalid_token"
+        );
 
         let sign = |claims: serde_json::Value| {
             jsonwebtoken::encode(
@@ -220,8 +241,13 @@ mod tests {
             )
             .unwrap()
         };
-        let later = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 600;
-        let expired = sign(serde_json::json!({"sub": Uuid::new_v4(), "role": "admin", "exp": later - 4000}));
+        let later = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let expired =
+            sign(serde_json::json!({"sub": Uuid::new_v4(), "role": "admin", "exp": later - 4000}));
         assert_eq!(keys().verify(&expired).unwrap_err(), TokenError::Expired);
         for claims in [
             serde_json::json!({"role": "admin", "exp": later}),

@@ -1,0 +1,304 @@
+//! Shared helpers for the integration tests: a fresh database per test, an in-process relay on
+//! port 0, WebSocket clients with real tokens, and a fence for asserting "these and no others".
+//!
+//! The fence: every test client also subscribes to `availability`, which every role may read.
+//! Events reach each socket in commit order, so after a test's writes it inserts one marker
+//! availability row; when a client receives the marker it has received everything committed
+//! before it, and the frames before the marker are exactly what it was sent. No sleeps.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use relay::authz::{Principal, Role};
+use relay::token::{Keys, Secret};
+use relay::{Config, Relay};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// A guard against a test hanging forever; not a performance threshold.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn admin_url(database: &str) -> String {
+    let base = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string());
+    format!("{}/{database}", base.trim_end_matches('/'))
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (is Postgres running?)"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A database created for one test, migrated, and dropped when the test ends (even on failure).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("relay_test_{}", Uuid::new_v4().simple());
+        let admin = connect(&admin_url("postgres")).await;
+        admin
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .expect("create test database");
+        let url = admin_url(&name);
+        let mut client = connect(&url).await;
+        relay::migrate::migrate(&mut client).await.expect("migrate");
+        TestDb { name, url, client }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut config = Config::new(
+            self.url.parse().expect("database url"),
+            Secret::new(SECRET).expect("secret"),
+        );
+        config.bind = "127.0.0.1:0".parse().unwrap();
+        config.shutdown_grace = Duration::from_secs(5);
+        config
+    }
+
+    pub async fn start(&self) -> Relay {
+        start_with(self.config()).await
+    }
+
+    /// Adds a profile and returns its principal.
+    pub async fn user(&self, role: Role) -> Principal {
+        let id = Uuid::new_v4();
+        self.client
+            .execute(
+                "insert into profiles (id, role, full_name) values ($1, $2, $3)",
+                &[&id, &role.as_str(), &format!("{role} {id}")],
+            )
+            .await
+            .expect("insert profile");
+        Principal { user_id: id, role }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Books an appointment and returns its id.
+    pub async fn book(&self, patient: &Principal, dentist: &Principal, notes: &str) -> Uuid {
+        self.client
+            .query_one(
+                "insert into appointments (patient_id, dentist_id, starts_at, ends_at, notes)
+                 values ($1, $2, now() + interval '1 day', now() + interval '1 day 1 hour', $3)
+                 returning id",
+                &[&patient.user_id, &dentist.user_id, &notes],
+            )
+            .await
+            .expect("book")
+            .get(0)
+    }
+
+    /// Inserts the marker availability row every client waits for; returns its id.
+    pub async fn fence(&self) -> Uuid {
+        let dentist = self.user(Role::Dentist).await;
+        self.client
+            .query_one(
+                "insert into availability (dentist_id, starts_at, ends_at)
+                 values ($1, now(), now() + interval '1 hour') returning id",
+                &[&dentist.user_id],
+            )
+            .await
+            .expect("fence")
+            .get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block; use a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&admin_url("postgres"), NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("drop database if exists {name} with (force)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub async fn start_with(config: Config) -> Relay {
+    let relay = Relay::start(config).await.expect("start relay");
+    wait_until_listening(&relay).await;
+    relay
+}
+
+/// Waits for the relay's LISTEN connection, so that no write of the test precedes it.
+pub async fn wait_until_listening(relay: &Relay) {
+    tokio::time::timeout(PATIENCE, relay.health().wait_for(true))
+        .await
+        .expect("the relay never started listening");
+}
+
+pub fn token(principal: &Principal) -> String {
+    Keys::new(&Secret::new(SECRET).unwrap()).issue(principal, Duration::from_secs(600))
+}
+
+type Stream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A real WebSocket client.
+pub struct Ws {
+    pub stream: Stream,
+    pub who: Principal,
+}
+
+impl Ws {
+    /// Connects with the token in the Authorization header.
+    pub async fn connect(addr: SocketAddr, who: Principal) -> Ws {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(&who)).parse().unwrap(),
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("upgrade");
+        Ws { stream, who }
+    }
+
+    /// Connects with the token in the `access_token` query parameter.
+    pub async fn connect_with_query(addr: SocketAddr, who: Principal) -> Ws {
+        let url = format!("ws://{addr}/ws?access_token={}", token(&who));
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("upgrade");
+        Ws { stream, who }
+    }
+
+    /// Connects and subscribes to `feeds` plus the fence feed, `availability`.
+    pub async fn subscribed(addr: SocketAddr, who: Principal, feeds: &[&str]) -> Ws {
+        let mut ws = Ws::connect(addr, who).await;
+        for feed in feeds.iter().chain(["availability"].iter()) {
+            ws.subscribe(feed).await;
+        }
+        ws
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.stream
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.stream.send(message).await.expect("send");
+    }
+
+    /// The next message of any kind.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        tokio::time::timeout(PATIENCE, self.stream.next())
+            .await
+            .expect("no frame within the test's patience")
+            .map(|m| m.expect("socket error"))
+    }
+
+    /// The next text frame, as JSON.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => {
+                    return serde_json::from_str(&text).expect("JSON frame")
+                }
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, feed: &str) -> Value {
+        self.send(json!({"type": "subscribe", "ref": feed, "feed": feed}))
+            .await;
+        let reply = self.recv().await;
+        assert_eq!(
+            reply,
+            json!({"type": "subscribed", "ref": feed, "feed": feed}),
+            "subscribe {feed}"
+        );
+        reply
+    }
+
+    /// Every event frame before the fence's, in order; the fence itself is consumed.
+    pub async fn events_until(&mut self, fence: Uuid) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            assert_eq!(frame["type"], "event", "unexpected frame {frame}");
+            if frame["feed"] == "availability" && frame["row"]["id"] == json!(fence) {
+                return events;
+            }
+            events.push(frame);
+        }
+    }
+}
+
+/// A minimal HTTP GET; returns the status and the JSON body.
+pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8(response).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header and body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Rows of an event's frames, keyed for easy assertions: (op, row id).
+pub fn ops(events: &[Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap_or_default().to_string(),
+                e["row"]["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}

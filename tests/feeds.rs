@@ -1,0 +1,363 @@
+//! End to end: triggers → LISTEN → authorized per-user WebSocket feeds, against a real Postgres,
+//! with real WebSocket clients and real tokens. Each test has its own database.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{ops, Ws};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use relay::authz::Role;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_sees_exactly_its_appointments_including_reassignment_and_delete() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
+    let (patient_1, patient_2) = (db.user(Role::Patient).await, db.user(Role::Patient).await);
+    let (admin, bot) = (db.user(Role::Admin).await, db.user(Role::Chatbot).await);
+
+    let mut clients = Vec::new();
+    for who in [admin, bot, dentist_a, dentist_b, patient_1, patient_2] {
+        clients.push(Ws::subscribed(addr, who, &["appointments"]).await);
+    }
+
+    let id = db.book(&patient_1, &dentist_a, "molar pain").await;
+    db.exec(&format!(
+        "update appointments set status = 'confirmed' where id = '{id}'"
+    ))
+    .await;
+    db.exec(&format!(
+        "update appointments set dentist_id = '{}' where id = '{id}'",
+        dentist_b.user_id
+    ))
+    .await;
+    db.exec(&format!("delete from appointments where id = '{id}'"))
+        .await;
+    // A booking of nobody in this test but the admin and the chatbot.
+    let other_patient = db.user(Role::Patient).await;
+    let other_dentist = db.user(Role::Dentist).await;
+    let elsewhere = db.book(&other_patient, &other_dentist, "elsewhere").await;
+    let fence = db.fence().await;
+
+    let id = id.to_string();
+    let elsewhere = elsewhere.to_string();
+    let op = |op: &str, row: &str| (op.to_string(), row.to_string());
+    let everything = vec![
+        op("INSERT", &id),
+        op("UPDATE", &id),
+        op("UPDATE", &id),
+        op("DELETE", &id),
+        op("INSERT", &elsewhere),
+    ];
+    let expected: [Vec<(String, String)>; 6] = [
+        everything.clone(),                                            // admin
+        everything,                                                    // chatbot
+        vec![op("INSERT", &id), op("UPDATE", &id), op("DELETE", &id)], // dentist A: moved away
+        vec![op("INSERT", &id), op("DELETE", &id)], // dentist B: moved in, deleted
+        vec![
+            op("INSERT", &id),
+            op("UPDATE", &id),
+            op("UPDATE", &id),
+            op("DELETE", &id),
+        ], // patient 1
+        vec![],                                     // patient 2
+    ];
+
+    let mut received = Vec::new();
+    for (client, expected) in clients.iter_mut().zip(expected) {
+        let events = client.events_until(fence).await;
+        let appointments: Vec<Value> = events
+            .into_iter()
+            .filter(|e| e["feed"] == "appointments")
+            .collect();
+        assert_eq!(ops(&appointments), expected, "{:?}", client.who.role);
+        received.push(appointments);
+    }
+
+    // Dentist A's DELETE carries the row as A last saw it; B's INSERT reveals nothing of before.
+    let a_left = &received[2][2];
+    assert_eq!(a_left["row"]["dentist_id"], json!(dentist_a.user_id));
+    assert_eq!(a_left["old"]["dentist_id"], json!(dentist_a.user_id));
+    let b_entered = &received[3][0];
+    assert_eq!(b_entered["row"]["dentist_id"], json!(dentist_b.user_id));
+    assert!(
+        b_entered.get("old").is_none(),
+        "a row entering view must not carry its past"
+    );
+    assert_eq!(b_entered["row"]["status"], "confirmed");
+    // Patient 1's view of the reassignment is an UPDATE with both versions.
+    let p_moved = &received[4][2];
+    assert_eq!(p_moved["old"]["dentist_id"], json!(dentist_a.user_id));
+    assert_eq!(p_moved["row"]["dentist_id"], json!(dentist_b.user_id));
+    assert_eq!(p_moved["row"]["notes"], "molar pain");
+
+    // The chatbot receives exactly the slot columns, on every version.
+    let slot: BTreeSet<&str> = relay::authz::SLOT_COLUMNS.into_iter().collect();
+    for event in &received[1] {
+        for side in ["row", "old"] {
+            if let Some(row) = event.get(side) {
+                let columns: BTreeSet<&str> = row
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                assert_eq!(columns, slot, "chatbot {side} of {event}");
+            }
+        }
+    }
+    // Event frames carry the documented fields.
+    let first = &received[0][0];
+    assert_eq!(first["type"], "event");
+    assert!(first["id"].as_i64().is_some_and(|id| id > 0));
+    assert!(first["at"].as_str().is_some_and(|at| at.ends_with('Z')));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn availability_reaches_every_role() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let mut clients = Vec::new();
+    for role in relay::authz::Role::ALL {
+        let who = db.user(role).await;
+        // Subscribed only to the fence feed, availability itself.
+        clients.push(Ws::subscribed(relay.local_addr(), who, &[]).await);
+    }
+    let dentist = db.user(Role::Dentist).await;
+    db.exec(&format!(
+        "insert into availability (dentist_id, starts_at, ends_at) values ('{}', now(), now() + interval '2 hours')",
+        dentist.user_id
+    ))
+    .await;
+    db.exec("update availability set is_available = false")
+        .await;
+    let fence = db.fence().await;
+    for client in &mut clients {
+        let events = client.events_until(fence).await;
+        let seen: Vec<&str> = events.iter().map(|e| e["op"].as_str().unwrap()).collect();
+        assert_eq!(seen, ["INSERT", "UPDATE"], "{:?}", client.who.role);
+        assert_eq!(events[1]["row"]["is_available"], false);
+        assert_eq!(events[1]["old"]["is_available"], true);
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consultations_follow_their_session() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
+    let (patient, stranger) = (db.user(Role::Patient).await, db.user(Role::Patient).await);
+    let (admin, bot) = (db.user(Role::Admin).await, db.user(Role::Chatbot).await);
+    let session: Uuid = db
+        .client
+        .query_one(
+            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
+            &[&patient.user_id, &dentist_a.user_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // The chatbot may never read consultations.
+    let mut chatbot = Ws::connect(addr, bot).await;
+    for feed in ["consultation_sessions", "consultation_messages"] {
+        chatbot
+            .send(json!({"type": "subscribe", "ref": "c", "feed": feed}))
+            .await;
+        let reply = chatbot.recv().await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["code"].as_str()),
+            (Some("error"), Some("forbidden")),
+            "{reply}"
+        );
+        assert_eq!(reply["ref"], "c");
+    }
+    // A patient may not filter on someone else's session (nor on one that does not exist).
+    let mut nosy = Ws::connect(addr, stranger).await;
+    for target in [session, Uuid::new_v4()] {
+        nosy.send(
+            json!({"type": "subscribe", "ref": "n", "feed": "consultation_messages",
+                         "filter": {"session_id": target}}),
+        )
+        .await;
+        let reply = nosy.recv().await;
+        assert_eq!(reply["code"], "forbidden", "{reply}");
+    }
+
+    let feeds = ["consultation_sessions", "consultation_messages"];
+    let mut admin_ws = Ws::subscribed(addr, admin, &feeds).await;
+    let mut a = Ws::subscribed(addr, dentist_a, &feeds).await;
+    let mut b = Ws::subscribed(addr, dentist_b, &feeds).await;
+    let mut stranger_ws = Ws::subscribed(addr, stranger, &feeds).await;
+    // The patient narrows messages to this one session.
+    let mut p = Ws::connect(addr, patient).await;
+    p.subscribe("consultation_sessions").await;
+    p.send(
+        json!({"type": "subscribe", "ref": "m", "feed": "consultation_messages",
+                  "filter": {"session_id": session}}),
+    )
+    .await;
+    assert_eq!(
+        p.recv().await,
+        json!({"type": "subscribed", "ref": "m", "feed": "consultation_messages"})
+    );
+    p.subscribe("availability").await;
+
+    let say = |sender: Uuid, body: &str| {
+        format!(
+            "insert into consultation_messages (session_id, sender_id, body) values ('{session}', '{sender}', '{body}')"
+        )
+    };
+    db.exec(&say(patient.user_id, "hello doctor")).await;
+    db.exec(&format!(
+        "update consultation_sessions set dentist_id = '{}' where id = '{session}'",
+        dentist_b.user_id
+    ))
+    .await;
+    db.exec(&say(dentist_b.user_id, "dr b here")).await;
+    // A message in another session of the same patient: filtered out for the patient's socket.
+    let other_session: Uuid = db
+        .client
+        .query_one(
+            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
+            &[&patient.user_id, &dentist_b.user_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.exec(&format!(
+        "insert into consultation_messages (session_id, sender_id, body) values ('{other_session}', '{}', 'other')",
+        patient.user_id
+    ))
+    .await;
+    let fence = db.fence().await;
+
+    let summary = |events: Vec<Value>| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["feed"] != "availability")
+            .map(|e| {
+                let what = e["row"]["body"]
+                    .as_str()
+                    .or(e["row"]["status"].as_str())
+                    .unwrap_or("?");
+                format!(
+                    "{} {} {}",
+                    e["feed"].as_str().unwrap(),
+                    e["op"].as_str().unwrap(),
+                    what
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        summary(admin_ws.events_until(fence).await),
+        [
+            "consultation_messages INSERT hello doctor",
+            "consultation_sessions UPDATE waiting",
+            "consultation_messages INSERT dr b here",
+            "consultation_sessions INSERT waiting",
+            "consultation_messages INSERT other",
+        ]
+    );
+    assert_eq!(
+        summary(a.events_until(fence).await),
+        [
+            "consultation_messages INSERT hello doctor",
+            "consultation_sessions DELETE waiting"
+        ]
+    );
+    assert_eq!(
+        summary(b.events_until(fence).await),
+        [
+            "consultation_sessions INSERT waiting",
+            "consultation_messages INSERT dr b here",
+            "consultation_sessions INSERT waiting",
+            "consultation_messages INSERT other",
+        ]
+    );
+    assert_eq!(
+        summary(p.events_until(fence).await),
+        [
+            "consultation_messages INSERT hello doctor",
+            "consultation_sessions UPDATE waiting",
+            "consultation_messages INSERT dr b here",
+            "consultation_sessions INSERT waiting",
+        ]
+    );
+    assert!(summary(stranger_ws.events_until(fence).await).is_empty());
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_kb_row_arrives_whole() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let bot = db.user(Role::Chatbot).await;
+    let mut d = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+    let mut c = Ws::subscribed(relay.local_addr(), bot, &["appointments"]).await;
+    // Multi-byte characters, so bytes and characters differ: 20,000 characters, 30,000 bytes.
+    let notes: String = "é😀xyz".repeat(4000);
+    assert_eq!(notes.chars().count(), 20_000);
+    let id = db.book(&patient, &dentist, &notes).await;
+    let small = db.book(&patient, &dentist, "small").await;
+    let fence = db.fence().await;
+
+    // The trigger could not inline it: the payload asked the relay to fetch it.
+    let fetched: bool = db
+        .client
+        .query_one(
+            "select octet_length(new_row::text) >= 8000 from relay.events where new_row ->> 'id' = $1",
+            &[&id.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fetched);
+
+    let events = d.events_until(fence).await;
+    let appointments: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["feed"] == "appointments")
+        .collect();
+    assert_eq!(appointments.len(), 2);
+    assert_eq!(appointments[0]["row"]["id"], json!(id));
+    assert_eq!(
+        appointments[0]["row"]["notes"].as_str(),
+        Some(notes.as_str())
+    );
+    assert_eq!(
+        appointments[1]["row"]["id"],
+        json!(small),
+        "the large event keeps its place in order"
+    );
+    let slots = c.events_until(fence).await;
+    assert!(slots[0]["row"].get("notes").is_none());
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_parameter_token_works_too() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let dentist = db.user(Role::Dentist).await;
+    let mut ws = Ws::connect_with_query(relay.local_addr(), dentist).await;
+    ws.subscribe("appointments").await;
+    ws.subscribe("availability").await;
+    let patient = db.user(Role::Patient).await;
+    let id = db.book(&patient, &dentist, "").await;
+    let fence = db.fence().await;
+    assert_eq!(
+        ops(&ws.events_until(fence).await),
+        [("INSERT".to_string(), id.to_string())]
+    );
+    relay.shutdown().await;
+}
