@@ -1,5 +1,5 @@
 # The relay's image: built in one stage, run from a small one as a non-root user.
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY relay ./relay
