@@ -49,7 +49,7 @@ pub const DEMO_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("cannot reach Postgres at {target}: {source} (is it running? see the README)")]
+    #[error("cannot reach Postgres ({target}): {source} (is it running? see the README)")]
     Connect {
         target: String,
         #[source]
@@ -61,22 +61,12 @@ pub enum DevError {
     Migrate(#[from] crate::migrate::MigrateError),
 }
 
-fn describe(config: &tokio_postgres::Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map(|h| format!("{h:?}"))
-        .unwrap_or_else(|| "localhost".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
-}
-
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DevError> {
     let (client, connection) = config
         .connect(NoTls)
         .await
         .map_err(|source| DevError::Connect {
-            target: describe(config),
+            target: psql_command(config),
             source,
         })?;
     tokio::spawn(connection);
@@ -143,23 +133,37 @@ async fn seed(client: &tokio_postgres::Client) -> Result<(), DevError> {
     Ok(())
 }
 
+/// A `psql` command line for the database (never including a password).
+pub fn psql_command(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "127.0.0.1".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let database = config.get_dbname().unwrap_or("relay_dev");
+    format!("psql -h {host} -p {port} -U {user} {database}")
+}
+
 /// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
-pub fn banner(keys: &Keys, addr: std::net::SocketAddr, database: &str) -> String {
-    let mut out = format!("\nrelay dev: serving on http://{addr} with database {database}\n");
+pub fn banner(keys: &Keys, addr: std::net::SocketAddr, psql: &str) -> String {
+    let mut out = format!("\nrelay dev: serving on http://{addr}\n");
     out.push_str("\nConnect as any demo user (tokens valid 24 h), then send\n");
     out.push_str("  {\"type\":\"subscribe\",\"ref\":\"1\",\"feed\":\"appointments\"}\n");
     for (id, role, name) in DEMO_USERS {
         let token = keys.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
         out.push_str(&format!(
-            "\n# {role:<8} {name} ({id})\nnpx wscat -c 'ws://{addr}/ws?access_token={token}'\n"
+            "\n# {role:<8} {name} ({id})\nnpx -y wscat -c 'ws://{addr}/ws?access_token={token}'\n"
         ));
     }
     out.push_str(&format!(
         "\nThen change a row, e.g. book for Dr. Dana Molar and move it to Dr. Dev Canine:\n\
-         psql {database} -c \"insert into appointments (id, patient_id, dentist_id, starts_at, ends_at) \
+         {psql} -c \"insert into appointments (id, patient_id, dentist_id, starts_at, ends_at) \
          values ('00000000-0000-4000-8000-0000000e00aa', '00000000-0000-4000-8000-00000000b001', \
          '00000000-0000-4000-8000-00000000d001', now() + interval '1 day', now() + interval '1 day 1 hour')\"\n\
-         psql {database} -c \"update appointments set dentist_id = '00000000-0000-4000-8000-00000000d002' \
+         {psql} -c \"update appointments set dentist_id = '00000000-0000-4000-8000-00000000d002' \
          where id = '00000000-0000-4000-8000-0000000e00aa'\"\n"
     ));
     out

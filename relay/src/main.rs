@@ -95,22 +95,18 @@ async fn run(command: Command) -> Result<(), String> {
             dev::prepare(&args.database_url)
                 .await
                 .map_err(|e| e.to_string())?;
-            let database = args
-                .database_url
-                .get_dbname()
-                .unwrap_or_default()
-                .to_string();
+            let psql = dev::psql_command(&args.database_url);
             let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
-            serve(config, Some(database)).await
+            serve(config, Some(psql)).await
         }
     }
 }
 
-async fn serve(config: Config, dev_database: Option<String>) -> Result<(), String> {
+async fn serve(config: Config, dev_psql: Option<String>) -> Result<(), String> {
     let keys = Keys::new(&config.jwt_secret);
     let relay = Relay::start(config).await.map_err(|e| e.to_string())?;
-    if let Some(database) = dev_database {
-        println!("{}", dev::banner(&keys, relay.local_addr(), &database));
+    if let Some(psql) = dev_psql {
+        println!("{}", dev::banner(&keys, relay.local_addr(), &psql));
     }
     relay::shutdown_signal().await;
     tracing::info!("shutting down");
