@@ -17,16 +17,12 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            // One clear line: clap's first line names the setting and the problem.
-            let rendered = e.to_string();
-            eprintln!(
-                "{}",
-                rendered
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            eprintln!("{}", one_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -53,6 +49,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command-line error as one line that names the setting and the problem.
+fn one_line(error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    if error.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(ContextValue::Strings(missing)) = error.get(ContextKind::InvalidArg) {
+            return format!(
+                "error: missing required setting {} (an environment variable or a flag)",
+                missing.join(", ")
+            );
+        }
+    }
+    let rendered = error.to_string();
+    rendered
+        .lines()
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_string()
 }
 
 async fn run(command: Command) -> Result<(), String> {
