@@ -181,12 +181,28 @@ impl Event {
     /// `row` is the row as the subscriber may now see it, or for a DELETE as they last could;
     /// `old` is present on UPDATE and DELETE only, so a row entering view reveals nothing of
     /// what it was before.
-    pub fn frame(&self, perceived: Perceived, projection: Projection) -> Bytes {
+    ///
+    /// `None` for an UPDATE that changed none of the columns a narrowed projection shows: the
+    /// chatbot does not learn that something it cannot see has changed.
+    pub fn frame(&self, perceived: Perceived, projection: Projection) -> Option<Bytes> {
         let (row, old) = match perceived {
             Perceived::Insert => (self.new.as_ref(), None),
             Perceived::Update => (self.new.as_ref(), self.old.as_ref()),
             Perceived::Delete => (self.old.as_ref(), self.old.as_ref()),
         };
+        if let (Perceived::Update, Projection::Slot, Some(new), Some(old)) =
+            (perceived, projection, row, old)
+        {
+            let visible_change = new
+                .row
+                .iter()
+                .chain(old.row.iter())
+                .filter(|(column, _)| projection.includes(column))
+                .any(|(column, _)| new.row.get(column) != old.row.get(column));
+            if !visible_change {
+                return None;
+            }
+        }
         let frame = EventFrame {
             kind: "event",
             feed: self.feed.as_str(),
@@ -197,7 +213,7 @@ impl Event {
             at: &self.at,
         };
         // Serializing a map of JSON values into a Vec cannot fail.
-        Bytes::from(serde_json::to_vec(&frame).unwrap_or_default())
+        Some(Bytes::from(serde_json::to_vec(&frame).unwrap_or_default()))
     }
 }
 
@@ -314,7 +330,7 @@ mod tests {
         let Payload::Inline(event) = Payload::decode(&text).unwrap() else {
             panic!("expected an inline event")
         };
-        let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap();
+        let parse = |b: Option<Bytes>| serde_json::from_slice::<Value>(&b.unwrap()).unwrap();
 
         let entered = parse(event.frame(Perceived::Insert, Projection::Full));
         assert_eq!(entered["type"], "event");

@@ -314,8 +314,10 @@ impl Hub {
             feed_index.remove(socket, &principal, feed);
         }
         feed_index.add(member, feed);
+        // Queued under the write lock, so no event of the subscription can precede it.
+        let queued = link.try_send(ack);
         drop(index);
-        if !link.try_send(ack) {
+        if !queued {
             self.cut(socket, Close::slow_consumer());
         }
         Ok(())
@@ -332,8 +334,9 @@ impl Hub {
         if state.subscriptions[feed.index()].take().is_some() {
             index.feeds[feed.index()].remove(socket, &principal, feed);
         }
+        let queued = link.try_send(ack);
         drop(index);
-        if !link.try_send(ack) {
+        if !queued {
             self.cut(socket, Close::slow_consumer());
         }
     }
@@ -377,7 +380,8 @@ impl Hub {
         self.counters
             .events_received
             .fetch_add(1, Ordering::Relaxed);
-        let mut frames: [[Option<Bytes>; 2]; 3] = Default::default();
+        // Rendered on first use: None = not yet rendered, Some(None) = nothing to send.
+        let mut frames: [[Option<Option<Bytes>>; 2]; 3] = Default::default();
         let mut delivered = 0;
         let mut slow = Vec::new();
         {
@@ -390,9 +394,12 @@ impl Hub {
                     return;
                 };
                 let projection = authz::projection(member.principal.role, event.feed);
-                let frame = frames[perceived.index()][projection.index()]
+                let Some(frame) = frames[perceived.index()][projection.index()]
                     .get_or_insert_with(|| event.frame(perceived, projection))
-                    .clone();
+                    .clone()
+                else {
+                    return;
+                };
                 match member.link.tx.try_send(frame) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(member.socket),
@@ -601,6 +608,28 @@ mod tests {
         let stays = received(&mut p);
         assert_eq!(stays[0]["op"], "UPDATE");
         assert_eq!(stays[0]["old"]["dentist_id"], json!(from.user_id));
+    }
+
+    #[test]
+    fn the_chatbot_hears_nothing_of_changes_to_columns_it_cannot_see() {
+        let hub = Hub::new(16);
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let mut bot = join(&hub, principal(Role::Chatbot));
+        let mut admin = join(&hub, principal(Role::Admin));
+        let pair = (patient.user_id, dentist.user_id);
+        let other_patient = (Uuid::new_v4(), dentist.user_id);
+        // Only patient_id changes: invisible to the chatbot.
+        assert_eq!(
+            hub.dispatch(&appointment_event(
+                1,
+                "UPDATE",
+                Some(pair),
+                Some(other_patient)
+            )),
+            1
+        );
+        assert!(received(&mut bot).is_empty());
+        assert_eq!(received(&mut admin).len(), 1);
     }
 
     #[test]
