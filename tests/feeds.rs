@@ -271,13 +271,16 @@ async fn consultations_follow_their_session() {
         summary(a.events_until(fence).await),
         [
             "consultation_messages INSERT hello doctor",
-            "consultation_sessions DELETE waiting"
+            "consultation_sessions DELETE waiting",
+            // Handing the session over takes its messages along: A loses sight of them.
+            "consultation_messages DELETE hello doctor",
         ]
     );
     assert_eq!(
         summary(b.events_until(fence).await),
         [
             "consultation_sessions INSERT waiting",
+            "consultation_messages INSERT hello doctor",
             "consultation_messages INSERT dr b here",
             "consultation_sessions INSERT waiting",
             "consultation_messages INSERT other",
@@ -358,6 +361,161 @@ async fn the_query_parameter_token_works_too() {
     assert_eq!(
         ops(&ws.events_until(fence).await),
         [("INSERT".to_string(), id.to_string())]
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_committed_states_are_announced() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
+    let patient = db.user(Role::Patient).await;
+    let admin = db.user(Role::Admin).await;
+    let mut a = Ws::subscribed(addr, dentist_a, &["appointments"]).await;
+    let mut b = Ws::subscribed(addr, dentist_b, &["appointments"]).await;
+    let mut all = Ws::subscribed(addr, admin, &["appointments"]).await;
+
+    let insert = |id: Uuid, dentist: Uuid, notes: &str| {
+        format!(
+            "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at, notes)
+             values ('{id}', '{}', '{dentist}', now(), now() + interval '1 hour', '{notes}')",
+            patient.user_id
+        )
+    };
+    // Booked for B and moved to A before commit: it was only ever A's.
+    let moved = Uuid::new_v4();
+    db.exec(&format!(
+        "begin; {}; update appointments set dentist_id = '{}', status = 'confirmed' where id = '{moved}'; commit;",
+        insert(moved, dentist_b.user_id, "private to A"),
+        dentist_a.user_id
+    ))
+    .await;
+    // Rolled back, rolled back to a savepoint, and born and gone in one transaction: nothing.
+    db.exec(&format!(
+        "begin; {}; rollback;",
+        insert(Uuid::new_v4(), dentist_a.user_id, "r")
+    ))
+    .await;
+    db.exec(&format!(
+        "begin; savepoint s; {}; rollback to savepoint s; commit;",
+        insert(Uuid::new_v4(), dentist_a.user_id, "s")
+    ))
+    .await;
+    let ephemeral = Uuid::new_v4();
+    db.exec(&format!(
+        "begin; {}; delete from appointments where id = '{ephemeral}'; commit;",
+        insert(ephemeral, dentist_a.user_id, "e")
+    ))
+    .await;
+    // Two updates in one transaction are one UPDATE, from the state before to the state after.
+    db.exec(&format!(
+        "begin; update appointments set status = 'cancelled' where id = '{moved}';
+                update appointments set status = 'completed' where id = '{moved}'; commit;"
+    ))
+    .await;
+    // An update that changes nothing is no event.
+    db.exec(&format!(
+        "update appointments set status = status where id = '{moved}'"
+    ))
+    .await;
+    let fence = db.fence().await;
+
+    let a_events = a.events_until(fence).await;
+    let moved = moved.to_string();
+    assert_eq!(
+        ops(&a_events),
+        [
+            ("INSERT".to_string(), moved.clone()),
+            ("UPDATE".to_string(), moved.clone())
+        ]
+    );
+    assert_eq!(a_events[0]["row"]["status"], "confirmed");
+    assert_eq!(a_events[1]["old"]["status"], "confirmed");
+    assert_eq!(a_events[1]["row"]["status"], "completed");
+    assert!(b.events_until(fence).await.is_empty(), "B never had it");
+    let everything = all.events_until(fence).await;
+    let appointments: Vec<Value> = everything
+        .into_iter()
+        .filter(|e| e["feed"] == "appointments")
+        .collect();
+    assert_eq!(ops(&appointments).len(), 2);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_goes_to_whoever_has_the_session_when_it_commits() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
+    let patient = db.user(Role::Patient).await;
+    let session: Uuid = db
+        .client
+        .query_one(
+            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
+            &[&patient.user_id, &dentist_a.user_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut a = Ws::subscribed(addr, dentist_a, &["consultation_messages"]).await;
+    let mut b = Ws::subscribed(addr, dentist_b, &["consultation_messages"]).await;
+
+    // Same transaction: the message is written, then the session is handed to B.
+    db.exec(&format!(
+        "begin;
+         insert into consultation_messages (session_id, sender_id, body) values ('{session}', '{}', 'first');
+         update consultation_sessions set dentist_id = '{}' where id = '{session}';
+         commit;",
+        patient.user_id, dentist_b.user_id
+    ))
+    .await;
+    // Concurrently: a message is written while another transaction hands the session back to A
+    // and commits first.
+    let (writer, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    writer.batch_execute("begin").await.unwrap();
+    writer
+        .execute(
+            "insert into consultation_messages (session_id, sender_id, body) values ($1, $2, 'second')",
+            &[&session, &patient.user_id],
+        )
+        .await
+        .unwrap();
+    db.exec(&format!(
+        "update consultation_sessions set dentist_id = '{}' where id = '{session}'",
+        dentist_a.user_id
+    ))
+    .await;
+    writer.batch_execute("commit").await.unwrap();
+    let fence = db.fence().await;
+
+    let bodies = |events: Vec<Value>| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["feed"] == "consultation_messages")
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["op"].as_str().unwrap(),
+                    e["row"]["body"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    // B: the first message arrives with the session and leaves with it; the second is never B's.
+    assert_eq!(
+        bodies(b.events_until(fence).await),
+        ["INSERT first", "DELETE first"]
+    );
+    // A: never saw the first message until the session came back, then sees the second.
+    assert_eq!(
+        bodies(a.events_until(fence).await),
+        ["INSERT first", "INSERT second"]
     );
     relay.shutdown().await;
 }

@@ -1,4 +1,4 @@
--- 001_event_log.sql: the event log. Every committed change to a watched table is one row here.
+-- 001_event_log.sql: the event log. Every committed change to a watched row is one row here.
 --
 -- The log is what makes the feed durable: NOTIFY only wakes the relay and carries small rows
 -- inline, but NOTIFY forgets everything sent while no one listens, and its payload must stay under
@@ -19,9 +19,10 @@ create table if not exists relay.events (
     -- The row after the change (INSERT, UPDATE) and before it (UPDATE, DELETE), as to_jsonb gives it.
     new_row     jsonb,
     old_row     jsonb,
-    -- consultation_messages only: the participants of the message's session when the change was
-    -- made, {"patient_id": ..., "dentist_id": ...}. A message's visibility follows its session
-    -- (see sql/003_row_level_security.sql), and the relay must not look the session up per event.
+    -- consultation_messages only: the participants of the message's session before the
+    -- transaction (old_session) and at its commit (new_session), {"patient_id": ..., "dentist_id":
+    -- ...}. A message's readers are its session's (see sql/003_row_level_security.sql), and the
+    -- relay must not look the session up per event.
     new_session jsonb,
     old_session jsonb,
     xid         xid8 not null default pg_current_xact_id(),
@@ -32,4 +33,4 @@ create index if not exists events_xid_idx on relay.events (xid);
 create index if not exists events_at_idx on relay.events (at);
 
 comment on table relay.events is
-    'One row per committed change to a watched table; written only by relay.capture_change().';
+    'One row per committed net change to a watched row; written only by relay.publish().';

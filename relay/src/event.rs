@@ -182,17 +182,16 @@ impl Event {
     /// `old` is present on UPDATE and DELETE only, so a row entering view reveals nothing of
     /// what it was before.
     ///
-    /// `None` for an UPDATE that changed none of the columns a narrowed projection shows: the
-    /// chatbot does not learn that something it cannot see has changed.
+    /// `None` for an UPDATE that changed none of the columns the projection shows: the chatbot
+    /// does not learn that something it cannot see has changed, and nobody receives a message
+    /// that only changed who else may read it.
     pub fn frame(&self, perceived: Perceived, projection: Projection) -> Option<Bytes> {
         let (row, old) = match perceived {
             Perceived::Insert => (self.new.as_ref(), None),
             Perceived::Update => (self.new.as_ref(), self.old.as_ref()),
             Perceived::Delete => (self.old.as_ref(), self.old.as_ref()),
         };
-        if let (Perceived::Update, Projection::Slot, Some(new), Some(old)) =
-            (perceived, projection, row, old)
-        {
+        if let (Perceived::Update, Some(new), Some(old)) = (perceived, row, old) {
             let visible_change = new
                 .row
                 .iter()
@@ -292,6 +291,33 @@ mod tests {
         };
         let owners = event.new.unwrap().owners;
         assert_eq!((owners.patient_id, owners.dentist_id), (Some(p), Some(d)));
+    }
+
+    #[test]
+    fn an_update_with_nothing_visible_changed_renders_no_frame() {
+        let (p, d) = (Uuid::new_v4(), Uuid::new_v4());
+        let row = appointment(p, d);
+        let mut notes_changed = row.clone();
+        notes_changed["notes"] = json!("new notes");
+        let text = payload(
+            json!({"id": 5, "table": "appointments", "op": "UPDATE", "at": "t",
+            "new": notes_changed, "old": row}),
+        );
+        let Payload::Inline(event) = Payload::decode(&text).unwrap() else {
+            panic!("expected an inline event")
+        };
+        assert!(event.frame(Perceived::Update, Projection::Full).is_some());
+        assert!(event.frame(Perceived::Update, Projection::Slot).is_none());
+        let same = payload(
+            json!({"id": 6, "table": "appointments", "op": "UPDATE", "at": "t",
+            "new": row.clone(), "old": row}),
+        );
+        let Payload::Inline(event) = Payload::decode(&same).unwrap() else {
+            panic!("expected an inline event")
+        };
+        assert!(event.frame(Perceived::Update, Projection::Full).is_none());
+        assert!(event.frame(Perceived::Delete, Projection::Full).is_some());
+        assert!(event.frame(Perceived::Insert, Projection::Full).is_some());
     }
 
     #[test]
