@@ -479,3 +479,29 @@ async fn a_malformed_notification_is_skipped_and_the_feed_goes_on() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_closes_when_its_token_expires() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.jwt_leeway = std::time::Duration::ZERO;
+    let relay = common::start_with(config).await;
+    let who = db.user(Role::Dentist).await;
+    let token = sign(
+        json!({"sub": who.user_id, "role": "dentist", "exp": now() + 1}),
+        common::SECRET,
+    );
+    let url = format!("ws://{}/ws?access_token={token}", relay.local_addr());
+    let (stream, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade");
+    let mut ws = Ws { stream, who };
+    ws.subscribe("appointments").await;
+    match ws.next_message().await {
+        Some(Message::Close(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), relay::protocol::close::TOKEN_EXPIRED);
+        }
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    relay.shutdown().await;
+}

@@ -24,6 +24,7 @@ const DEFAULT_SOCKET_QUEUE: u32 = 1024;
 const DEFAULT_POOL_SIZE: u32 = 8;
 const DEFAULT_MAX_FRAME_BYTES: u32 = 65536;
 const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+const DEFAULT_JWT_LEEWAY: &str = "30s";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,6 +103,12 @@ pub struct Tuning {
           value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub relay_max_frame_bytes: u32,
 
+    /// Clock skew tolerated on a token's `exp`; a socket closes (4001) when its token expires
+    /// plus this leeway.
+    #[arg(long = "relay-jwt-leeway", env = "RELAY_JWT_LEEWAY", default_value = DEFAULT_JWT_LEEWAY,
+          value_parser = parse_duration)]
+    pub relay_jwt_leeway: Duration,
+
     /// How long shutdown waits for sockets to close before exiting.
     #[arg(long = "relay-shutdown-grace", env = "RELAY_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE,
           value_parser = parse_duration)]
@@ -150,6 +157,7 @@ pub struct Config {
     pub pool_size: usize,
     pub max_frame_bytes: usize,
     pub shutdown_grace: Duration,
+    pub jwt_leeway: Duration,
 }
 
 impl Config {
@@ -173,6 +181,7 @@ impl Config {
             pool_size: tuning.relay_pool_size as usize,
             max_frame_bytes: tuning.relay_max_frame_bytes as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
+            jwt_leeway: tuning.relay_jwt_leeway,
         }
     }
 }
@@ -186,6 +195,7 @@ impl Tuning {
             relay_pool_size: DEFAULT_POOL_SIZE,
             relay_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             relay_shutdown_grace: Duration::from_secs(10),
+            relay_jwt_leeway: crate::token::DEFAULT_LEEWAY,
         }
     }
 }

@@ -18,7 +18,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::authz::{Principal, Role};
 use crate::listener::Health;
 use crate::session::{self, SessionContext};
-use crate::token::{Keys, TokenError};
+use crate::token::{Keys, TokenError, Verified};
 
 /// Everything the routes need, cloned into each request.
 #[derive(Clone)]
@@ -54,11 +54,11 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         )
         .untuple_one()
         .and(warp::ws())
-        .map(|state: AppState, principal: Principal, ws: warp::ws::Ws| {
+        .map(|state: AppState, verified: Verified, ws: warp::ws::Ws| {
             let context = state.session.clone();
             ws.max_message_size(state.max_frame_bytes)
                 .max_frame_size(state.max_frame_bytes)
-                .on_upgrade(move |socket| session::run(socket, principal, context))
+                .on_upgrade(move |socket| session::run(socket, verified, context))
         });
 
     let health = warp::path!("api" / "realtime" / "health")
@@ -85,7 +85,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(warp::header::optional::<String>("authorization"))
         .and_then(|state: AppState, header: Option<String>| async move {
             let token = bearer(header.as_deref())?;
-            authenticate(&state, token.as_deref()).map(|principal| (state, principal))
+            authenticate(&state, token.as_deref()).map(|verified| (state, verified.principal))
         })
         .untuple_one();
 
@@ -135,7 +135,7 @@ fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
     }
 }
 
-fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, Rejection> {
+fn authenticate(state: &AppState, token: Option<&str>) -> Result<Verified, Rejection> {
     let token = token.ok_or(TokenError::Missing);
     token
         .and_then(|t| state.keys.verify(t))

@@ -142,6 +142,9 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Hub {
     index: RwLock<Index>,
+    /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
+    /// same reason.
+    closing: RwLock<Option<Close>>,
     next_id: AtomicU64,
     /// Capacity of each socket's outbound queue, in frames.
     queue_capacity: usize,
@@ -237,6 +240,7 @@ impl Hub {
     pub fn new(queue_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub {
             index: RwLock::default(),
+            closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
             counters: Counters::default(),
@@ -264,15 +268,25 @@ impl Hub {
             tx,
             cut: Arc::new(cut),
         };
-        self.write().sockets.insert(
-            id,
-            SocketState {
-                principal,
-                connected_at: SystemTime::now(),
-                subscriptions: Default::default(),
-                link: link.clone(),
-            },
-        );
+        let closing = self
+            .closing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match closing {
+            Some(reason) => link.close(reason),
+            None => {
+                self.write().sockets.insert(
+                    id,
+                    SocketState {
+                        principal,
+                        connected_at: SystemTime::now(),
+                        subscriptions: Default::default(),
+                        link: link.clone(),
+                    },
+                );
+            }
+        }
         Connection {
             id,
             outbox,
@@ -367,8 +381,9 @@ impl Hub {
         }
     }
 
-    /// Asks every socket to close, for shutdown.
+    /// Asks every socket to close, and every socket that connects from now on, for shutdown.
     pub fn close_all(&self, reason: Close) {
+        *self.closing.write().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
         for state in self.read().sockets.values() {
             state.link.close(reason.clone());
         }
@@ -685,6 +700,29 @@ mod tests {
             2,
             "what was queued before the cut stays queued"
         );
+    }
+
+    #[test]
+    fn sockets_connecting_after_close_all_are_closed_too() {
+        let hub = Hub::new(4);
+        let before = hub.connect(principal(Role::Admin));
+        hub.close_all(Close::going_away());
+        let after = hub.connect(principal(Role::Admin));
+        for c in [&before, &after] {
+            assert_eq!(
+                c.closed.borrow().as_ref().map(|c| c.code),
+                Some(close::GOING_AWAY)
+            );
+        }
+        assert!(matches!(
+            hub.subscribe(
+                after.id,
+                Feed::Availability,
+                Filter::default(),
+                Bytes::new()
+            ),
+            Err(SubscribeError::Closing)
+        ));
     }
 
     #[test]

@@ -60,6 +60,10 @@ const BUFFER: usize = 4096;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long a heartbeat may take before the connection is considered dead.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reading one large event from the log may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at reading one large event before the connection is treated as lost.
+const FETCH_ATTEMPTS: u32 = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -71,6 +75,8 @@ enum ListenError {
     Closed,
     #[error("no answer to a heartbeat within {0:?}")]
     Heartbeat(Duration),
+    #[error("could not read event {id} from relay.events: {cause}")]
+    Fetch { id: i64, cause: FetchError },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +87,21 @@ enum FetchError {
     Query(#[from] tokio_postgres::Error),
     #[error("event {0} is not in relay.events")]
     Missing(i64),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+}
+
+impl FetchError {
+    /// Whether trying again may succeed: the database was unreachable or slow, as opposed to an
+    /// event that is not there or cannot be decoded.
+    fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Pool(_) | FetchError::Query(_) | FetchError::Timeout(_)
+        )
+    }
 }
 
 /// Runs until `shutdown` turns true.
@@ -141,7 +160,9 @@ impl Listener {
             tokio::select! {
                 message = messages.recv() => match message {
                     Some(Ok(AsyncMessage::Notification(n))) if n.channel() == event::CHANNEL => {
-                        self.handle(n.payload()).await;
+                        if let Err(e) = self.handle(n.payload()).await {
+                            return e;
+                        }
                         heartbeat.reset();
                     }
                     Some(Ok(_)) => {}
@@ -159,31 +180,57 @@ impl Listener {
         }
     }
 
-    async fn handle(&self, payload: &str) {
+    /// Handles one notification. An undecodable one is skipped; an event that cannot be read
+    /// from the log (the database is unreachable) is an error that ends this connection, so that
+    /// health reports it, rather than a silent skip.
+    async fn handle(&self, payload: &str) -> Result<(), ListenError> {
         let event = match Payload::decode(payload) {
             Ok(Payload::Inline(event)) => event,
-            Ok(Payload::Fetch { id }) => match self.fetch(id).await {
+            Ok(Payload::Fetch { id }) => match self.fetch_with_retries(id).await {
                 Ok(event) => event,
-                Err(e) => {
-                    self.hub
-                        .counters()
-                        .events_malformed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(event_id = id, cause = %e, "could not read a large event from relay.events");
-                    return;
+                Err(FetchError::Decode(e)) => {
+                    self.skip_malformed(&e, payload.len());
+                    return Ok(());
                 }
+                Err(e) => return Err(ListenError::Fetch { id, cause: e }),
             },
             Err(e) => {
-                self.hub
-                    .counters()
-                    .events_malformed
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(cause = %e, payload_bytes = payload.len(), "skipped an undecodable notification");
-                return;
+                self.skip_malformed(&e, payload.len());
+                return Ok(());
             }
         };
         let delivered = self.hub.dispatch(&event);
         tracing::debug!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
+        Ok(())
+    }
+
+    fn skip_malformed(&self, cause: &DecodeError, payload_bytes: usize) {
+        self.hub
+            .counters()
+            .events_malformed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%cause, payload_bytes, "skipped an undecodable event");
+    }
+
+    /// Reads a large event, retrying a few times with a bounded wait each.
+    async fn fetch_with_retries(&self, id: i64) -> Result<Event, FetchError> {
+        let mut delay = BACKOFF_MIN;
+        let mut attempt = 1;
+        loop {
+            let outcome = match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(id)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(FetchError::Timeout(FETCH_TIMEOUT)),
+            };
+            match outcome {
+                Err(e) if e.is_retryable() && attempt < FETCH_ATTEMPTS => {
+                    tracing::warn!(event_id = id, attempt, cause = %e, "reading a large event failed; retrying");
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// Reads an event that was too large for NOTIFY from the event log.

@@ -23,6 +23,8 @@ pub mod close {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame exceeded `RELAY_MAX_FRAME_BYTES`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The token the socket was opened with expired; reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
     /// The socket's outbound queue was full: the client read too slowly.
     pub const SLOW_CONSUMER: u16 = 4008;
 }

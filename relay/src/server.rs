@@ -91,7 +91,7 @@ impl Relay {
                 live: live.clone(),
             },
             health: health.clone(),
-            keys: Arc::new(Keys::new(&config.jwt_secret)),
+            keys: Arc::new(Keys::with_leeway(&config.jwt_secret, config.jwt_leeway)),
             max_frame_bytes: config.max_frame_bytes,
         };
         let mut stopped_server = stopped;

@@ -6,7 +6,7 @@
 //! close signal. A malformed frame gets an `error` frame and the socket stays open.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::SplitSink;
@@ -17,9 +17,13 @@ use warp::ws::{Message, WebSocket};
 use crate::authz::{self, Feed, Owners, Principal, Reach};
 use crate::hub::{Close, Connection, Hub, Link, SocketId, SubscribeError};
 use crate::protocol::{self, close, ClientFrame, ErrorCode, Filter};
+use crate::token::Verified;
 
-/// How long a close frame may take to send before the socket is dropped without one.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a close frame may take to send before the socket is dropped without one. Long enough
+/// for a slow reader to drain what its socket already holds and receive the close code.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a subscribe-time check may wait for the database.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a session needs from the running relay.
 #[derive(Clone)]
@@ -31,8 +35,16 @@ pub struct SessionContext {
     pub live: Arc<watch::Sender<usize>>,
 }
 
-/// Serves one upgraded socket until either side closes it.
-pub async fn run(socket: WebSocket, principal: Principal, context: SessionContext) {
+/// Serves one upgraded socket until either side closes it, or its token expires.
+pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext) {
+    let principal = verified.principal;
+    // Subscriptions never outlive the right to see: the socket closes when the token expires.
+    let remaining = verified
+        .expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(remaining);
+    tokio::pin!(expiry);
     context.live.send_modify(|n| *n += 1);
     let Connection {
         id,
@@ -58,6 +70,13 @@ pub async fn run(socket: WebSocket, principal: Principal, context: SessionContex
         let message = tokio::select! {
             biased;
             _ = closed.wait_for(Option::is_some) => break,
+            _ = &mut expiry => {
+                link.close(Close {
+                    code: close::TOKEN_EXPIRED,
+                    reason: "token expired".into(),
+                });
+                break;
+            }
             message = stream.next() => message,
         };
         match message {
@@ -182,14 +201,19 @@ impl Reader {
                 "could not check the session; try again".to_string(),
             )
         };
-        let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
-        let row = client
-            .query_opt(
-                "select patient_id, dentist_id from public.consultation_sessions where id = $1",
-                &[&session_id],
-            )
+        let lookup = async {
+            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+            client
+                .query_opt(
+                    "select patient_id, dentist_id from public.consultation_sessions where id = $1",
+                    &[&session_id],
+                )
+                .await
+                .map_err(|e| unavailable(&e))
+        };
+        let row = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| unavailable(&e))??;
         let owners = row.map(|row| Owners {
             patient_id: row.get(0),
             dentist_id: row.get(1),

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::authz::{Principal, Role};
 
-/// Seconds of clock skew tolerated on `exp`.
-pub const LEEWAY_SECS: u64 = 30;
+/// Clock skew tolerated on `exp` unless configured otherwise.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
 /// The shortest secret accepted: HS256 is only as strong as its key.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -85,9 +85,20 @@ struct Claims {
     iat: Option<u64>,
 }
 
+/// A token that passed verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub principal: Principal,
+    /// When the token stops being valid (its `exp` plus the leeway); a socket opened with it is
+    /// closed then.
+    pub expires_at: SystemTime,
+}
+
 /// Verifies and issues tokens with one secret.
 #[derive(Clone)]
 pub struct Keys {
+    /// Clock skew tolerated on `exp`, in seconds.
+    leeway: u64,
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
@@ -100,20 +111,27 @@ impl fmt::Debug for Keys {
 }
 
 impl Keys {
+    /// Keys with the default leeway.
     pub fn new(secret: &Secret) -> Keys {
+        Keys::with_leeway(secret, DEFAULT_LEEWAY)
+    }
+
+    pub fn with_leeway(secret: &Secret, leeway: Duration) -> Keys {
+        let leeway = leeway.as_secs();
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
+        validation.leeway = leeway;
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_aud = false;
         Keys {
+            leeway,
             decoding: DecodingKey::from_secret(secret.bytes()),
             encoding: EncodingKey::from_secret(secret.bytes()),
             validation,
         }
     }
 
-    /// Checks a token and returns who it speaks for.
-    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+    /// Checks a token and returns who it speaks for, and until when.
+    pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
@@ -135,8 +153,14 @@ impl Keys {
             .as_deref()
             .ok_or(TokenError::Invalid("the `sub` claim is required"))
             .and_then(|s| {
-                Uuid::parse_str(s)
-                    .map_err(|_| TokenError::Invalid("the `sub` claim must be a uuid"))
+                // Only the hyphenated form, the one `auth.uid()` accepts in SQL: a `sub` that SQL
+                // reads as no user must not be a user here either.
+                Uuid::try_parse(s)
+                    .ok()
+                    .filter(|_| s.len() == 36)
+                    .ok_or(TokenError::Invalid(
+                        "the `sub` claim must be a hyphenated uuid",
+                    ))
             })?;
         let role = claims
             .role
@@ -149,7 +173,11 @@ impl Keys {
                     )
                 })
             })?;
-        Ok(Principal { user_id, role })
+        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp.saturating_add(self.leeway));
+        Ok(Verified {
+            principal: Principal { user_id, role },
+            expires_at,
+        })
     }
 
     /// Issues a token for `principal` that expires after `ttl`.
@@ -213,7 +241,7 @@ mod tests {
             role: Role::Dentist,
         };
         let token = keys().issue(&principal, Duration::from_secs(60));
-        assert_eq!(keys().verify(&token), Ok(principal));
+        assert_eq!(keys().verify(&token).map(|v| v.principal), Ok(principal));
     }
 
     #[test]
@@ -252,6 +280,8 @@ mod tests {
         for claims in [
             serde_json::json!({"role": "admin", "exp": later}),
             serde_json::json!({"sub": "nobody", "role": "admin", "exp": later}),
+            serde_json::json!({"sub": Uuid::new_v4().simple().to_string(), "role": "admin", "exp": later}),
+            serde_json::json!({"sub": format!("{{{}}}", Uuid::new_v4()), "role": "admin", "exp": later}),
             serde_json::json!({"sub": Uuid::new_v4(), "exp": later}),
             serde_json::json!({"sub": Uuid::new_v4(), "role": "root", "exp": later}),
             serde_json::json!({"sub": Uuid::new_v4(), "role": "admin"}),
