@@ -155,15 +155,7 @@ async fn consultations_follow_their_session() {
     let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
     let (patient, stranger) = (db.user(Role::Patient).await, db.user(Role::Patient).await);
     let (admin, bot) = (db.user(Role::Admin).await, db.user(Role::Chatbot).await);
-    let session: Uuid = db
-        .client
-        .query_one(
-            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
-            &[&patient.user_id, &dentist_a.user_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let session = db.open_session(&patient, &dentist_a).await;
 
     // The chatbot may never read consultations.
     let mut chatbot = Ws::connect(addr, bot).await;
@@ -223,15 +215,7 @@ async fn consultations_follow_their_session() {
     .await;
     db.exec(&say(dentist_b.user_id, "dr b here")).await;
     // A message in another session of the same patient: filtered out for the patient's socket.
-    let other_session: Uuid = db
-        .client
-        .query_one(
-            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
-            &[&patient.user_id, &dentist_b.user_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let other_session = db.open_session(&patient, &dentist_b).await;
     db.exec(&format!(
         "insert into consultation_messages (session_id, sender_id, body) values ('{other_session}', '{}', 'other')",
         patient.user_id
@@ -451,15 +435,7 @@ async fn a_message_goes_to_whoever_has_the_session_when_it_commits() {
     let addr = relay.local_addr();
     let (dentist_a, dentist_b) = (db.user(Role::Dentist).await, db.user(Role::Dentist).await);
     let patient = db.user(Role::Patient).await;
-    let session: Uuid = db
-        .client
-        .query_one(
-            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
-            &[&patient.user_id, &dentist_a.user_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let session = db.open_session(&patient, &dentist_a).await;
     let mut a = Ws::subscribed(addr, dentist_a, &["consultation_messages"]).await;
     let mut b = Ws::subscribed(addr, dentist_b, &["consultation_messages"]).await;
 

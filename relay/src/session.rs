@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 use warp::ws::{Message, WebSocket};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
@@ -38,6 +39,29 @@ pub struct SessionContext {
 /// Serves one upgraded socket until either side closes it, or its token expires.
 pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext) {
     let principal = verified.principal;
+    let span = tracing::info_span!("socket", user = %principal.user_id, role = %principal.role);
+    serve(socket, verified, context).instrument(span).await
+}
+
+/// Counts a session as live for as long as it exists, however it ends.
+struct Live(Arc<watch::Sender<usize>>);
+
+impl Live {
+    fn new(live: &Arc<watch::Sender<usize>>) -> Live {
+        live.send_modify(|n| *n += 1);
+        Live(live.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
+    let _live = Live::new(&context.live);
+    let principal = verified.principal;
     // Subscriptions never outlive the right to see: the socket closes when the token expires.
     let remaining = verified
         .expires_at
@@ -45,20 +69,16 @@ pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext)
         .unwrap_or_default();
     let expiry = tokio::time::sleep(remaining);
     tokio::pin!(expiry);
-    context.live.send_modify(|n| *n += 1);
     let Connection {
         id,
         outbox,
         closed,
         link,
     } = context.hub.connect(principal);
-    let span = tracing::info_span!("socket", id, user = %principal.user_id, role = %principal.role);
-    let _entered = span.enter();
-    tracing::debug!("connected");
-    drop(_entered);
+    tracing::debug!(socket = id, "connected");
 
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write(sink, outbox, closed.clone()));
+    let writer = tokio::spawn(write(sink, outbox, closed.clone()).in_current_span());
     let reader = Reader {
         id,
         principal,
@@ -97,7 +117,7 @@ pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext)
             // Pings are answered by the WebSocket layer; pongs need nothing.
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                tracing::debug!(parent: &span, cause = %e, "socket read failed");
+                tracing::debug!(cause = %e, "socket read failed");
                 link.close(close_for(&e));
                 break;
             }
@@ -110,8 +130,7 @@ pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext)
         reason: "".into(),
     });
     let _ = writer.await;
-    tracing::debug!(parent: &span, "disconnected");
-    context.live.send_modify(|n| *n -= 1);
+    tracing::debug!("disconnected");
 }
 
 /// The close code for a failed read: the client broke the protocol or a limit.

@@ -111,6 +111,18 @@ impl TestDb {
             .get(0)
     }
 
+    /// Opens a consultation session (status `waiting`) and returns its id.
+    pub async fn open_session(&self, patient: &Principal, dentist: &Principal) -> Uuid {
+        self.client
+            .query_one(
+                "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
+                &[&patient.user_id, &dentist.user_id],
+            )
+            .await
+            .expect("open session")
+            .get(0)
+    }
+
     /// Inserts the marker availability row every client waits for; returns its id.
     pub async fn fence(&self) -> Uuid {
         let dentist = self.user(Role::Dentist).await;
