@@ -495,3 +495,56 @@ async fn a_message_goes_to_whoever_has_the_session_when_it_commits() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_a_delete_of_every_row() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let first = db.book(&patient, &dentist, "").await;
+    let second = db.book(&patient, &dentist, "").await;
+    let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+    db.exec("truncate appointments cascade").await;
+    let fence = db.fence().await;
+    let mut deleted: Vec<(String, String)> = ops(&ws.events_until(fence).await);
+    deleted.sort();
+    let mut expected = vec![
+        ("DELETE".to_string(), first.to_string()),
+        ("DELETE".to_string(), second.to_string()),
+    ];
+    expected.sort();
+    assert_eq!(deleted, expected);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_an_early_publish_is_refused_with_a_clear_error() {
+    let db = common::TestDb::new().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let id = db.book(&patient, &dentist, "").await;
+    let err = db
+        .client
+        .batch_execute(&format!(
+            "begin; update appointments set status = 'confirmed' where id = '{id}';
+             set constraints all immediate;
+             update appointments set status = 'cancelled' where id = '{id}'; commit;"
+        ))
+        .await
+        .expect_err("the second update must be refused");
+    db.exec("rollback").await;
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("changed after this transaction's changes were published"),
+        "{message}"
+    );
+    let status: String = db
+        .client
+        .query_one("select status from appointments where id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "booked", "the refused transaction changed nothing");
+}

@@ -21,12 +21,26 @@
 --
 -- Consultation messages: a message's readers are its session's participants (see
 -- sql/003_row_level_security.sql). publish() records them with each message event as they are at
--- commit (`new_session`) and as they were before the transaction (`old_session`), reading the
--- session FOR SHARE so that a concurrent change of hands commits either wholly before or wholly
--- after this transaction. When a session changes hands, its existing messages change readers too:
--- publish() emits, for each of them, an UPDATE event whose row is unchanged and whose
--- old_session/new_session are the session's participants before and after. The relay turns it into
--- a DELETE for whoever lost sight of the message and an INSERT for whoever gained it.
+-- commit (`new_session`) and as they were before the transaction (`old_session`). It holds a
+-- per-session advisory lock while it does (shared for messages, exclusive for a hand-over), so a
+-- concurrent hand-over of the session commits wholly before or wholly after. When a session changes
+-- hands, its existing messages change readers too: publish() emits, for each of them, an UPDATE
+-- event whose row is unchanged and whose old_session/new_session are the session's participants
+-- before and after. The relay turns it into a DELETE for whoever lost sight of the message and an
+-- INSERT for whoever gained it.
+--
+-- TRUNCATE is captured as a DELETE of every row it removes.
+--
+-- Limits, each refused or documented rather than silently wrong:
+-- * `SET CONSTRAINTS ALL IMMEDIATE` publishes the changes made so far; a later change to a watched
+--   row in the same transaction raises an error (it would otherwise announce a state that might not
+--   be the committed one).
+-- * Under REPEATABLE READ or SERIALIZABLE, a hand-over lists the session's messages in the
+--   transaction's snapshot: a message another transaction commits after that snapshot was taken,
+--   and before the hand-over commits, is not moved. Hand sessions over under READ COMMITTED (the
+--   default). A message written under those levels raises a serialization failure (40001) if its
+--   session was changed since the snapshot.
+-- * PREPARE TRANSACTION is refused by Postgres for transactions that NOTIFY.
 --
 -- NOTIFY payloads must be shorter than 8000 bytes. When the full payload would not fit (a long
 -- `notes` or message body), the NOTIFY carries the same object without the rows and with
@@ -54,19 +68,41 @@ create sequence if not exists relay.pending_seq;
 comment on table relay.pending is
     'Net row changes of transactions in progress; emptied by relay.publish() at their commit.';
 
+-- One row per transaction with staged changes: its insertion queues the deferred publish trigger,
+-- so publish runs once per transaction however many rows it changed.
+create unlogged table if not exists relay.pending_tx (
+    xid xid8 primary key default pg_current_xact_id()
+);
+
+comment on table relay.pending_tx is
+    'Transactions in progress with staged changes; each queues one relay.publish() at commit.';
+
 -- Records one row's change: the first change of a row in a transaction keeps its `old_row`,
 -- every later one only replaces `new_row`.
-create or replace function relay.stage(table_name text, row_id uuid, old_row jsonb, new_row jsonb)
+--
+-- Publishing normally happens at commit. `SET CONSTRAINTS ALL IMMEDIATE` runs it early; a change
+-- to a watched row after that would publish a state that may not be the committed one, so it is
+-- refused with a clear error instead.
+create or replace function relay.stage(changed_table text, changed_id uuid, before jsonb, after jsonb)
 returns void
-language sql security definer set search_path = pg_catalog, public
+language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
+begin
+    if current_setting('relay.published', true) = 'on' then
+        raise exception 'relay: % changed after this transaction''s changes were published', changed_table
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'SET CONSTRAINTS ALL IMMEDIATE publishes the changes made so far; '
+                         'change watched tables before it, or in another transaction.';
+    end if;
+    insert into relay.pending_tx default values on conflict do nothing;
     insert into relay.pending as p (table_name, row_id, seq, old_row, new_row)
-    values (table_name, row_id, nextval('relay.pending_seq'), old_row, new_row)
-    on conflict (xid, table_name, row_id) do update set new_row = excluded.new_row
+    values (changed_table, changed_id, nextval('relay.pending_seq'), before, after)
+    on conflict (xid, table_name, row_id) do update set new_row = excluded.new_row;
+end
 $$;
 
 create or replace function relay.capture_change() returns trigger
-language plpgsql security definer set search_path = pg_catalog, public
+language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 begin
     if TG_OP = 'INSERT' then
@@ -84,23 +120,73 @@ begin
 end
 $$;
 
--- The participants of a session as this transaction sees them at commit, locked FOR SHARE until
--- the commit so that no concurrent transaction changes them in between. NULL if there is no such
--- session.
-create or replace function relay.session_participants(session_id uuid) returns jsonb
-language sql volatile security definer set search_path = pg_catalog, public
+-- TRUNCATE removes every row without row triggers: stage a DELETE for each row it removes.
+create or replace function relay.capture_truncate() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
-    select jsonb_build_object('patient_id', s.patient_id, 'dentist_id', s.dentist_id)
-    from public.consultation_sessions s
-    where s.id = session_id
-    for share
+begin
+    if current_setting('relay.published', true) = 'on' then
+        perform relay.stage(TG_TABLE_NAME, null, null, null);  -- raises the documented error
+    end if;
+    insert into relay.pending_tx default values on conflict do nothing;
+    execute format(
+        'insert into relay.pending as p (table_name, row_id, seq, old_row, new_row)
+         select %L, t.id, nextval(''relay.pending_seq''), to_jsonb(t), null from %I.%I t
+         on conflict (xid, table_name, row_id) do update set new_row = null',
+        TG_TABLE_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    return null;
+end
+$$;
+
+-- The participants of a session as this transaction sees them at commit; NULL if there is no such
+-- session. relay.publish() holds the session's advisory lock (below) while it reads them, so a
+-- concurrent hand-over commits wholly before or wholly after. Under REPEATABLE READ or SERIALIZABLE
+-- the transaction's snapshot may predate a hand-over: FOR KEY SHARE then raises a serialization
+-- failure (40001, retry) rather than return participants that are no longer current. It blocks no
+-- ordinary update of the session (participant and status columns are not key columns).
+create or replace function relay.session_participants(session_id uuid) returns jsonb
+language plpgsql volatile security definer set search_path = pg_catalog, pg_temp
+as $$
+declare
+    participants jsonb;
+begin
+    if current_setting('transaction_isolation') = 'read committed' then
+        select jsonb_build_object('patient_id', s.patient_id, 'dentist_id', s.dentist_id)
+        into participants
+        from public.consultation_sessions s where s.id = session_id;
+    else
+        select jsonb_build_object('patient_id', s.patient_id, 'dentist_id', s.dentist_id)
+        into participants
+        from public.consultation_sessions s where s.id = session_id
+        for key share;
+    end if;
+    return participants;
+end
+$$;
+
+-- Serializes, per consultation session, the publishing of its messages (shared) against a hand-over
+-- of the session (exclusive). Taken at publish only, in one global order, so publishers never
+-- deadlock one another; released at commit.
+create or replace function relay.lock_sessions(shared uuid[], exclusive uuid[]) returns void
+language sql volatile security definer set search_path = pg_catalog, pg_temp
+as $$
+    select case when bool_or(l.is_exclusive)
+                then pg_advisory_xact_lock(1919249505, l.key)::text
+                else pg_advisory_xact_lock_shared(1919249505, l.key)::text end
+    from (
+        select hashtext(id::text) as key, false as is_exclusive from unnest(shared) id
+        union all
+        select hashtext(id::text), true from unnest(exclusive) id
+    ) l
+    group by l.key
+    order by l.key
 $$;
 
 -- Appends one event to the log and notifies the relay.
 create or replace function relay.emit(
     table_name text, old_row jsonb, new_row jsonb, old_session jsonb, new_session jsonb)
 returns void
-language plpgsql security definer set search_path = pg_catalog, public
+language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 declare
     ev relay.events;
@@ -130,35 +216,54 @@ end
 $$;
 
 create or replace function relay.publish() returns trigger
-language plpgsql security definer set search_path = pg_catalog, public
+language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 declare
     changes relay.pending[];
     change relay.pending;
     -- Participants before this transaction of each session it changed: session id -> participants.
     sessions_before jsonb;
+    -- Sessions this transaction hands over, and the messages it changed itself (id -> true).
+    handed_over uuid[];
+    changed_messages jsonb;
     old_session jsonb;
     new_session jsonb;
     message jsonb;
 begin
-    -- The first deferred firing of a transaction publishes all of it; later ones find nothing.
+    delete from relay.pending_tx where xid = pg_current_xact_id();
     with taken as (
         delete from relay.pending p where p.xid = pg_current_xact_id() returning p.*
     )
     select coalesce(array_agg(t order by t.seq), '{}') into changes from taken t;
+    perform set_config('relay.published', 'on', true);
     if cardinality(changes) = 0 then
         return null;
     end if;
 
     select coalesce(jsonb_object_agg(c.row_id::text, jsonb_build_object(
-               'patient_id', c.old_row -> 'patient_id', 'dentist_id', c.old_row -> 'dentist_id')), '{}')
-    into sessions_before
+               'patient_id', c.old_row -> 'patient_id', 'dentist_id', c.old_row -> 'dentist_id')), '{}'),
+           coalesce(array_agg(c.row_id) filter (where c.new_row is not null
+               and (c.old_row -> 'patient_id', c.old_row -> 'dentist_id')
+                   is distinct from (c.new_row -> 'patient_id', c.new_row -> 'dentist_id')), '{}')
+    into sessions_before, handed_over
     from unnest(changes) c
     where c.table_name = 'consultation_sessions' and c.old_row is not null;
 
+    select coalesce(jsonb_object_agg(c.row_id::text, true), '{}')
+    into changed_messages
+    from unnest(changes) c
+    where c.table_name = 'consultation_messages';
+
+    if changed_messages <> '{}' or cardinality(handed_over) > 0 then
+        perform relay.lock_sessions(
+            array(select distinct (r ->> 'session_id')::uuid
+                  from unnest(changes) c, lateral (values (c.old_row), (c.new_row)) v(r)
+                  where c.table_name = 'consultation_messages' and r is not null),
+            handed_over);
+    end if;
+
     foreach change in array changes loop
         continue when change.old_row is null and change.new_row is null;  -- born and gone
-        continue when change.old_row = change.new_row;                     -- no net change
         old_session := null;
         new_session := null;
         if change.table_name = 'consultation_messages' then
@@ -170,22 +275,20 @@ begin
                 new_session := relay.session_participants((change.new_row ->> 'session_id')::uuid);
             end if;
         end if;
+        -- No net change: the same row, read by the same people.
+        continue when change.old_row = change.new_row
+                  and old_session is not distinct from new_session;
         perform relay.emit(change.table_name, change.old_row, change.new_row, old_session, new_session);
 
         -- A session that changed hands takes its messages with it. Messages this transaction
         -- changed have their own events, with their readers before and after.
-        if change.table_name = 'consultation_sessions' and change.old_row is not null
-           and change.new_row is not null
-           and (change.old_row -> 'patient_id', change.old_row -> 'dentist_id')
-               is distinct from (change.new_row -> 'patient_id', change.new_row -> 'dentist_id') then
+        if change.table_name = 'consultation_sessions' and change.row_id = any(handed_over) then
             old_session := sessions_before -> change.row_id::text;
             new_session := jsonb_build_object('patient_id', change.new_row -> 'patient_id',
                                               'dentist_id', change.new_row -> 'dentist_id');
             for message in
                 select to_jsonb(m) from public.consultation_messages m
-                where m.session_id = change.row_id
-                  and not exists (select 1 from unnest(changes) c
-                                  where c.table_name = 'consultation_messages' and c.row_id = m.id)
+                where m.session_id = change.row_id and not changed_messages ? m.id::text
                 order by m.created_at, m.id
             loop
                 perform relay.emit('consultation_messages', message, message, old_session, new_session);
@@ -201,22 +304,36 @@ revoke all on function relay.capture_change() from public;
 revoke all on function relay.session_participants(uuid) from public;
 revoke all on function relay.emit(text, jsonb, jsonb, jsonb, jsonb) from public;
 revoke all on function relay.publish() from public;
+revoke all on function relay.capture_truncate() from public;
+revoke all on function relay.lock_sessions(uuid[], uuid[]) from public;
 
-drop trigger if exists relay_publish on relay.pending;
+drop trigger if exists relay_publish on relay.pending_tx;
 create constraint trigger relay_publish
-    after insert on relay.pending
+    after insert on relay.pending_tx
     deferrable initially deferred
     for each row execute function relay.publish();
 
 create or replace trigger relay_capture
     after insert or update or delete on public.appointments
     for each row execute function relay.capture_change();
+create or replace trigger relay_capture_truncate
+    before truncate on public.appointments
+    for each statement execute function relay.capture_truncate();
 create or replace trigger relay_capture
     after insert or update or delete on public.availability
     for each row execute function relay.capture_change();
+create or replace trigger relay_capture_truncate
+    before truncate on public.availability
+    for each statement execute function relay.capture_truncate();
 create or replace trigger relay_capture
     after insert or update or delete on public.consultation_sessions
     for each row execute function relay.capture_change();
+create or replace trigger relay_capture_truncate
+    before truncate on public.consultation_sessions
+    for each statement execute function relay.capture_truncate();
 create or replace trigger relay_capture
     after insert or update or delete on public.consultation_messages
     for each row execute function relay.capture_change();
+create or replace trigger relay_capture_truncate
+    before truncate on public.consultation_messages
+    for each statement execute function relay.capture_truncate();
