@@ -77,14 +77,11 @@ create unlogged table if not exists relay.pending_tx (
 comment on table relay.pending_tx is
     'Transactions in progress with staged changes; each queues one relay.publish() at commit.';
 
--- Records one row's change: the first change of a row in a transaction keeps its `old_row`,
--- every later one only replaces `new_row`.
---
--- Publishing normally happens at commit. `SET CONSTRAINTS ALL IMMEDIATE` runs it early; a change
--- to a watched row after that would publish a state that may not be the committed one, so it is
--- refused with a clear error instead.
-create or replace function relay.stage(changed_table text, changed_id uuid, before jsonb, after jsonb)
-returns void
+-- Called before staging anything: queues this transaction's publish (once), and refuses changes
+-- after an early publish. Publishing normally happens at commit; `SET CONSTRAINTS ALL IMMEDIATE`
+-- runs it early, and a change to a watched row after that would publish a state that may not be
+-- the committed one.
+create or replace function relay.begin_staging(changed_table text) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -95,6 +92,17 @@ begin
                          'change watched tables before it, or in another transaction.';
     end if;
     insert into relay.pending_tx default values on conflict do nothing;
+end
+$$;
+
+-- Records one row's change: the first change of a row in a transaction keeps its `old_row`,
+-- every later one only replaces `new_row`.
+create or replace function relay.stage(changed_table text, changed_id uuid, before jsonb, after jsonb)
+returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform relay.begin_staging(changed_table);
     insert into relay.pending as p (table_name, row_id, seq, old_row, new_row)
     values (changed_table, changed_id, nextval('relay.pending_seq'), before, after)
     on conflict (xid, table_name, row_id) do update set new_row = excluded.new_row;
@@ -125,10 +133,7 @@ create or replace function relay.capture_truncate() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if current_setting('relay.published', true) = 'on' then
-        perform relay.stage(TG_TABLE_NAME, null, null, null);  -- raises the documented error
-    end if;
-    insert into relay.pending_tx default values on conflict do nothing;
+    perform relay.begin_staging(TG_TABLE_NAME);
     execute format(
         'insert into relay.pending as p (table_name, row_id, seq, old_row, new_row)
          select %L, t.id, nextval(''relay.pending_seq''), to_jsonb(t), null from %I.%I t
@@ -140,10 +145,11 @@ $$;
 
 -- The participants of a session as this transaction sees them at commit; NULL if there is no such
 -- session. relay.publish() holds the session's advisory lock (below) while it reads them, so a
--- concurrent hand-over commits wholly before or wholly after. Under REPEATABLE READ or SERIALIZABLE
--- the transaction's snapshot may predate a hand-over: FOR KEY SHARE then raises a serialization
--- failure (40001, retry) rather than return participants that are no longer current. It blocks no
--- ordinary update of the session (participant and status columns are not key columns).
+-- concurrent hand-over commits wholly before or wholly after; under READ COMMITTED a plain read
+-- then sees the latest committed participants. Under REPEATABLE READ or SERIALIZABLE the
+-- transaction's snapshot may predate a hand-over: FOR SHARE then raises a serialization failure
+-- (40001, retry) rather than return participants that are no longer current. (FOR KEY SHARE would
+-- not: it does not conflict with an update of non-key columns and returns the stale version.)
 create or replace function relay.session_participants(session_id uuid) returns jsonb
 language plpgsql volatile security definer set search_path = pg_catalog, pg_temp
 as $$
@@ -158,7 +164,7 @@ begin
         select jsonb_build_object('patient_id', s.patient_id, 'dentist_id', s.dentist_id)
         into participants
         from public.consultation_sessions s where s.id = session_id
-        for key share;
+        for share;
     end if;
     return participants;
 end
@@ -299,6 +305,7 @@ begin
 end
 $$;
 
+revoke all on function relay.begin_staging(text) from public;
 revoke all on function relay.stage(text, uuid, jsonb, jsonb) from public;
 revoke all on function relay.capture_change() from public;
 revoke all on function relay.session_participants(uuid) from public;
