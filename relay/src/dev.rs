@@ -57,6 +57,11 @@ pub enum DevError {
     },
     #[error("{0}")]
     Database(#[from] tokio_postgres::Error),
+    #[error("{source}; this development database predates the change: drop it ({drop}) and run relay dev again")]
+    Outdated {
+        source: crate::migrate::MigrateError,
+        drop: String,
+    },
     #[error(transparent)]
     Migrate(#[from] crate::migrate::MigrateError),
 }
@@ -92,7 +97,18 @@ pub async fn prepare(config: &tokio_postgres::Config) -> Result<(), DevError> {
         println!("created database {name}");
     }
     let mut client = connect(config).await?;
-    let applied = crate::migrate::migrate(&mut client).await?;
+    let applied = crate::migrate::migrate(&mut client)
+        .await
+        .map_err(|source| match source {
+            crate::migrate::MigrateError::Changed { .. } => DevError::Outdated {
+                source,
+                drop: format!(
+                    "{} -c 'drop database \"{name}\" with (force)'",
+                    psql_command(&maintenance)
+                ),
+            },
+            other => DevError::Migrate(other),
+        })?;
     if !applied.is_empty() {
         println!("applied {}", applied.join(", "));
     }
