@@ -247,6 +247,10 @@ mod tests {
     #[test]
     fn invalid_settings_fail_with_one_clear_line() {
         let secret = "x".repeat(32);
+        let serve = |extra: &[&str]| -> Vec<String> {
+            let base = ["relay", "serve", "--database-url", "postgres://h/db"];
+            base.iter().chain(extra).map(|s| s.to_string()).collect()
+        };
         let cases = [
             vec![
                 "relay",
@@ -255,43 +259,24 @@ mod tests {
                 "nonsense://",
                 "--relay-jwt-secret",
                 &secret,
-            ],
-            vec![
-                "relay",
-                "serve",
-                "--database-url",
-                "postgres://h/db",
-                "--relay-jwt-secret",
-                "short",
-            ],
-            vec![
-                "relay",
-                "serve",
-                "--database-url",
-                "postgres://h/db",
-                "--relay-jwt-secret",
-                &secret,
-                "--relay-bind",
-                "nowhere",
-            ],
-            vec![
-                "relay",
-                "serve",
-                "--database-url",
-                "postgres://h/db",
-                "--relay-jwt-secret",
-                &secret,
-                "--relay-socket-queue",
-                "0",
-            ],
-            vec![
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            serve(&["--relay-jwt-secret", "short"]),
+            serve(&["--relay-jwt-secret", &secret, "--relay-bind", "nowhere"]),
+            serve(&["--relay-jwt-secret", &secret, "--relay-socket-queue", "0"]),
+            [
                 "relay",
                 "token",
                 "--role",
                 "root",
                 "--relay-jwt-secret",
                 &secret,
-            ],
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
         ];
         for args in cases {
             let err = Cli::try_parse_from(&args).expect_err(&args.join(" "));

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use uuid::{uuid, Uuid};
 
 use crate::authz::{Principal, Role};
@@ -67,15 +66,12 @@ pub enum DevError {
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DevError> {
-    let (client, connection) = config
-        .connect(NoTls)
+    crate::connect(config)
         .await
         .map_err(|source| DevError::Connect {
             target: psql_command(config),
             source,
-        })?;
-    tokio::spawn(connection);
-    Ok(client)
+        })
 }
 
 /// Creates the database named in `config` if it does not exist (connecting to `postgres` to do

@@ -42,17 +42,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
 
     let ws = warp::path!("ws")
         .and(warp::get())
-        .and(with_state.clone())
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::query::<HashMap<String, String>>())
-        .and_then(
-            |state: AppState, header: Option<String>, query: HashMap<String, String>| async move {
-                let token =
-                    bearer(header.as_deref())?.or_else(|| query.get("access_token").cloned());
-                authenticate(&state, token.as_deref()).map(|principal| (state, principal))
-            },
-        )
-        .untuple_one()
+        .and(authenticated(with_state.clone(), TokenIn::HeaderOrQuery))
         .and(warp::ws())
         .map(|state: AppState, verified: Verified, ws: warp::ws::Ws| {
             let context = state.session.clone();
@@ -80,13 +70,8 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             warp::reply::with_status(warp::reply::json(&body), status)
         });
 
-    let with_principal = with_state
-        .clone()
-        .and(warp::header::optional::<String>("authorization"))
-        .and_then(|state: AppState, header: Option<String>| async move {
-            let token = bearer(header.as_deref())?;
-            authenticate(&state, token.as_deref()).map(|verified| (state, verified.principal))
-        })
+    let with_principal = authenticated(with_state.clone(), TokenIn::Header)
+        .map(|state: AppState, verified: Verified| (state, verified.principal))
         .untuple_one();
 
     let status = warp::path!("api" / "realtime" / "status")
@@ -116,6 +101,34 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         });
 
     ws.or(health).or(status).or(stats).recover(recover)
+}
+
+/// Where a route accepts the token. Only the WebSocket upgrade takes it from the query string,
+/// because browsers cannot set headers on a WebSocket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TokenIn {
+    Header,
+    HeaderOrQuery,
+}
+
+/// The state and the caller's verified token; a missing or bad token rejects with 401.
+fn authenticated(
+    with_state: impl Filter<Extract = (AppState,), Error = Infallible> + Clone,
+    token_in: TokenIn,
+) -> impl Filter<Extract = (AppState, Verified), Error = Rejection> + Clone {
+    with_state
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(
+            move |state: AppState, header: Option<String>, query: HashMap<String, String>| async move {
+                let mut token = bearer(header.as_deref())?;
+                if token.is_none() && token_in == TokenIn::HeaderOrQuery {
+                    token = query.get("access_token").cloned();
+                }
+                authenticate(&state, token.as_deref()).map(|verified| (state, verified))
+            },
+        )
+        .untuple_one()
 }
 
 /// The token from an `Authorization: Bearer <jwt>` header, if there is such a header.

@@ -559,8 +559,9 @@ mod tests {
     }
 
     fn received(connection: &mut Connection) -> Vec<Value> {
-        std::iter::from_fn(|| connection.outbox.try_recv().ok())
-            .map(|b| serde_json::from_slice(&b).unwrap())
+        received_raw(connection)
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
             .collect()
     }
 

@@ -38,6 +38,16 @@ pub use server::{Relay, StartError};
 
 use std::time::SystemTime;
 
+/// Opens one plain connection (no pool) and drives it in the background; for migrations and
+/// `relay dev`. The LISTEN connection has its own driver (see [`listener`]).
+pub async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
 /// RFC 3339 in UTC, as every timestamp the relay writes.
 pub fn rfc3339(at: SystemTime) -> String {
     time::OffsetDateTime::from(at)

@@ -73,12 +73,9 @@ fn one_line(error: &clap::Error) -> String {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Migrate(args) => {
-            let (mut client, connection) =
-                args.database_url
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
-            tokio::spawn(connection);
+            let mut client = relay::connect(&args.database_url)
+                .await
+                .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
             let applied = migrate::migrate(&mut client)
                 .await
                 .map_err(|e| e.to_string())?;

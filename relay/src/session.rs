@@ -201,7 +201,8 @@ impl Reader {
         filter: &Filter,
     ) -> Result<(), (ErrorCode, String)> {
         let role = self.principal.role;
-        if authz::reach(role, feed) == Reach::Nothing {
+        let reach = authz::reach(role, feed);
+        if reach == Reach::Nothing {
             return Err((
                 ErrorCode::Forbidden,
                 format!("role {role} may not read {feed}"),
@@ -210,7 +211,7 @@ impl Reader {
         let Some(session_id) = filter.session_id else {
             return Ok(());
         };
-        if authz::reach(role, feed) == Reach::Everything {
+        if reach == Reach::Everything {
             return Ok(());
         }
         let unavailable = |e: &dyn std::fmt::Display| {
