@@ -196,9 +196,11 @@ async fn consultations_follow_their_session() {
                   "filter": {"session_id": session}}),
     )
     .await;
+    let ack = p.recv().await;
     assert_eq!(
-        p.recv().await,
-        json!({"type": "subscribed", "ref": "m", "feed": "consultation_messages"})
+        (&ack["type"], &ack["ref"], &ack["feed"]),
+        (&json!("subscribed"), &json!("m"), &json!("consultation_messages")),
+        "{ack}"
     );
     p.subscribe("availability").await;
 

@@ -25,6 +25,7 @@ const DEFAULT_POOL_SIZE: u32 = 8;
 const DEFAULT_MAX_FRAME_BYTES: u32 = 65536;
 const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 const DEFAULT_JWT_LEEWAY: &str = "30s";
+const DEFAULT_RETENTION: &str = "24h";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +114,12 @@ pub struct Tuning {
     #[arg(long = "relay-shutdown-grace", env = "RELAY_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE,
           value_parser = parse_duration)]
     pub relay_shutdown_grace: Duration,
+
+    /// How long the event log keeps events, and so how far back a client can resume; older
+    /// events are deleted in the background, and a cursor older than this gets `cursor_expired`.
+    #[arg(long = "relay-retention", env = "RELAY_RETENTION", default_value = DEFAULT_RETENTION,
+          value_parser = parse_retention)]
+    pub relay_retention: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +165,7 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub shutdown_grace: Duration,
     pub jwt_leeway: Duration,
+    pub retention: Duration,
 }
 
 impl Config {
@@ -182,6 +190,7 @@ impl Config {
             max_frame_bytes: tuning.relay_max_frame_bytes as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
             jwt_leeway: tuning.relay_jwt_leeway,
+            retention: tuning.relay_retention,
         }
     }
 }
@@ -196,6 +205,7 @@ impl Tuning {
             relay_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             relay_shutdown_grace: Duration::from_secs(10),
             relay_jwt_leeway: crate::token::DEFAULT_LEEWAY,
+            relay_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -207,6 +217,14 @@ fn parse_database_url(value: &str) -> Result<tokio_postgres::Config, String> {
         return Err("the URL must name a database, e.g. postgres://user@host:5432/clinic".into());
     }
     Ok(config)
+}
+
+fn parse_retention(value: &str) -> Result<Duration, String> {
+    let retention = parse_duration(value)?;
+    if retention < Duration::from_secs(1) {
+        return Err("retention must be at least 1s".into());
+    }
+    Ok(retention)
 }
 
 fn parse_secret(value: &str) -> Result<Secret, String> {
@@ -242,6 +260,7 @@ mod tests {
         assert_eq!(t.relay_pool_size, 8);
         assert_eq!(t.relay_max_frame_bytes, 65536);
         assert_eq!(t.relay_shutdown_grace, Duration::from_secs(10));
+        assert_eq!(parse_duration(DEFAULT_RETENTION), Ok(t.relay_retention));
     }
 
     #[test]
@@ -266,6 +285,7 @@ mod tests {
             serve(&["--relay-jwt-secret", "short"]),
             serve(&["--relay-jwt-secret", &secret, "--relay-bind", "nowhere"]),
             serve(&["--relay-jwt-secret", &secret, "--relay-socket-queue", "0"]),
+            serve(&["--relay-jwt-secret", &secret, "--relay-retention", "0s"]),
             [
                 "relay",
                 "token",

@@ -15,13 +15,6 @@ use crate::authz::{Feed, Owners, Perceived, Projection};
 /// The NOTIFY channel the capture trigger sends on.
 pub const CHANNEL: &str = "relay_events";
 
-/// Reads one event from the log, in the NOTIFY payload's field names, for events that arrived
-/// with `"fetch": true`.
-pub const FETCH_SQL: &str = "\
-    select id, table_name, op, new_row, old_row, new_session, old_session, xid::text, \
-           to_char(at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
-    from relay.events where id = $1";
-
 /// A change as the trigger reports it, before validation.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawEvent {
@@ -207,6 +200,7 @@ impl Event {
             feed: self.feed.as_str(),
             op: perceived.as_str(),
             id: self.id,
+            cursor: self.id,
             row: row.map(|v| Projected(&v.row, projection)),
             old: old.map(|v| Projected(&v.row, projection)),
             at: &self.at,
@@ -223,10 +217,17 @@ struct EventFrame<'a> {
     feed: &'static str,
     op: &'static str,
     id: i64,
+    /// The position to resume from: the event's id, as an opaque string.
+    #[serde(serialize_with = "as_string")]
+    cursor: i64,
     row: Option<Projected<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     old: Option<Projected<'a>>,
     at: &'a str,
+}
+
+fn as_string<S: Serializer>(value: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 /// A row serialized through a projection, without copying it.
@@ -378,6 +379,7 @@ mod tests {
         assert!(slot["row"].get("patient_id").is_none());
         assert!(slot["old"].get("notes").is_none());
         assert_eq!(slot["id"], 3);
+        assert_eq!(slot["cursor"], "3");
         assert_eq!(slot["at"], "2026-11-21T10:00:00Z");
     }
 }

@@ -10,11 +10,17 @@
 //! Every socket has one bounded outbound queue. Delivery never waits: a socket whose queue is
 //! full is cut (close code [`close::SLOW_CONSUMER`]) so that one slow reader never delays anyone
 //! else. The hub knows nothing of Postgres or warp; the session owns the socket itself.
+//!
+//! The hub also knows its position: the id of the last event dispatched. A subscription that
+//! resumes from a cursor joins at that position with a private buffer; its session replays the
+//! missed events up to the position from the log, then drains the buffer and the subscription
+//! goes live ([`Hub::drain_replay`]), so the replayed and live parts meet with no gap and no
+//! duplicate.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -24,8 +30,8 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::authz::{self, Feed, Perceived, Principal, Reach, Role};
-use crate::event::{Event, Version};
-use crate::protocol::{close, Filter};
+use crate::event::{DecodeError, Event, Version};
+use crate::protocol::{close, Cursor, Filter};
 
 /// Identifies one connected socket for as long as the process runs.
 pub type SocketId = u64;
@@ -62,23 +68,49 @@ pub struct Counters {
     pub messages_delivered: AtomicU64,
     /// Sockets closed because their outbound queue was full.
     pub slow_consumers_cut: AtomicU64,
-    /// Events that could not be decoded and were skipped.
+    /// Notifications and event-log rows that could not be decoded (a row that cannot be decoded
+    /// is skipped; the log is read instead of a notification that cannot be).
     pub events_malformed: AtomicU64,
+    /// Event frames sent by replays of resumed subscriptions.
+    pub replayed: AtomicU64,
+    /// Times the LISTEN connection was re-established after a loss.
+    pub listen_reconnects: AtomicU64,
+}
+
+/// A frame queued for a socket, with the cursor of the event it carries (none for replies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub frame: Bytes,
+    pub cursor: Option<Cursor>,
+}
+
+impl Outbound {
+    pub fn reply(frame: Bytes) -> Outbound {
+        Outbound {
+            frame,
+            cursor: None,
+        }
+    }
 }
 
 /// The hub's handle on one socket: its queue and its close signal.
 #[derive(Debug, Clone)]
 pub struct Link {
     /// The socket's bounded outbound queue, drained by its writer.
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outbound>,
     /// Set once when the socket must close; the session's reader and writer both watch it.
     cut: Arc<watch::Sender<Option<Close>>>,
 }
 
 impl Link {
-    /// Queues a frame without waiting; false when the queue is full or the socket is gone.
+    /// Queues a reply without waiting; false when the queue is full or the socket is gone.
     pub fn try_send(&self, frame: Bytes) -> bool {
-        self.tx.try_send(frame).is_ok()
+        self.tx.try_send(Outbound::reply(frame)).is_ok()
+    }
+
+    /// Queues a frame, waiting for room (replay); false once the socket is gone.
+    pub async fn send(&self, outbound: Outbound) -> bool {
+        self.tx.send(outbound).await.is_ok()
     }
 
     /// Asks the socket to close; the first reason given wins.
@@ -98,7 +130,7 @@ impl Link {
 pub struct Connection {
     pub id: SocketId,
     /// Frames to write to the socket, in order.
-    pub outbox: mpsc::Receiver<Bytes>,
+    pub outbox: mpsc::Receiver<Outbound>,
     /// Becomes `Some` when the socket must close.
     pub closed: watch::Receiver<Option<Close>>,
     /// For the session's own replies, which share the queue so that order is kept.
@@ -112,7 +144,33 @@ pub enum SubscribeError {
     Forbidden { role: Role, feed: Feed },
     #[error("the socket is closing")]
     Closing,
+    #[error("the relay has not reached the database yet")]
+    NotReady,
 }
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the next event dispatched.
+    Live,
+    /// After this cursor: the session replays from the log up to the position
+    /// [`Hub::subscribe`] returns, then calls [`Hub::drain_replay`].
+    After(Cursor),
+}
+
+/// What [`Hub::drain_replay`] found.
+#[derive(Debug)]
+pub enum Drained {
+    /// Live frames that arrived during replay; send them, then drain again.
+    Frames(Vec<Outbound>),
+    /// Nothing was waiting: the subscription now receives events directly.
+    Live,
+    /// The subscription or socket is gone.
+    Gone,
+}
+
+/// Live frames held back while a resumed subscription replays.
+type ReplayBuffer = Arc<Mutex<VecDeque<Outbound>>>;
 
 /// One subscription as the status endpoint reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -137,11 +195,19 @@ pub struct Snapshot {
     pub messages_delivered: u64,
     pub slow_consumers_cut: u64,
     pub events_malformed: u64,
+    pub replayed: u64,
+    pub listen_reconnects: u64,
+    /// The id of the last event dispatched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
 }
 
 #[derive(Debug)]
 pub struct Hub {
     index: RwLock<Index>,
+    /// The id of the last event dispatched; negative until the listener has read the log's
+    /// position. Written only under the index lock (read side, by the one dispatching task).
+    position: AtomicI64,
     /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
     /// same reason.
     closing: RwLock<Option<Close>>,
@@ -181,13 +247,52 @@ struct Member {
     principal: Principal,
     filter: Filter,
     link: Link,
+    /// Events up to this cursor are not for this subscription (it resumed after it).
+    after: Cursor,
+    /// While the subscription replays: where live frames wait.
+    replay: Option<ReplayBuffer>,
 }
 
 impl Member {
+    fn view(&self) -> View {
+        View {
+            principal: self.principal,
+            filter: self.filter,
+        }
+    }
+}
+
+/// Who is looking, through which filter: decides how an event appears to one subscription.
+#[derive(Debug, Clone, Copy)]
+pub struct View {
+    pub principal: Principal,
+    pub filter: Filter,
+}
+
+impl View {
     /// Whether this subscriber may see, and asked for, this version of a row.
     fn wants(&self, feed: Feed, version: &Version) -> bool {
         authz::may_see(&self.principal, feed, &version.owners)
             && filter_matches(&self.filter, &version.row)
+    }
+
+    /// How the event appears to this subscriber: the op they perceive and the projection they
+    /// see it through, or `None` if it is not for them.
+    pub fn perceive(&self, event: &Event) -> Option<(Perceived, authz::Projection)> {
+        let saw = event.old.as_ref().map(|v| self.wants(event.feed, v));
+        let sees = event.new.as_ref().map(|v| self.wants(event.feed, v));
+        let perceived = Perceived::of(saw, sees)?;
+        Some((
+            perceived,
+            authz::projection(self.principal.role, event.feed),
+        ))
+    }
+
+    /// The frame this subscriber receives for an event, if any (used by replay; live dispatch
+    /// shares rendered frames across subscribers).
+    pub fn frame(&self, event: &Event) -> Option<Bytes> {
+        let (perceived, projection) = self.perceive(event)?;
+        event.frame(perceived, projection)
     }
 }
 
@@ -218,6 +323,23 @@ impl FeedIndex {
         }
     }
 
+    fn member_mut(
+        &mut self,
+        socket: SocketId,
+        principal: &Principal,
+        feed: Feed,
+    ) -> Option<&mut Member> {
+        match authz::reach(principal.role, feed) {
+            Reach::Everything => self.everyone.get_mut(&socket),
+            Reach::Own => self
+                .by_user
+                .get_mut(&principal.user_id)?
+                .iter_mut()
+                .find(|m| m.socket == socket),
+            Reach::Nothing => None,
+        }
+    }
+
     fn remove(&mut self, socket: SocketId, principal: &Principal, feed: Feed) {
         match authz::reach(principal.role, feed) {
             Reach::Everything => {
@@ -240,6 +362,7 @@ impl Hub {
     pub fn new(queue_capacity: usize) -> Arc<Hub> {
         Arc::new(Hub {
             index: RwLock::default(),
+            position: AtomicI64::new(-1),
             closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
@@ -251,12 +374,32 @@ impl Hub {
         &self.counters
     }
 
+    /// Counts and logs an event that cannot be decoded; the feed goes on without it.
+    pub fn skip_malformed(&self, cause: &DecodeError) {
+        self.counters
+            .events_malformed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%cause, "skipped an undecodable event");
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Index> {
         self.index.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Index> {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The id of the last event dispatched, once known.
+    pub fn position(&self) -> Option<Cursor> {
+        let position = self.position.load(Ordering::Acquire);
+        (position >= 0).then_some(Cursor(position))
+    }
+
+    /// Sets the position the hub starts from (the log's newest event when the relay starts).
+    pub fn start_at(&self, position: Cursor) {
+        let _index = self.write();
+        self.position.store(position.0, Ordering::Release);
     }
 
     /// Registers a new socket for `principal`.
@@ -295,15 +438,19 @@ impl Hub {
         }
     }
 
-    /// Subscribes a socket to a feed, replacing its filter if it already is subscribed, and
-    /// queues `ack` before any event of the subscription can be queued.
+    /// Subscribes a socket to a feed, replacing its subscription if it already has one, and
+    /// queues the acknowledgement `ack(cursor)` before any event of the subscription can be
+    /// queued. `cursor` is where the subscription starts: the position for [`Start::Live`], the
+    /// given cursor for [`Start::After`]. Returns the position: a resumed subscription must
+    /// replay the events after its cursor up to it, then call [`Hub::drain_replay`].
     pub fn subscribe(
         &self,
         socket: SocketId,
         feed: Feed,
         filter: Filter,
-        ack: Bytes,
-    ) -> Result<(), SubscribeError> {
+        start: Start,
+        ack: impl FnOnce(Cursor) -> Bytes,
+    ) -> Result<Cursor, SubscribeError> {
         let mut index = self.write();
         let Some(state) = index.sockets.get_mut(&socket) else {
             return Err(SubscribeError::Closing);
@@ -315,13 +462,21 @@ impl Hub {
                 feed,
             });
         }
+        // Stable: dispatch moves the position only under the index lock, which this holds.
+        let position = self.position().ok_or(SubscribeError::NotReady)?;
         let previous = state.subscriptions[feed.index()].replace(filter);
         let link = state.link.clone();
+        let (after, replay, from) = match start {
+            Start::Live => (position, None, position),
+            Start::After(cursor) => (cursor, Some(ReplayBuffer::default()), cursor),
+        };
         let member = Member {
             socket,
             principal,
             filter,
             link: link.clone(),
+            after,
+            replay,
         };
         let feed_index = &mut index.feeds[feed.index()];
         if previous.is_some() {
@@ -329,16 +484,44 @@ impl Hub {
         }
         feed_index.add(member, feed);
         // Queued under the write lock, so no event of the subscription can precede it.
-        let queued = link.try_send(ack);
+        let queued = link.try_send(ack(from));
         drop(index);
         if !queued {
             self.cut(socket, Close::slow_consumer());
         }
-        Ok(())
+        Ok(position)
     }
 
-    /// Ends a socket's subscription to a feed (if any) and queues `ack` after its last event.
-    pub fn unsubscribe(&self, socket: SocketId, feed: Feed, ack: Bytes) {
+    /// Ends a resumed subscription's replay: hands over the live frames that arrived meanwhile
+    /// (the session sends them and calls again), or, when none are waiting, makes the
+    /// subscription live.
+    pub fn drain_replay(&self, socket: SocketId, feed: Feed) -> Drained {
+        let mut index = self.write();
+        let Some(principal) = index.sockets.get(&socket).map(|s| s.principal) else {
+            return Drained::Gone;
+        };
+        let Some(member) = index.feeds[feed.index()].member_mut(socket, &principal, feed) else {
+            return Drained::Gone;
+        };
+        let Some(buffer) = &member.replay else {
+            return Drained::Live;
+        };
+        let waiting: Vec<Outbound> = buffer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        if waiting.is_empty() {
+            member.replay = None;
+            Drained::Live
+        } else {
+            Drained::Frames(waiting)
+        }
+    }
+
+    /// Ends a socket's subscription to a feed (if any) and queues `ack`, if given, after its
+    /// last event.
+    pub fn unsubscribe(&self, socket: SocketId, feed: Feed, ack: Option<Bytes>) {
         let mut index = self.write();
         let Some(state) = index.sockets.get_mut(&socket) else {
             return;
@@ -348,7 +531,7 @@ impl Hub {
         if state.subscriptions[feed.index()].take().is_some() {
             index.feeds[feed.index()].remove(socket, &principal, feed);
         }
-        let queued = link.try_send(ack);
+        let queued = ack.is_none_or(|ack| link.try_send(ack));
         drop(index);
         if !queued {
             self.cut(socket, Close::slow_consumer());
@@ -381,6 +564,21 @@ impl Hub {
         }
     }
 
+    /// Moves the position past an event no one receives (one that could not be decoded, or a
+    /// stretch of the log lost to retention).
+    pub fn skip(&self, cursor: Cursor) {
+        let _index = self.read();
+        self.position.fetch_max(cursor.0, Ordering::AcqRel);
+    }
+
+    /// Closes every socket now connected with `reason`; new sockets are still accepted.
+    pub fn disconnect_all(&self, reason: Close) {
+        let sockets: Vec<SocketId> = self.read().sockets.keys().copied().collect();
+        for socket in sockets {
+            self.cut(socket, reason.clone());
+        }
+    }
+
     /// Asks every socket to close, and every socket that connects from now on, for shutdown.
     pub fn close_all(&self, reason: Close) {
         *self.closing.write().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
@@ -399,23 +597,38 @@ impl Hub {
         let mut frames: [[Option<Option<Bytes>>; 2]; 3] = Default::default();
         let mut delivered = 0;
         let mut slow = Vec::new();
+        let cursor = Cursor(event.id);
         {
             let index = self.read();
             let feed_index = &index.feeds[event.feed.index()];
             let mut offer = |member: &Member| {
-                let saw = event.old.as_ref().map(|v| member.wants(event.feed, v));
-                let sees = event.new.as_ref().map(|v| member.wants(event.feed, v));
-                let Some(perceived) = Perceived::of(saw, sees) else {
+                if cursor <= member.after {
+                    return;
+                }
+                let Some((perceived, projection)) = member.view().perceive(event) else {
                     return;
                 };
-                let projection = authz::projection(member.principal.role, event.feed);
                 let Some(frame) = frames[perceived.index()][projection.index()]
                     .get_or_insert_with(|| event.frame(perceived, projection))
                     .clone()
                 else {
                     return;
                 };
-                match member.link.tx.try_send(frame) {
+                let outbound = Outbound {
+                    frame,
+                    cursor: Some(cursor),
+                };
+                if let Some(buffer) = &member.replay {
+                    let mut buffer = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+                    if buffer.len() >= self.queue_capacity {
+                        slow.push(member.socket);
+                    } else {
+                        buffer.push_back(outbound);
+                        delivered += 1;
+                    }
+                    return;
+                }
+                match member.link.tx.try_send(outbound) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(member.socket),
                     // The session ended and is about to disconnect.
@@ -435,6 +648,8 @@ impl Hub {
                     members.iter().for_each(&mut offer);
                 }
             }
+            // Under the lock: a subscription registered from now on starts after this event.
+            self.position.fetch_max(event.id, Ordering::AcqRel);
         }
         for socket in slow {
             self.cut(socket, Close::slow_consumer());
@@ -505,6 +720,9 @@ impl Hub {
             messages_delivered: c.messages_delivered.load(Ordering::Relaxed),
             slow_consumers_cut: c.slow_consumers_cut.load(Ordering::Relaxed),
             events_malformed: c.events_malformed.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            listen_reconnects: c.listen_reconnects.load(Ordering::Relaxed),
+            position: self.position().map(|p| p.to_string()),
         }
     }
 }
@@ -514,6 +732,13 @@ mod tests {
     use super::*;
     use crate::event::Payload;
     use serde_json::json;
+
+    /// A hub whose listener has started at the beginning of the log.
+    fn started(queue_capacity: usize) -> Arc<Hub> {
+        let hub = Hub::new(queue_capacity);
+        hub.start_at(Cursor(0));
+        hub
+    }
 
     fn principal(role: Role) -> Principal {
         Principal {
@@ -548,11 +773,12 @@ mod tests {
             connection.id,
             Feed::Appointments,
             Filter::default(),
-            Bytes::from_static(b"ack"),
+            Start::Live,
+            |_| Bytes::from_static(b"ack"),
         )
         .unwrap();
         assert_eq!(
-            connection.outbox.try_recv().unwrap(),
+            connection.outbox.try_recv().unwrap().frame,
             Bytes::from_static(b"ack")
         );
         connection
@@ -567,7 +793,7 @@ mod tests {
 
     #[test]
     fn delivers_to_exactly_the_subscribers_who_may_see_the_row() {
-        let hub = Hub::new(16);
+        let hub = started(16);
         let (patient, dentist, other_dentist) = (
             principal(Role::Patient),
             principal(Role::Dentist),
@@ -599,7 +825,7 @@ mod tests {
 
     #[test]
     fn reassignment_is_a_delete_for_one_dentist_and_an_insert_for_the_other() {
-        let hub = Hub::new(16);
+        let hub = started(16);
         let (patient, from, to) = (
             principal(Role::Patient),
             principal(Role::Dentist),
@@ -628,7 +854,7 @@ mod tests {
 
     #[test]
     fn the_chatbot_hears_nothing_of_changes_to_columns_it_cannot_see() {
-        let hub = Hub::new(16);
+        let hub = started(16);
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
         let mut bot = join(&hub, principal(Role::Chatbot));
         let mut admin = join(&hub, principal(Role::Admin));
@@ -650,7 +876,7 @@ mod tests {
 
     #[test]
     fn identical_frames_share_one_buffer() {
-        let hub = Hub::new(16);
+        let hub = started(16);
         let mut admins: Vec<Connection> =
             (0..3).map(|_| join(&hub, principal(Role::Admin))).collect();
         hub.dispatch(&appointment_event(
@@ -661,17 +887,17 @@ mod tests {
         ));
         let frames: Vec<Bytes> = admins
             .iter_mut()
-            .map(|c| c.outbox.try_recv().unwrap())
+            .map(|c| c.outbox.try_recv().unwrap().frame)
             .collect();
         assert!(frames.windows(2).all(|w| w[0].as_ptr() == w[1].as_ptr()));
     }
 
     #[test]
     fn a_full_queue_cuts_only_that_socket() {
-        let hub = Hub::new(2);
+        let hub = started(2);
         let mut slow = join(&hub, principal(Role::Admin));
         let mut fast = join(&hub, principal(Role::Admin));
-        for id in 0..3 {
+        for id in 1..=3 {
             hub.dispatch(&appointment_event(
                 id,
                 "INSERT",
@@ -705,7 +931,7 @@ mod tests {
 
     #[test]
     fn sockets_connecting_after_close_all_are_closed_too() {
-        let hub = Hub::new(4);
+        let hub = started(4);
         let before = hub.connect(principal(Role::Admin));
         hub.close_all(Close::going_away());
         let after = hub.connect(principal(Role::Admin));
@@ -720,7 +946,8 @@ mod tests {
                 after.id,
                 Feed::Availability,
                 Filter::default(),
-                Bytes::new()
+                Start::Live,
+                |_| Bytes::new()
             ),
             Err(SubscribeError::Closing)
         ));
@@ -728,11 +955,11 @@ mod tests {
 
     #[test]
     fn refuses_feeds_the_role_may_never_read() {
-        let hub = Hub::new(4);
+        let hub = started(4);
         let bot = hub.connect(principal(Role::Chatbot));
         for feed in [Feed::ConsultationSessions, Feed::ConsultationMessages] {
             assert!(matches!(
-                hub.subscribe(bot.id, feed, Filter::default(), Bytes::new()),
+                hub.subscribe(bot.id, feed, Filter::default(), Start::Live, |_| Bytes::new()),
                 Err(SubscribeError::Forbidden { .. })
             ));
         }
@@ -741,15 +968,17 @@ mod tests {
 
     #[test]
     fn session_filter_narrows_message_delivery() {
-        let hub = Hub::new(8);
+        let hub = started(8);
         let admin = principal(Role::Admin);
         let (wanted, other) = (Uuid::new_v4(), Uuid::new_v4());
         let mut c = hub.connect(admin);
         let filter = Filter {
             session_id: Some(wanted),
         };
-        hub.subscribe(c.id, Feed::ConsultationMessages, filter, Bytes::new())
-            .unwrap();
+        hub.subscribe(c.id, Feed::ConsultationMessages, filter, Start::Live, |_| {
+            Bytes::new()
+        })
+        .unwrap();
         assert_eq!(received_raw(&mut c), vec![Bytes::new()]);
         let message = |id: i64, session: Uuid| {
             let payload = json!({"id": id, "table": "consultation_messages", "op": "INSERT", "at": "t",
@@ -769,10 +998,10 @@ mod tests {
 
     #[test]
     fn unsubscribe_and_disconnect_leave_no_trace() {
-        let hub = Hub::new(8);
+        let hub = started(8);
         let dentist = principal(Role::Dentist);
         let mut c = join(&hub, dentist);
-        hub.unsubscribe(c.id, Feed::Appointments, Bytes::from_static(b"bye"));
+        hub.unsubscribe(c.id, Feed::Appointments, Some(Bytes::from_static(b"bye")));
         assert_eq!(received_raw(&mut c), vec![Bytes::from_static(b"bye")]);
         assert_eq!(
             hub.dispatch(&appointment_event(
@@ -796,6 +1025,122 @@ mod tests {
     }
 
     fn received_raw(connection: &mut Connection) -> Vec<Bytes> {
-        std::iter::from_fn(|| connection.outbox.try_recv().ok()).collect()
+        std::iter::from_fn(|| connection.outbox.try_recv().ok())
+            .map(|o| o.frame)
+            .collect()
+    }
+
+    fn insert(id: i64, dentist: &Principal) -> Event {
+        appointment_event(id, "INSERT", None, Some((Uuid::new_v4(), dentist.user_id)))
+    }
+
+    #[test]
+    fn subscriptions_wait_until_the_position_is_known() {
+        let hub = Hub::new(4);
+        let c = hub.connect(principal(Role::Admin));
+        let subscribe = || {
+            hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::Live, |_| {
+                Bytes::new()
+            })
+        };
+        assert_eq!(subscribe(), Err(SubscribeError::NotReady));
+        hub.start_at(Cursor(41));
+        assert_eq!(subscribe(), Ok(Cursor(41)));
+    }
+
+    #[test]
+    fn the_ack_names_where_the_subscription_starts() {
+        let hub = started(8);
+        let admin = principal(Role::Admin);
+        hub.dispatch(&insert(5, &admin));
+        let mut c = hub.connect(admin);
+        let ack = |cursor: Cursor| Bytes::from(cursor.to_string());
+        let subscribe = |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
+        assert_eq!(subscribe(Start::Live), Ok(Cursor(5)));
+        assert_eq!(subscribe(Start::After(Cursor(2))), Ok(Cursor(5)));
+        assert_eq!(received_raw(&mut c), vec![Bytes::from("5"), Bytes::from("2")]);
+    }
+
+    #[test]
+    fn a_resumed_subscription_holds_live_frames_until_its_replay_is_drained() {
+        let hub = started(8);
+        let dentist = principal(Role::Dentist);
+        hub.dispatch(&insert(10, &dentist));
+        let mut c = hub.connect(dentist);
+        let upto = hub
+            .subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(7)), |_| {
+                Bytes::from_static(b"ack")
+            })
+            .unwrap();
+        assert_eq!(upto, Cursor(10), "replay runs up to the position");
+        assert_eq!(received_raw(&mut c), vec![Bytes::from_static(b"ack")]);
+
+        // Live events during the replay wait in the subscription's buffer, in order.
+        hub.dispatch(&insert(11, &dentist));
+        hub.dispatch(&insert(12, &dentist));
+        assert!(received_raw(&mut c).is_empty());
+        let Drained::Frames(waiting) = hub.drain_replay(c.id, Feed::Appointments) else {
+            panic!("expected the waiting frames");
+        };
+        let cursors: Vec<_> = waiting.iter().map(|o| o.cursor).collect();
+        assert_eq!(cursors, vec![Some(Cursor(11)), Some(Cursor(12))]);
+
+        // Once nothing waits, the subscription is live: frames go straight to the socket.
+        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Live));
+        hub.dispatch(&insert(13, &dentist));
+        let live: Vec<_> = std::iter::from_fn(|| c.outbox.try_recv().ok()).collect();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].cursor, Some(Cursor(13)));
+        hub.disconnect(c.id);
+        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Gone));
+    }
+
+    #[test]
+    fn a_cursor_ahead_of_the_position_skips_what_it_already_has() {
+        let hub = started(8);
+        let dentist = principal(Role::Dentist);
+        let mut c = hub.connect(dentist);
+        // Resumed from another instance that was further along than this one.
+        hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(3)), |_| {
+            Bytes::new()
+        })
+        .unwrap();
+        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Live));
+        received_raw(&mut c);
+        for id in 1..=4 {
+            hub.dispatch(&insert(id, &dentist));
+        }
+        let cursors: Vec<_> = std::iter::from_fn(|| c.outbox.try_recv().ok())
+            .map(|o| o.cursor)
+            .collect();
+        assert_eq!(cursors, vec![Some(Cursor(4))]);
+    }
+
+    #[test]
+    fn a_replay_buffer_that_overflows_cuts_the_socket() {
+        let hub = started(2);
+        let dentist = principal(Role::Dentist);
+        let c = hub.connect(dentist);
+        hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(0)), |_| {
+            Bytes::new()
+        })
+        .unwrap();
+        for id in 1..=3 {
+            hub.dispatch(&insert(id, &dentist));
+        }
+        assert_eq!(
+            c.closed.borrow().as_ref().map(|c| c.code),
+            Some(close::SLOW_CONSUMER)
+        );
+    }
+
+    #[test]
+    fn dispatch_advances_the_position() {
+        let hub = started(2);
+        let admin = principal(Role::Admin);
+        hub.dispatch(&insert(3, &admin));
+        hub.skip(Cursor(9));
+        hub.skip(Cursor(4));
+        assert_eq!(hub.position(), Some(Cursor(9)));
     }
 }

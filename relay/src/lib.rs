@@ -5,14 +5,17 @@
 //!
 //! Modules follow the data's path:
 //!
-//! - [`listener`]: the one LISTEN connection; receives notifications, reads large events from the
-//!   event log, hands events to the hub in commit order.
+//! - [`listener`]: the one LISTEN connection; receives notifications, catches up from the event
+//!   log after any outage, hands events to the hub in commit order.
+//! - [`log`]: reading the event log (`relay.events`): ranges after a cursor, the retention
+//!   horizon, pruning.
 //! - [`event`]: decoding the capture trigger's payloads; rendering `event` frames.
 //! - [`authz`]: the mirror of the tables' row-level security: who may see which row, and which
 //!   columns. Pure, no I/O.
 //! - [`hub`]: subscriptions indexed by feed and user; fans each event out to exactly the
 //!   subscribers allowed to see it, through bounded per-socket queues.
-//! - [`session`]: one WebSocket: client frames in, queued frames out.
+//! - [`session`]: one WebSocket: client frames in, queued frames out; replays a resumed
+//!   subscription from the log.
 //! - [`protocol`]: the client frames and the relay's replies.
 //! - [`http`]: routes: the upgrade, health, status, stats.
 //! - [`token`]: verifying and issuing JWTs.
@@ -27,6 +30,7 @@ pub mod event;
 pub mod http;
 pub mod hub;
 pub mod listener;
+pub mod log;
 pub mod migrate;
 pub mod protocol;
 pub mod server;

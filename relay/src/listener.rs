@@ -1,13 +1,17 @@
 //! The LISTEN connection: receives the capture trigger's notifications and hands each event to the
-//! hub, in commit order.
+//! hub, in commit order (which is id order), without gaps.
 //!
 //! It owns one dedicated connection, not one from the pool: tokio-postgres only surfaces
 //! notifications to code that drives the connection with `poll_message`, and the pool's driver
-//! discards them. Events too large for NOTIFY are read from the event log through the pool. Events
-//! are handled one at a time, so a fetched event never overtakes the ones after it.
+//! discards them. Events are handled one at a time, so an event read from the log never overtakes
+//! the ones after it.
 //!
-//! When the connection fails it reconnects with capped, jittered backoff and reports itself
-//! unhealthy meanwhile. This module must not decide who sees what; that is the hub's job.
+//! NOTIFY forgets what is sent while no one listens, so the event log is the source of truth and
+//! NOTIFY only the fast path. When the connection fails the listener reconnects with capped,
+//! jittered backoff and reports itself unhealthy meanwhile; on return it LISTENs first, then reads
+//! from the log every event after the last one it dispatched, then continues with notifications,
+//! skipping those the log already gave it. This module must not decide who sees what; that is the
+//! hub's job.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,13 +19,14 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use crate::event::{self, DecodeError, Event, Payload, RawEvent};
-use crate::hub::Hub;
+use crate::event::{self, Payload};
+use crate::hub::{Close, Hub};
+use crate::log;
+use crate::protocol::{close, Cursor};
 
 /// Whether the relay is currently receiving events; read by the health endpoint.
 #[derive(Debug)]
@@ -58,14 +63,15 @@ impl Health {
 const BUFFER: usize = 4096;
 /// How often the LISTEN connection is checked when it is otherwise quiet.
 const HEARTBEAT: Duration = Duration::from_secs(10);
-/// How long a heartbeat may take before the connection is considered dead.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long reading one large event from the log may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts at reading one large event before the connection is treated as lost.
-const FETCH_ATTEMPTS: u32 = 4;
+/// How long a heartbeat, or one page of catch-up, may take before the connection is considered
+/// dead.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events read from the log per catch-up query.
+const CATCH_UP_PAGE: i64 = 5000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// What the LISTEN connection calls itself in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "relay-listen";
 
 #[derive(Debug, thiserror::Error)]
 enum ListenError {
@@ -73,40 +79,17 @@ enum ListenError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("the connection closed")]
     Closed,
-    #[error("no answer to a heartbeat within {0:?}")]
-    Heartbeat(Duration),
-    #[error("could not read event {id} from relay.events: {cause}")]
-    Fetch { id: i64, cause: FetchError },
-}
-
-#[derive(Debug, thiserror::Error)]
-enum FetchError {
+    #[error("no answer from the database within {0:?}")]
+    Timeout(Duration),
     #[error("no connection from the pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("{0}")]
-    Query(#[from] tokio_postgres::Error),
-    #[error("event {0} is not in relay.events")]
-    Missing(i64),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-}
-
-impl FetchError {
-    /// Whether trying again may succeed: the database was unreachable or slow, as opposed to an
-    /// event that is not there or cannot be decoded.
-    fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            FetchError::Pool(_) | FetchError::Query(_) | FetchError::Timeout(_)
-        )
-    }
 }
 
 /// Runs until `shutdown` turns true.
 pub struct Listener {
     pub database: tokio_postgres::Config,
+    /// For reading the log. Never the LISTEN connection itself: while its notifications wait to
+    /// be handled, its driver stops reading, and a query on it would wait behind them.
     pub pool: Pool,
     pub hub: Arc<Hub>,
     pub health: Arc<Health>,
@@ -115,15 +98,17 @@ pub struct Listener {
 impl Listener {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
+        let mut lost = false;
         loop {
             let outcome = tokio::select! {
-                outcome = self.listen_once() => outcome,
+                outcome = self.listen_once(lost) => outcome,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             self.health.set_listening(false);
             let (cause, was_listening) = outcome;
             if was_listening {
                 backoff = BACKOFF_MIN;
+                lost = true;
             }
             let delay = jitter(backoff);
             tracing::error!(%cause, retry_in = ?delay, "LISTEN connection lost");
@@ -135,18 +120,87 @@ impl Listener {
         }
     }
 
-    /// Connects, listens and handles events until the connection fails. Returns why, and
-    /// whether it got as far as listening.
-    async fn listen_once(&self) -> (ListenError, bool) {
+    /// Connects, listens, catches up on what was committed while no one listened, and handles
+    /// events until the connection fails. Returns why, and whether it got as far as listening.
+    async fn listen_once(&self, reconnect: bool) -> (ListenError, bool) {
         let (client, mut messages, driver) = match connect(&self.database).await {
             Ok(parts) => parts,
             Err(e) => return (e, false),
         };
-        tracing::info!(channel = event::CHANNEL, "listening for changes");
+        // LISTEN came first, so whatever commits from now on is notified; what committed before
+        // is in the log.
+        let caught_up = match self.hub.position() {
+            None => self.start().await,
+            Some(_) => self.catch_up().await,
+        };
+        if let Err(e) = caught_up {
+            driver.abort();
+            return (e, false);
+        }
+        if reconnect {
+            self.hub
+                .counters()
+                .listen_reconnects
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(channel = event::CHANNEL, position = ?self.hub.position(), "listening for changes");
         self.health.set_listening(true);
         let cause = self.handle_messages(&client, &mut messages).await;
         driver.abort();
         (cause, true)
+    }
+
+    /// The first connection: the relay starts live from the log's newest event.
+    async fn start(&self) -> Result<(), ListenError> {
+        let client = self.pool.get().await?;
+        let position = timed(log::position(&**client)).await?;
+        self.hub.start_at(position);
+        Ok(())
+    }
+
+    /// Dispatches, in order, every event in the log after the hub's position.
+    async fn catch_up(&self) -> Result<(), ListenError> {
+        let client = self.pool.get().await?;
+        loop {
+            let Some(after) = self.hub.position() else {
+                return Ok(());
+            };
+            let page = timed(log::read_range(
+                &**client,
+                after,
+                Cursor(i64::MAX),
+                None,
+                CATCH_UP_PAGE,
+            ))
+            .await?;
+            if !page.is_complete_after(after) {
+                // Retention deleted events no one here has delivered: every subscriber may have
+                // missed some. Close every socket; clients resume and learn their cursor expired.
+                tracing::error!(position = %after, horizon = %page.horizon,
+                    "events were pruned before they were delivered; closing every socket");
+                self.hub.disconnect_all(Close {
+                    code: close::GOING_AWAY,
+                    reason: "events were lost to retention; resume or refetch".into(),
+                });
+                self.hub.skip(page.horizon);
+                continue;
+            }
+            let count = page.events.len();
+            for (id, event) in page.events {
+                match event {
+                    Ok(event) => {
+                        self.hub.dispatch(&event);
+                    }
+                    Err(cause) => {
+                        self.hub.skip_malformed(&cause);
+                        self.hub.skip(id);
+                    }
+                }
+            }
+            if (count as i64) < CATCH_UP_PAGE {
+                return Ok(());
+            }
+        }
     }
 
     async fn handle_messages(
@@ -170,93 +224,49 @@ impl Listener {
                     None => return ListenError::Closed,
                 },
                 _ = heartbeat.tick() => {
-                    match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query("")).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return e.into(),
-                        Err(_) => return ListenError::Heartbeat(HEARTBEAT_TIMEOUT),
+                    if let Err(e) = timed(client.simple_query("")).await {
+                        return e;
                     }
                 }
             }
         }
     }
 
-    /// Handles one notification. An undecodable one is skipped; an event that cannot be read
-    /// from the log (the database is unreachable) is an error that ends this connection, so that
-    /// health reports it, rather than a silent skip.
+    /// Handles one notification. Notifications arrive in id order; one the log has already
+    /// delivered (during catch-up) is skipped. An event too large for NOTIFY, or a payload that
+    /// cannot be decoded, is read from the log instead, with everything before it.
     async fn handle(&self, payload: &str) -> Result<(), ListenError> {
-        let event = match Payload::decode(payload) {
-            Ok(Payload::Inline(event)) => event,
-            Ok(Payload::Fetch { id }) => match self.fetch_with_retries(id).await {
-                Ok(event) => event,
-                Err(FetchError::Decode(e)) => {
-                    self.skip_malformed(&e, payload.len());
-                    return Ok(());
+        let position = self.hub.position().unwrap_or_default();
+        match Payload::decode(payload) {
+            Ok(Payload::Inline(event)) => {
+                if Cursor(event.id) > position {
+                    let delivered = self.hub.dispatch(&event);
+                    tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 }
-                Err(e) => return Err(ListenError::Fetch { id, cause: e }),
-            },
-            Err(e) => {
-                self.skip_malformed(&e, payload.len());
-                return Ok(());
+                Ok(())
             }
-        };
-        let delivered = self.hub.dispatch(&event);
-        tracing::debug!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
-        Ok(())
-    }
-
-    fn skip_malformed(&self, cause: &DecodeError, payload_bytes: usize) {
-        self.hub
-            .counters()
-            .events_malformed
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%cause, payload_bytes, "skipped an undecodable event");
-    }
-
-    /// Reads a large event, retrying a few times with a bounded wait each.
-    async fn fetch_with_retries(&self, id: i64) -> Result<Event, FetchError> {
-        let mut delay = BACKOFF_MIN;
-        let mut attempt = 1;
-        loop {
-            let outcome = match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(id)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(FetchError::Timeout(FETCH_TIMEOUT)),
-            };
-            match outcome {
-                Err(e) if e.is_retryable() && attempt < FETCH_ATTEMPTS => {
-                    tracing::warn!(event_id = id, attempt, cause = %e, "reading a large event failed; retrying");
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
-                    attempt += 1;
-                }
-                outcome => return outcome,
+            Ok(Payload::Fetch { id }) if Cursor(id) <= position => Ok(()),
+            Ok(Payload::Fetch { .. }) => self.catch_up().await,
+            Err(cause) => {
+                self.hub
+                    .counters()
+                    .events_malformed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%cause, payload_bytes = payload.len(),
+                    "undecodable notification; reading the log instead");
+                self.catch_up().await
             }
         }
     }
+}
 
-    /// Reads an event that was too large for NOTIFY from the event log.
-    async fn fetch(&self, id: i64) -> Result<Event, FetchError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_opt(event::FETCH_SQL, &[&id])
-            .await?
-            .ok_or(FetchError::Missing(id))?;
-        let object = |value: Option<Value>| match value {
-            Some(Value::Object(map)) => Some(map),
-            _ => None::<Map<String, Value>>,
-        };
-        let raw = RawEvent {
-            id: row.try_get(0)?,
-            table: row.try_get(1)?,
-            op: row.try_get(2)?,
-            new: object(row.try_get(3)?),
-            old: object(row.try_get(4)?),
-            new_session: object(row.try_get(5)?),
-            old_session: object(row.try_get(6)?),
-            xid: row.try_get(7)?,
-            at: row.try_get(8)?,
-            fetch: false,
-        };
-        Ok(Event::try_from(raw)?)
+/// Bounds a query on the LISTEN connection: one that hangs means the connection is gone.
+async fn timed<T>(
+    query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, ListenError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => Err(ListenError::Timeout(QUERY_TIMEOUT)),
     }
 }
 
@@ -267,6 +277,8 @@ type Messages = mpsc::Receiver<Result<AsyncMessage, tokio_postgres::Error>>;
 async fn connect(
     database: &tokio_postgres::Config,
 ) -> Result<(Client, Messages, JoinHandle<()>), ListenError> {
+    let mut database = database.clone();
+    database.application_name(APPLICATION_NAME);
     let (client, mut connection) = database.connect(NoTls).await?;
     let (tx, rx) = mpsc::channel(BUFFER);
     let driver = tokio::spawn(async move {

@@ -25,8 +25,33 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The token the socket was opened with expired; reconnect with a fresh one.
     pub const TOKEN_EXPIRED: u16 = 4001;
-    /// The socket's outbound queue was full: the client read too slowly.
+    /// The socket's outbound queue was full: the client read too slowly. The reason names the
+    /// cursor of the last event frame written; resume each feed from its last cursor.
     pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// A position in the event log: the id of the last event a client has, as the opaque string
+/// `event` frames carry in `cursor`. Event ids follow commit order (`triggers/003_commit_order.sql`),
+/// so "every event after this cursor" is exact on any relay instance on the same database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor(pub i64);
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Cursor, ()> {
+        // Digits only: no sign, no spaces, no leading plus.
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        s.parse().map(Cursor).map_err(|_| ())
+    }
 }
 
 /// A frame a client sends.
@@ -36,6 +61,8 @@ pub enum ClientFrame {
         reference: Option<String>,
         feed: Feed,
         filter: Filter,
+        /// Resume after this cursor: replay what was missed, then continue live.
+        since: Option<Cursor>,
     },
     Unsubscribe {
         reference: Option<String>,
@@ -71,6 +98,9 @@ pub enum ErrorCode {
     Forbidden,
     /// The relay could not complete the request right now (e.g. the database is unreachable).
     Unavailable,
+    /// The `since` cursor is older than the event log's retention (or not from this database):
+    /// events after it can no longer be replayed. Refetch current state, then subscribe anew.
+    CursorExpired,
 }
 
 impl ErrorCode {
@@ -80,6 +110,7 @@ impl ErrorCode {
             ErrorCode::UnknownFeed => "unknown_feed",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::CursorExpired => "cursor_expired",
         }
     }
 }
@@ -131,10 +162,12 @@ impl ClientFrame {
             "subscribe" => {
                 let feed = take_feed(&mut object, &reference)?;
                 let filter = take_filter(&mut object, feed, &reference)?;
+                let since = take_since(&mut object, &reference)?;
                 ClientFrame::Subscribe {
                     reference: reference.clone(),
                     feed,
                     filter,
+                    since,
                 }
             }
             "unsubscribe" => ClientFrame::Unsubscribe {
@@ -189,6 +222,24 @@ fn take_feed(
     }
 }
 
+fn take_since(
+    object: &mut Map<String, Value>,
+    reference: &Option<String>,
+) -> Result<Option<Cursor>, FrameError> {
+    let bad = || {
+        FrameError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            "`since` must be a cursor string from an event or subscribed frame",
+        )
+    };
+    match object.remove("since") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s.parse().map(Some).map_err(|()| bad()),
+        Some(_) => Err(bad()),
+    }
+}
+
 fn take_filter(
     object: &mut Map<String, Value>,
     feed: Feed,
@@ -233,6 +284,8 @@ struct Reply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     feed: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
@@ -244,6 +297,7 @@ impl<'a> Reply<'a> {
             kind,
             reference,
             feed: None,
+            cursor: None,
             code: None,
             message: None,
         }
@@ -255,9 +309,13 @@ impl<'a> Reply<'a> {
     }
 }
 
-pub fn subscribed(reference: Option<&str>, feed: Feed) -> Bytes {
+/// The acknowledgement of a subscription. `cursor` is where it starts: the client has every event
+/// of the feed up to it (the `since` it resumed from, or the log's position when it subscribed),
+/// so it can resume from there even if no event arrives before it disconnects.
+pub fn subscribed(reference: Option<&str>, feed: Feed, cursor: Cursor) -> Bytes {
     Reply {
         feed: Some(feed.as_str()),
+        cursor: Some(cursor.to_string()),
         ..Reply::new("subscribed", reference)
     }
     .render()
@@ -301,7 +359,17 @@ mod tests {
             Ok(ClientFrame::Subscribe {
                 reference: Some("1".into()),
                 feed: Feed::Appointments,
-                filter: Filter::default()
+                filter: Filter::default(),
+                since: None,
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "subscribe", "feed": "appointments", "since": "42"})),
+            Ok(ClientFrame::Subscribe {
+                reference: None,
+                feed: Feed::Appointments,
+                filter: Filter::default(),
+                since: Some(Cursor(42)),
             })
         );
         assert_eq!(
@@ -312,7 +380,8 @@ mod tests {
                 feed: Feed::ConsultationMessages,
                 filter: Filter {
                     session_id: Some(session)
-                }
+                },
+                since: None,
             })
         );
         assert_eq!(
@@ -376,6 +445,21 @@ mod tests {
                 Some("i"),
             ),
             (
+                json!({"ref": "j", "type": "subscribe", "feed": "appointments", "since": 42}),
+                ErrorCode::BadRequest,
+                Some("j"),
+            ),
+            (
+                json!({"ref": "k", "type": "subscribe", "feed": "appointments", "since": "-1"}),
+                ErrorCode::BadRequest,
+                Some("k"),
+            ),
+            (
+                json!({"ref": "l", "type": "subscribe", "feed": "appointments", "since": "99999999999999999999"}),
+                ErrorCode::BadRequest,
+                Some("l"),
+            ),
+            (
                 json!({"ref": 5, "type": "ping"}),
                 ErrorCode::BadRequest,
                 None,
@@ -411,8 +495,8 @@ mod tests {
     fn replies_render_as_documented() {
         let v = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap();
         assert_eq!(
-            v(subscribed(Some("1"), Feed::Appointments)),
-            json!({"type": "subscribed", "ref": "1", "feed": "appointments"})
+            v(subscribed(Some("1"), Feed::Appointments, Cursor(7))),
+            json!({"type": "subscribed", "ref": "1", "feed": "appointments", "cursor": "7"})
         );
         assert_eq!(
             v(unsubscribed(None, Feed::Availability)),

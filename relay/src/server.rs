@@ -84,6 +84,11 @@ impl Relay {
             }
             .run(stopped.clone()),
         );
+        tokio::spawn(crate::log::prune_periodically(
+            pool.clone(),
+            config.retention,
+            stopped.clone(),
+        ));
         let state = AppState {
             session: SessionContext {
                 hub: hub.clone(),

@@ -16,15 +16,18 @@ use tracing::Instrument;
 use warp::ws::{Message, WebSocket};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
-use crate::hub::{Close, Connection, Hub, Link, SocketId, SubscribeError};
-use crate::protocol::{self, close, ClientFrame, ErrorCode, Filter};
+use crate::hub::{Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View};
+use crate::log;
+use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::Verified;
 
 /// How long a close frame may take to send before the socket is dropped without one. Long enough
 /// for a slow reader to drain what its socket already holds and receive the close code.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a subscribe-time check may wait for the database.
+/// How long a subscribe-time check, or one page of a replay, may wait for the database.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events read from the log per replay query.
+const REPLAY_PAGE: i64 = 2000;
 
 /// What a session needs from the running relay.
 #[derive(Clone)]
@@ -169,28 +172,138 @@ impl Reader {
             Ok(ClientFrame::Ping { reference }) => self.reply(protocol::pong(reference.as_deref())),
             Ok(ClientFrame::Unsubscribe { reference, feed }) => {
                 let ack = protocol::unsubscribed(reference.as_deref(), feed);
-                self.context.hub.unsubscribe(self.id, feed, ack);
+                self.context.hub.unsubscribe(self.id, feed, Some(ack));
             }
             Ok(ClientFrame::Subscribe {
                 reference,
                 feed,
                 filter,
+                since,
             }) => {
+                let reference = reference.as_deref();
                 if let Err((code, message)) = self.check_subscription(feed, &filter).await {
-                    self.reply(protocol::error(reference.as_deref(), code, &message));
+                    self.reply(protocol::error(reference, code, &message));
                     return;
                 }
-                let ack = protocol::subscribed(reference.as_deref(), feed);
-                match self.context.hub.subscribe(self.id, feed, filter, ack) {
-                    Ok(()) | Err(SubscribeError::Closing) => {}
-                    Err(e @ SubscribeError::Forbidden { .. }) => self.reply(protocol::error(
-                        reference.as_deref(),
-                        ErrorCode::Forbidden,
-                        &e.to_string(),
-                    )),
+                if let Some(cursor) = since {
+                    if let Err((code, message)) = self.check_cursor(cursor).await {
+                        self.reply(protocol::error(reference, code, &message));
+                        return;
+                    }
+                }
+                let start = since.map_or(Start::Live, Start::After);
+                let ack = |cursor| protocol::subscribed(reference, feed, cursor);
+                let position = match self.context.hub.subscribe(self.id, feed, filter, start, ack) {
+                    Ok(position) => position,
+                    Err(SubscribeError::Closing) => return,
+                    Err(e @ SubscribeError::Forbidden { .. }) => {
+                        self.reply(protocol::error(reference, ErrorCode::Forbidden, &e.to_string()));
+                        return;
+                    }
+                    Err(e @ SubscribeError::NotReady) => {
+                        self.reply(protocol::error(
+                            reference,
+                            ErrorCode::Unavailable,
+                            &format!("{e}; try again"),
+                        ));
+                        return;
+                    }
+                };
+                if let Some(cursor) = since {
+                    let view = View { principal: self.principal, filter };
+                    if let Err((code, message)) = self.replay(feed, view, cursor, position).await {
+                        // The subscription cannot be completed: end it, and say why.
+                        self.context.hub.unsubscribe(self.id, feed, None);
+                        self.reply(protocol::error(reference, code, &message));
+                    }
                 }
             }
         }
+    }
+
+    /// Refuses a cursor that cannot be resumed from: older than retention, or not from this
+    /// database.
+    async fn check_cursor(&self, cursor: Cursor) -> Result<(), (ErrorCode, String)> {
+        let bounds = async {
+            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+            log::bounds(&**client).await.map_err(|e| unavailable(&e))
+        };
+        let bounds = tokio::time::timeout(LOOKUP_TIMEOUT, bounds)
+            .await
+            .map_err(|e| unavailable(&e))??;
+        if bounds.admits(cursor) {
+            Ok(())
+        } else {
+            Err(expired(cursor))
+        }
+    }
+
+    /// Sends, in order, the events of `feed` after `cursor` up to `upto` that this subscriber
+    /// may see, then the live frames that arrived meanwhile, and makes the subscription live.
+    async fn replay(
+        &self,
+        feed: Feed,
+        view: View,
+        cursor: Cursor,
+        upto: Cursor,
+    ) -> Result<(), (ErrorCode, String)> {
+        let hub = &self.context.hub;
+        let mut after = cursor;
+        let mut replayed = 0u64;
+        while after < upto {
+            let page = async {
+                let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+                log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
+                    .await
+                    .map_err(|e| unavailable(&e))
+            };
+            let page = tokio::time::timeout(LOOKUP_TIMEOUT, page)
+                .await
+                .map_err(|e| unavailable(&e))??;
+            if !page.is_complete_after(after) {
+                return Err(expired(cursor));
+            }
+            let full = page.events.len() as i64 == REPLAY_PAGE;
+            for (id, event) in page.events {
+                after = id;
+                let event = match event {
+                    Ok(event) => event,
+                    Err(cause) => {
+                        hub.skip_malformed(&cause);
+                        continue;
+                    }
+                };
+                let Some(frame) = view.frame(&event) else {
+                    continue;
+                };
+                let outbound = Outbound {
+                    frame,
+                    cursor: Some(id),
+                };
+                if !self.link.send(outbound).await {
+                    return Ok(()); // The socket closed.
+                }
+                replayed += 1;
+            }
+            if !full {
+                after = upto;
+            }
+        }
+        loop {
+            match hub.drain_replay(self.id, feed) {
+                Drained::Frames(frames) => {
+                    for outbound in frames {
+                        if !self.link.send(outbound).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                Drained::Live | Drained::Gone => break,
+            }
+        }
+        hub.counters().replayed.fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(%feed, %cursor, %upto, replayed, "replayed, now live");
+        Ok(())
     }
 
     /// Refuses a feed the role may never read, and a session filter on a session the caller
@@ -214,13 +327,6 @@ impl Reader {
         if reach == Reach::Everything {
             return Ok(());
         }
-        let unavailable = |e: &dyn std::fmt::Display| {
-            tracing::warn!(cause = %e, "session lookup for a filter failed");
-            (
-                ErrorCode::Unavailable,
-                "could not check the session; try again".to_string(),
-            )
-        };
         let lookup = async {
             let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
             client
@@ -249,12 +355,33 @@ impl Reader {
     }
 }
 
+/// The database could not answer a subscribe-time question.
+fn unavailable(cause: &dyn std::fmt::Display) -> (ErrorCode, String) {
+    tracing::warn!(%cause, "a subscribe-time query failed");
+    (
+        ErrorCode::Unavailable,
+        "the relay could not reach the database; try again".to_string(),
+    )
+}
+
+fn expired(cursor: Cursor) -> (ErrorCode, String) {
+    (
+        ErrorCode::CursorExpired,
+        format!(
+            "cursor {cursor} is older than the event log's retention or not from this database; \
+             fetch current state and subscribe without `since`"
+        ),
+    )
+}
+
 /// Writes queued frames until the queue ends or the socket is told to close, then closes it.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
-    mut outbox: mpsc::Receiver<Bytes>,
+    mut outbox: mpsc::Receiver<Outbound>,
     mut closed: watch::Receiver<Option<Close>>,
 ) {
+    // The cursor of the last event frame written, named when the socket is cut as slow.
+    let mut last_cursor: Option<Cursor> = None;
     let reason = loop {
         let frame = tokio::select! {
             biased;
@@ -265,15 +392,23 @@ async fn write(
             },
         };
         // Frames are rendered from serde_json output, so they are always UTF-8.
-        let message = Message::text(String::from_utf8_lossy(&frame).into_owned());
+        let message = Message::text(String::from_utf8_lossy(&frame.frame).into_owned());
         tokio::select! {
             biased;
             reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
             sent = sink.send(message) => if sent.is_err() { return },
         }
+        if frame.cursor.is_some() {
+            last_cursor = frame.cursor;
+        }
     };
     let close = match reason {
-        Some(Close { code, reason }) => Message::close_with(code, reason),
+        Some(Close { code, reason }) => match last_cursor {
+            Some(cursor) if code == close::SLOW_CONSUMER => {
+                Message::close_with(code, format!("{reason}; last cursor sent {cursor}"))
+            }
+            _ => Message::close_with(code, reason),
+        },
         None => Message::close(),
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;

@@ -252,16 +252,35 @@ impl Ws {
         }
     }
 
-    pub async fn subscribe(&mut self, feed: &str) -> Value {
+    /// Subscribes live; returns the cursor the acknowledgement names.
+    pub async fn subscribe(&mut self, feed: &str) -> String {
         self.send(json!({"type": "subscribe", "ref": feed, "feed": feed}))
             .await;
+        self.subscribed_reply(feed).await
+    }
+
+    /// Subscribes after `cursor`: what was missed is replayed, then the feed goes on live.
+    pub async fn resume(&mut self, feed: &str, cursor: &str) -> String {
+        self.send(json!({"type": "subscribe", "ref": feed, "feed": feed, "since": cursor}))
+            .await;
+        let ack = self.subscribed_reply(feed).await;
+        assert_eq!(ack, cursor, "a resumed subscription starts at its cursor");
+        ack
+    }
+
+    async fn subscribed_reply(&mut self, feed: &str) -> String {
         let reply = self.recv().await;
+        let cursor = reply["cursor"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !cursor.is_empty() && cursor.bytes().all(|b| b.is_ascii_digit()),
+            "subscribe {feed}: {reply}"
+        );
         assert_eq!(
             reply,
-            json!({"type": "subscribed", "ref": feed, "feed": feed}),
+            json!({"type": "subscribed", "ref": feed, "feed": feed, "cursor": cursor}),
             "subscribe {feed}"
         );
-        reply
+        cursor
     }
 
     /// Every event frame before the fence's, in order; the fence itself is consumed.

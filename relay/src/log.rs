@@ -1,0 +1,196 @@
+//! The event log (`relay.events`) as the relay reads it: single events too large for NOTIFY,
+//! ranges of events for catch-up and replay, the retention horizon, and pruning.
+//!
+//! Event ids follow commit order (`triggers/003_commit_order.sql`): when an event is visible,
+//! every event with a smaller id is visible too or never will be. So "the events after cursor N"
+//! is one ordered range read, exact on any connection and any relay instance, and a range read
+//! never races a transaction that commits late.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio_postgres::{GenericClient, Row};
+
+use crate::authz::Feed;
+use crate::event::{DecodeError, Event, RawEvent};
+use crate::protocol::Cursor;
+
+/// The columns of an event, in the NOTIFY payload's field order, from offset `$first`.
+const EVENT_COLUMNS: &str = "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, \
+    e.old_session, e.xid::text, to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// Events of one range, read in one statement together with the horizon, so that a prune that
+/// commits meanwhile is either wholly visible (and detected) or not at all.
+#[derive(Debug)]
+pub struct Page {
+    /// Events below this were deleted by retention.
+    pub horizon: Cursor,
+    /// The events, by id; an event that cannot be decoded is an error in its place.
+    pub events: Vec<(Cursor, Result<Event, DecodeError>)>,
+}
+
+impl Page {
+    /// Whether the range `after..` is complete: nothing in it was deleted by retention.
+    pub fn is_complete_after(&self, after: Cursor) -> bool {
+        self.horizon <= after
+    }
+}
+
+/// What bounds a resumable cursor.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// The highest id deleted by retention: a cursor below it has lost events.
+    pub horizon: Cursor,
+    /// The highest id the sequence has handed out: a cursor above it is not from this database.
+    pub issued: Cursor,
+}
+
+impl Bounds {
+    pub fn admits(&self, cursor: Cursor) -> bool {
+        self.horizon <= cursor && cursor <= self.issued
+    }
+}
+
+/// Reads one event by id (for events that arrived with `"fetch": true`). `None` if it is not in
+/// the log.
+pub async fn fetch(
+    client: &impl GenericClient,
+    id: i64,
+) -> Result<Option<Result<Event, DecodeError>>, tokio_postgres::Error> {
+    let sql = format!("select {EVENT_COLUMNS} from relay.events e where e.id = $1");
+    let row = client.query_opt(&sql, &[&id]).await?;
+    Ok(row.map(|row| decode(&row, 0)))
+}
+
+/// Reads up to `limit` events with `after < id <= upto`, of one feed or of all, in id order.
+pub async fn read_range(
+    client: &impl GenericClient,
+    after: Cursor,
+    upto: Cursor,
+    feed: Option<Feed>,
+    limit: i64,
+) -> Result<Page, tokio_postgres::Error> {
+    let sql = format!(
+        "select h.pruned_through, {EVENT_COLUMNS} \
+         from relay.log_horizon h \
+         left join lateral ( \
+             select * from relay.events \
+             where id > $1 and id <= $2 and ($3::text is null or table_name = $3) \
+             order by id limit $4) e on true \
+         order by e.id"
+    );
+    let table = feed.map(Feed::as_str);
+    let rows = client
+        .query(&sql, &[&after.0, &upto.0, &table, &limit])
+        .await?;
+    let horizon = match rows.first() {
+        Some(row) => Cursor(row.try_get(0)?),
+        None => Cursor::default(),
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(id) = row.try_get::<_, Option<i64>>(1)? {
+            events.push((Cursor(id), decode(row, 1)));
+        }
+    }
+    Ok(Page { horizon, events })
+}
+
+/// The log's newest committed event (0 if none): the position a relay starts live from.
+pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "select greatest(coalesce(max(id), 0), (select pruned_through from relay.log_horizon)) \
+             from relay.events",
+            &[],
+        )
+        .await?;
+    Ok(Cursor(row.try_get(0)?))
+}
+
+pub async fn bounds(client: &impl GenericClient) -> Result<Bounds, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "select h.pruned_through, \
+                    case when s.is_called then s.last_value else 0 end \
+             from relay.log_horizon h, relay.events_id_seq s",
+            &[],
+        )
+        .await?;
+    Ok(Bounds {
+        horizon: Cursor(row.try_get(0)?),
+        issued: Cursor(row.try_get(1)?),
+    })
+}
+
+fn decode(row: &Row, first: usize) -> Result<Event, DecodeError> {
+    let object = |value: Option<Value>| match value {
+        Some(Value::Object(map)) => Some(map),
+        _ => None::<Map<String, Value>>,
+    };
+    let column = |i: usize| row.try_get::<_, Option<Value>>(first + i).ok().flatten();
+    let text = |i: usize| row.try_get::<_, Option<String>>(first + i).ok().flatten();
+    let raw = RawEvent {
+        id: row.try_get(first).unwrap_or_default(),
+        table: text(1).unwrap_or_default(),
+        op: text(2).unwrap_or_default(),
+        new: object(column(3)),
+        old: object(column(4)),
+        new_session: object(column(5)),
+        old_session: object(column(6)),
+        xid: text(7),
+        at: text(8).unwrap_or_default(),
+        fetch: false,
+    };
+    Event::try_from(raw)
+}
+
+/// Events deleted per statement, so that pruning never holds long locks.
+const PRUNE_BATCH: i32 = 10_000;
+
+/// Deletes events recorded more than `retention` ago; returns how many.
+pub async fn prune(pool: &Pool, retention: Duration) -> Result<u64, PruneError> {
+    let client = pool.get().await?;
+    let mut total = 0u64;
+    loop {
+        let row = client
+            .query_one(
+                "select relay.prune_events(now() - make_interval(secs => $1), $2)",
+                &[&retention.as_secs_f64(), &PRUNE_BATCH],
+            )
+            .await?;
+        let deleted: i64 = row.try_get(0)?;
+        if deleted == 0 {
+            return Ok(total);
+        }
+        total += deleted as u64;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("no connection from the pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Prunes the log every so often until `stop` turns true. Several relays on one database may all
+/// prune: each deletes a prefix of the log and the horizon only grows.
+pub async fn prune_periodically(pool: Pool, retention: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        match prune(&pool, retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, ?retention, "pruned the event log"),
+            Err(cause) => tracing::warn!(%cause, "pruning the event log failed; will retry"),
+        }
+    }
+}
