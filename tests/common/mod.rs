@@ -333,3 +333,135 @@ pub fn ops(events: &[Value]) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Opens a fresh connection to a test database (the shared one may have died with a restart).
+pub async fn connect_to(url: &str) -> Client {
+    connect(url).await
+}
+
+/// The feeds a role subscribes to: every feed it may read.
+pub fn feeds_of(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Chatbot => &["appointments", "availability"],
+        _ => &[
+            "appointments",
+            "availability",
+            "consultation_sessions",
+            "consultation_messages",
+        ],
+    }
+}
+
+/// What one client has been told, folded into the rows it believes exist, with every frame
+/// checked against what came before: cursors strictly rising per feed (nothing twice, nothing out
+/// of order), an INSERT only for a row it does not have, an UPDATE or DELETE only for a row it has,
+/// whose `old` is exactly what it had (so no change to the row was missed or reordered).
+#[derive(Debug, Default)]
+pub struct Model {
+    pub cursors: std::collections::HashMap<String, String>,
+    pub rows: std::collections::HashMap<String, std::collections::HashMap<String, Value>>,
+    pub events: usize,
+}
+
+impl Model {
+    pub fn apply(&mut self, frame: &Value) -> Result<(), String> {
+        let feed = frame["feed"].as_str().ok_or("no feed")?.to_string();
+        let cursor = frame["cursor"].as_str().ok_or("no cursor")?.to_string();
+        let number = |c: &str| c.parse::<i64>().unwrap_or(-1);
+        if let Some(last) = self.cursors.get(&feed) {
+            if number(&cursor) <= number(last) {
+                return Err(format!("{feed}: cursor {cursor} after {last}: {frame}"));
+            }
+        }
+        self.cursors.insert(feed.clone(), cursor);
+        let rows = self.rows.entry(feed.clone()).or_default();
+        let id = frame["row"]["id"].as_str().ok_or("no row id")?.to_string();
+        match frame["op"].as_str() {
+            Some("INSERT") => {
+                if rows.insert(id.clone(), frame["row"].clone()).is_some() {
+                    return Err(format!("{feed}: INSERT of {id}, which it already has: {frame}"));
+                }
+            }
+            Some(op @ ("UPDATE" | "DELETE")) => {
+                let had = rows
+                    .get(&id)
+                    .ok_or_else(|| format!("{feed}: {op} of {id}, which it never had: {frame}"))?;
+                if *had != frame["old"] {
+                    return Err(format!(
+                        "{feed}: {op} of {id} whose old version {} is not the one it had {had}",
+                        frame["old"]
+                    ));
+                }
+                if op == "UPDATE" {
+                    rows.insert(id, frame["row"].clone());
+                } else {
+                    rows.remove(&id);
+                }
+            }
+            other => return Err(format!("unknown op {other:?}")),
+        }
+        self.events += 1;
+        Ok(())
+    }
+}
+
+/// The rows of a feed that Postgres itself shows `who` under row-level security, by id, as the
+/// relay renders them (the chatbot reads appointments through `appointment_slots`).
+pub async fn rls_view(
+    client: &mut Client,
+    who: &Principal,
+    feed: &str,
+) -> std::collections::HashMap<String, Value> {
+    let source = match (who.role, feed) {
+        (Role::Chatbot, "appointments") => "public.appointment_slots",
+        (_, "appointments") => "public.appointments",
+        (_, "availability") => "public.availability",
+        (_, "consultation_sessions") => "public.consultation_sessions",
+        (_, "consultation_messages") => "public.consultation_messages",
+        _ => panic!("no feed {feed}"),
+    };
+    let claims = json!({"sub": who.user_id, "role": who.role.as_str()}).to_string();
+    let tx = client.transaction().await.expect("begin");
+    tx.batch_execute("set local role authenticated")
+        .await
+        .expect("set role");
+    tx.execute(
+        "select set_config('request.jwt.claims', $1, true)",
+        &[&claims],
+    )
+    .await
+    .expect("claims");
+    let rows = tx
+        .query(&format!("select to_jsonb(t) from {source} t"), &[])
+        .await
+        .expect("read under RLS");
+    tx.commit().await.expect("commit");
+    rows.iter()
+        .map(|row| {
+            let value: Value = row.get(0);
+            (value["id"].as_str().unwrap().to_string(), value)
+        })
+        .collect()
+}
+
+/// Checks a client's folded view of every feed it reads against row-level security.
+pub async fn assert_matches_rls(client: &mut Client, who: &Principal, model: &Model) {
+    for feed in feeds_of(who.role) {
+        let expected = rls_view(client, who, feed).await;
+        let empty = std::collections::HashMap::new();
+        let got = model.rows.get(*feed).unwrap_or(&empty);
+        let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+        let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+        let differ: Vec<&String> = expected
+            .iter()
+            .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty() && differ.is_empty(),
+            "{} {}: {feed}: missing {missing:?}, extra {extra:?}, different {differ:?}",
+            who.role,
+            who.user_id
+        );
+    }
+}

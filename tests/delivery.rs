@@ -1,0 +1,258 @@
+//! Delivery guarantees: cursors, resuming (on the same relay or another one), transactions that
+//! commit out of the order they started, retention, and slow consumers. Real Postgres, real
+//! sockets, real tokens.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use common::{ops, Ws};
+use relay::authz::Role;
+
+/// The cursor of an event frame.
+fn cursor(frame: &Value) -> String {
+    frame["cursor"].as_str().expect("cursor").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_subscription_gets_exactly_what_it_missed_then_goes_on_live() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (patient, dentist, other) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Dentist).await,
+    );
+    let mut ws = Ws::subscribed(addr, dentist, &["appointments"]).await;
+    let first = db.book(&patient, &dentist, "seen live").await;
+    let fence = db.fence().await;
+    let seen = ws.events_until(fence).await;
+    assert_eq!(ops(&seen), [("INSERT".into(), first.to_string())]);
+    let last = cursor(&seen[0]);
+    drop(ws);
+
+    // While away: two of its own, one of another dentist's, and one moved away from it.
+    let missed_a = db.book(&patient, &dentist, "missed a").await;
+    db.book(&patient, &other, "not mine").await;
+    let missed_b = db.book(&patient, &dentist, "missed b").await;
+    db.client
+        .execute(
+            "update appointments set dentist_id = $1 where id = $2",
+            &[&other.user_id, &first],
+        )
+        .await
+        .unwrap();
+
+    let mut ws = Ws::connect(addr, dentist).await;
+    ws.subscribe("availability").await;
+    ws.resume("appointments", &last).await;
+    let live = db.book(&patient, &dentist, "live again").await;
+    let fence = db.fence().await;
+    let events = ws.events_until(fence).await;
+    assert_eq!(
+        ops(&events),
+        [
+            ("INSERT".into(), missed_a.to_string()),
+            ("INSERT".into(), missed_b.to_string()),
+            ("DELETE".into(), first.to_string()),
+            ("INSERT".into(), live.to_string()),
+        ]
+    );
+    let cursors: Vec<i64> = events.iter().map(|e| cursor(e).parse().unwrap()).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+
+    // The same cursor is good on another relay on the same database.
+    let second = db.start().await;
+    let mut elsewhere = Ws::connect(second.local_addr(), dentist).await;
+    elsewhere.subscribe("availability").await;
+    elsewhere.resume("appointments", &last).await;
+    let fence = db.fence().await;
+    assert_eq!(ops(&elsewhere.events_until(fence).await), ops(&events));
+    second.shutdown().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_commits_late_is_neither_skipped_nor_doubled() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+
+    // The long transaction starts first and writes first, then waits.
+    let mut long = common::connect_to(&db.url).await;
+    let long_tx = long.transaction().await.unwrap();
+    let late: uuid::Uuid = long_tx
+        .query_one(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at, notes)
+             values ($1, $2, now(), now() + interval '1 hour', 'commits late') returning id",
+            &[&patient.user_id, &dentist.user_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Meanwhile another commits; a client sees it, takes its cursor and leaves.
+    let early = db.book(&patient, &dentist, "commits early").await;
+    let fence = db.fence().await;
+    let seen = ws.events_until(fence).await;
+    assert_eq!(ops(&seen), [("INSERT".into(), early.to_string())]);
+    let mut away = Ws::connect(relay.local_addr(), dentist).await;
+    let away_cursor = away.subscribe("appointments").await;
+    drop(away);
+
+    long_tx.commit().await.unwrap();
+    let fence = db.fence().await;
+    assert_eq!(
+        ops(&ws.events_until(fence).await),
+        [("INSERT".into(), late.to_string())],
+        "the live client gets the late commit"
+    );
+    let mut back = Ws::connect(relay.local_addr(), dentist).await;
+    back.subscribe("availability").await;
+    back.resume("appointments", &away_cursor).await;
+    let fence = db.fence().await;
+    assert_eq!(
+        ops(&back.events_until(fence).await),
+        [("INSERT".into(), late.to_string())],
+        "the resuming client gets the late commit, and only it"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+    db.book(&patient, &dentist, "old").await;
+    db.book(&patient, &dentist, "old too").await;
+    let fence = db.fence().await;
+    let seen = ws.events_until(fence).await;
+    let (oldest, newest) = (cursor(&seen[0]), cursor(&seen[1]));
+    let kept = db.book(&patient, &dentist, "recent").await;
+
+    // The first events are two days old; retention is one.
+    db.client
+        .execute(
+            "update relay.events set at = at - interval '2 days' where id <= $1",
+            &[&newest.parse::<i64>().unwrap()],
+        )
+        .await
+        .unwrap();
+    let pool = relay::server::pool(&db.config()).unwrap();
+    let deleted = relay::log::prune(&pool, Duration::from_secs(86400))
+        .await
+        .unwrap();
+    assert!(deleted >= 2, "{deleted}");
+
+    let mut late = Ws::connect(relay.local_addr(), dentist).await;
+    late.send(json!({"type": "subscribe", "ref": "r", "feed": "appointments", "since": oldest}))
+        .await;
+    let refused = late.recv().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "cursor_expired");
+    assert_eq!(refused["ref"], "r");
+    // A cursor from the future (another database) is refused the same way.
+    late.send(json!({"type": "subscribe", "feed": "appointments", "since": "999999999"}))
+        .await;
+    assert_eq!(late.recv().await["code"], "cursor_expired");
+
+    // From the horizon on, nothing was lost: resuming there works.
+    late.subscribe("availability").await;
+    late.resume("appointments", &newest).await;
+    let fence = db.fence().await;
+    assert_eq!(
+        ops(&late.events_until(fence).await),
+        [("INSERT".into(), kept.to_string())]
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.socket_queue = 8;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let admin = db.user(Role::Admin).await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut stalled = Ws::connect(addr, admin).await;
+    let start = stalled.subscribe("appointments").await;
+    // Another client reads throughout, until the first availability event: the fence.
+    let mut reader = Ws::subscribed(addr, admin, &["appointments"]).await;
+    let reading = tokio::spawn(async move {
+        let mut events = Vec::new();
+        loop {
+            let frame = reader.recv().await;
+            assert_eq!(frame["type"], "event", "{frame}");
+            if frame["feed"] == "availability" {
+                return events;
+            }
+            events.push(frame);
+        }
+    });
+
+    // Large rows until the stalled client's queue and socket buffers are full and it is cut,
+    // then a few more.
+    let cut = || {
+        relay
+            .hub()
+            .counters()
+            .slow_consumers_cut
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut booked = Vec::new();
+    while cut() == 0 {
+        assert!(booked.len() < 20_000, "the stalled client was never cut");
+        let notes = format!("{} {}", booked.len(), "x".repeat(4000));
+        booked.push(db.book(&patient, &dentist, &notes).await);
+    }
+    for _ in 0..10 {
+        booked.push(db.book(&patient, &dentist, "after the cut").await);
+    }
+    let count = booked.len();
+    db.fence().await;
+    let everything = reading.await.unwrap();
+    assert_eq!(everything.len(), count, "the reading client got everything");
+
+    // The stalled client reads now: what was written before the cut, then the close.
+    let mut received = Vec::new();
+    let reason = loop {
+        match stalled.next_message().await {
+            Some(Message::Text(text)) => received.push(serde_json::from_str::<Value>(&text).unwrap()),
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
+                break frame.reason.to_string();
+            }
+            other => panic!("expected frames then close 4008, got {other:?}"),
+        }
+    };
+    assert!(received.len() < count, "the stalled client was cut before the end");
+    let last = received.last().map(cursor).unwrap_or(start);
+    // The reason names the last cursor the relay finished sending; the client may have received
+    // one more that was in flight.
+    if let Some((_, named)) = reason.rsplit_once("last cursor sent ") {
+        let named: i64 = named.parse().expect("a cursor in the reason");
+        assert!(named <= last.parse::<i64>().unwrap(), "{reason} vs {last}");
+    }
+
+    let mut again = Ws::connect(addr, admin).await;
+    again.subscribe("availability").await;
+    again.resume("appointments", &last).await;
+    let fence = db.fence().await;
+    let rest = again.events_until(fence).await;
+    let ids: Vec<String> = received
+        .iter()
+        .chain(&rest)
+        .map(|e| e["row"]["id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = booked.iter().map(|id| id.to_string()).collect();
+    assert_eq!(ids, expected, "every row once, in order, across the cut");
+    relay.shutdown().await;
+}

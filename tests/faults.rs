@@ -1,0 +1,574 @@
+//! Fault injection: concurrent writers across all four tables while the relay's LISTEN backend is
+//! killed, Postgres restarts, and the relay process itself is killed; clients of every role stay
+//! connected, drop their sockets now and then and resume from their cursors. At the end each
+//! client's view, built only from the frames it received, must equal what Postgres' row-level
+//! security shows that user, and every frame must have followed from the one before (see
+//! `common::Model`): exactly once, in order, nothing missed.
+//!
+//! These tests restart the shared Postgres, so they run one at a time, in their own test binary.
+//! The restart command is `pg_ctlcluster` for the one installed cluster, or whatever
+//! `RELAY_TEST_PG_RESTART` says (a shell command).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use common::{Model, PATIENCE};
+use relay::authz::{Principal, Role};
+
+/// The tests of this binary restart Postgres or stop the relay; never two at once.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The cast: every role, several of the roles that see only their own rows.
+struct Cast {
+    admins: Vec<Principal>,
+    dentists: Vec<Principal>,
+    patients: Vec<Principal>,
+    chatbots: Vec<Principal>,
+}
+
+impl Cast {
+    async fn new(db: &common::TestDb) -> Cast {
+        let mut cast = Cast {
+            admins: vec![],
+            dentists: vec![],
+            patients: vec![],
+            chatbots: vec![],
+        };
+        cast.admins.push(db.user(Role::Admin).await);
+        for _ in 0..3 {
+            cast.dentists.push(db.user(Role::Dentist).await);
+        }
+        for _ in 0..4 {
+            cast.patients.push(db.user(Role::Patient).await);
+        }
+        cast.chatbots.push(db.user(Role::Chatbot).await);
+        cast
+    }
+
+    fn everyone(&self) -> Vec<Principal> {
+        [&self.admins, &self.dentists, &self.patients, &self.chatbots]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// One random change, as SQL with its parameters.
+fn random_change(rng: &mut Rng, cast: &Cast) -> (&'static str, Vec<Uuid>) {
+    let dentist = rng.pick(&cast.dentists).user_id;
+    let patient = rng.pick(&cast.patients).user_id;
+    match rng.below(16) {
+        0..=2 => (
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at, notes)
+             values ($1, $2, now(), now() + interval '1 hour', md5(random()::text))",
+            vec![patient, dentist],
+        ),
+        3 => (
+            "update appointments set dentist_id = $1
+             where id = (select id from appointments order by random() limit 1)",
+            vec![dentist],
+        ),
+        4 => (
+            "update appointments set patient_id = $1
+             where id = (select id from appointments order by random() limit 1)",
+            vec![patient],
+        ),
+        5 => (
+            "update appointments
+             set status = (array['booked','confirmed','cancelled','completed'])[1 + floor(random() * 4)::int],
+                 notes = md5(random()::text)
+             where id = (select id from appointments order by random() limit 1)",
+            vec![],
+        ),
+        6 => (
+            "delete from appointments
+             where id = (select id from appointments order by random() limit 1)",
+            vec![],
+        ),
+        7 => (
+            "insert into availability (dentist_id, starts_at, ends_at)
+             values ($1, now(), now() + interval '30 minutes')",
+            vec![dentist],
+        ),
+        8 => (
+            "update availability set is_available = not is_available
+             where id = (select id from availability order by random() limit 1)",
+            vec![],
+        ),
+        9 => (
+            "delete from availability
+             where id = (select id from availability order by random() limit 1)",
+            vec![],
+        ),
+        10 => (
+            "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2)",
+            vec![patient, dentist],
+        ),
+        11 => (
+            // A hand-over: the session's messages change readers.
+            "update consultation_sessions set dentist_id = $1
+             where id = (select id from consultation_sessions order by random() limit 1)",
+            vec![dentist],
+        ),
+        12 => (
+            "update consultation_sessions set status = 'active', started_at = now()
+             where id = (select id from consultation_sessions order by random() limit 1)",
+            vec![],
+        ),
+        13 => (
+            "insert into consultation_messages (session_id, sender_id, body)
+             select s.id, s.patient_id, md5(random()::text)
+             from consultation_sessions s order by random() limit 1",
+            vec![],
+        ),
+        14 => (
+            // Now and then a body too large for NOTIFY: read from the log instead.
+            "insert into consultation_messages (session_id, sender_id, body)
+             select s.id, s.dentist_id,
+                    case when random() < 0.2 then repeat('long ', 2000) else md5(random()::text) end
+             from consultation_sessions s order by random() limit 1",
+            vec![],
+        ),
+        _ => (
+            "update consultation_messages set body = body || '!'
+             where id = (select id from consultation_messages order by random() limit 1)",
+            vec![],
+        ),
+    }
+}
+
+/// Writes random transactions until `stop`: one to four changes each, some rolled back, some
+/// held open while others commit. Errors (a restart, a deadlock between writers) roll back and
+/// the writer goes on, reconnecting when it must.
+async fn write(
+    url: String,
+    cast: Arc<Cast>,
+    seed: u64,
+    stop: watch::Receiver<bool>,
+    committed: Arc<watch::Sender<u64>>,
+    rolled_back: Arc<AtomicU64>,
+) {
+    let mut rng = Rng(seed);
+    let mut client: Option<Client> = None;
+    while !*stop.borrow() {
+        let Some(c) = client.as_mut().filter(|c| !c.is_closed()) else {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(connection);
+                    client = Some(c);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+            continue;
+        };
+        let Ok(tx) = c.transaction().await else {
+            client = None;
+            continue;
+        };
+        let changes = 1 + rng.below(4);
+        let mut ok = true;
+        for _ in 0..changes {
+            let (sql, params) = random_change(&mut rng, &cast);
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            if tx.execute(sql, &params).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        // Some transactions stay open while others commit, then commit late.
+        if ok && rng.below(10) == 0 {
+            ok = tx.batch_execute("select pg_sleep(0.02)").await.is_ok();
+        }
+        if ok && rng.below(8) == 0 {
+            let _ = tx.rollback().await;
+            rolled_back.fetch_add(1, Ordering::Relaxed);
+        } else if ok && tx.commit().await.is_ok() {
+            committed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Where clients connect; changes when the relay process is replaced.
+type Address = watch::Receiver<SocketAddr>;
+
+/// A client that stays connected through everything: on any close or error it reconnects and
+/// resumes every feed from its last cursor; every `drop_every` events it drops its socket on
+/// purpose. Counts itself in `ready` once first subscribed to all its feeds. Returns its model
+/// once it has received the fence row.
+async fn follow(
+    address: Address,
+    who: Principal,
+    drop_every: usize,
+    mut fence: watch::Receiver<Option<Uuid>>,
+    ready: Arc<watch::Sender<usize>>,
+) -> Result<Model, String> {
+    let mut model = Model::default();
+    let mut counted = false;
+    loop {
+        let addr = *address.borrow();
+        let url = format!("ws://{addr}/ws?access_token={}", common::token(&who));
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let mut pending = 0;
+        for feed in common::feeds_of(who.role) {
+            let frame = match model.cursors.get(*feed) {
+                Some(cursor) => json!({"type": "subscribe", "feed": feed, "since": cursor}),
+                None => json!({"type": "subscribe", "feed": feed}),
+            };
+            if ws.send(Message::text(frame.to_string())).await.is_err() {
+                break;
+            }
+            pending += 1;
+        }
+        let mut received_here = 0;
+        let outcome: Result<bool, String> = loop {
+            let message = tokio::select! {
+                message = tokio::time::timeout(PATIENCE, ws.next()) => message,
+                _ = fence.changed() => continue,
+
+            };
+            let text = match message {
+                Err(_) => break Err(format!("{} {}: no frame within {PATIENCE:?}", who.role, who.user_id)),
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => break Ok(false),
+                Ok(Some(Ok(_))) => continue,
+            };
+            let frame: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            match frame["type"].as_str() {
+                Some("subscribed") => {
+                    pending -= 1;
+                    let feed = frame["feed"].as_str().unwrap_or_default().to_string();
+                    let cursor = frame["cursor"].as_str().unwrap_or_default().to_string();
+                    match model.cursors.get(&feed) {
+                        Some(had) if *had != cursor => {
+                            break Err(format!("resumed {feed} from {had}, ack says {cursor}"))
+                        }
+                        _ => {
+                            model.cursors.insert(feed, cursor);
+                        }
+                    }
+                    if pending == 0 && !counted {
+                        counted = true;
+                        ready.send_modify(|n| *n += 1);
+                    }
+                }
+                Some("event") => {
+                    if let Err(e) = model.apply(&frame) {
+                        break Err(format!("{} {}: {e}", who.role, who.user_id));
+                    }
+                    received_here += 1;
+                    if pending == 0 && received_here >= drop_every {
+                        break Ok(false); // Drop the socket on purpose, and resume.
+                    }
+                }
+                // The database was away while subscribing: try again.
+                Some("error") if frame["code"] == "unavailable" => break Ok(false),
+                _ => break Err(format!("unexpected frame {frame}")),
+            }
+            let done = (*fence.borrow()).is_some_and(|f| {
+                model
+                    .rows
+                    .get("availability")
+                    .is_some_and(|rows| rows.contains_key(&f.to_string()))
+            });
+            if done {
+                break Ok(true);
+            }
+        };
+        match outcome {
+            Ok(true) => return Ok(model),
+            Ok(false) => {
+                let _ = ws.close(None).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn kill_listen(client: &Client) -> i64 {
+    client
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+             where datname = current_database() and application_name = $1",
+            &[&relay::listener::APPLICATION_NAME],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0)
+}
+
+fn restart_postgres() {
+    let command = std::env::var("RELAY_TEST_PG_RESTART").unwrap_or_else(|_| {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .expect(
+                "no cluster under /etc/postgresql: set RELAY_TEST_PG_RESTART to a command \
+                 that restarts the test Postgres",
+            );
+        format!("pg_ctlcluster --skip-systemctl-redirect {version} main restart -m fast")
+    });
+    let status = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .status()
+        .expect("run the restart command");
+    assert!(status.success(), "{command} failed: {status}");
+}
+
+async fn wait_for_commits(committed: &watch::Sender<u64>, at_least: u64) {
+    let mut seen = committed.subscribe();
+    tokio::time::timeout(PATIENCE * 2, seen.wait_for(|n| *n >= at_least))
+        .await
+        .expect("writers made no progress")
+        .expect("writers gone");
+}
+
+/// Reconnects until Postgres answers (after a restart).
+async fn reconnect(url: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            tokio::spawn(connection);
+            return client;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "Postgres did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Scenario {
+    db: common::TestDb,
+    cast: Arc<Cast>,
+    stop: watch::Sender<bool>,
+    committed: Arc<watch::Sender<u64>>,
+    rolled_back: Arc<AtomicU64>,
+    fence: watch::Sender<Option<Uuid>>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    clients: Vec<(Principal, tokio::task::JoinHandle<Result<Model, String>>)>,
+}
+
+impl Scenario {
+    /// Connects a following client per user, then starts the writers.
+    async fn start(db: common::TestDb, address: Address) -> Scenario {
+        let cast = Arc::new(Cast::new(&db).await);
+        let (fence, _) = watch::channel(None);
+        let ready = Arc::new(watch::Sender::new(0usize));
+        let mut clients = Vec::new();
+        for (i, who) in cast.everyone().into_iter().enumerate() {
+            let task = tokio::spawn(follow(
+                address.clone(),
+                who,
+                40 + 13 * i,
+                fence.subscribe(),
+                ready.clone(),
+            ));
+            clients.push((who, task));
+        }
+        // Every client is subscribed before the first write, so each view starts, like the
+        // watched tables, empty.
+        let everyone = clients.len();
+        tokio::time::timeout(PATIENCE, ready.subscribe().wait_for(|n| *n == everyone))
+            .await
+            .expect("clients never subscribed")
+            .expect("ready");
+        let (stop, stopped) = watch::channel(false);
+        let committed = Arc::new(watch::Sender::new(0u64));
+        let rolled_back = Arc::new(AtomicU64::new(0));
+        let seed = Uuid::new_v4().as_u64_pair().0 | 1;
+        eprintln!("writer seed: {seed}");
+        let writers = (0..4)
+            .map(|w| {
+                tokio::spawn(write(
+                    db.url.clone(),
+                    cast.clone(),
+                    seed.wrapping_mul(w + 1) | 1,
+                    stopped.clone(),
+                    committed.clone(),
+                    rolled_back.clone(),
+                ))
+            })
+            .collect();
+        Scenario {
+            db,
+            cast,
+            stop,
+            committed,
+            rolled_back,
+            fence,
+            writers,
+            clients,
+        }
+    }
+
+    /// Stops the writers, inserts the fence, and checks every client against row-level security.
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        for writer in self.writers {
+            writer.await.expect("writer");
+        }
+        let mut client = reconnect(&self.db.url).await;
+        let fence = Uuid::new_v4();
+        self.fence.send_replace(Some(fence));
+        let dentist = self.cast.dentists[0].user_id;
+        client
+            .execute(
+                "insert into availability (id, dentist_id, starts_at, ends_at)
+                 values ($1, $2, now(), now() + interval '1 hour')",
+                &[&fence, &dentist],
+            )
+            .await
+            .expect("fence");
+        let mut total = 0;
+        for (who, task) in self.clients {
+            let model = tokio::time::timeout(PATIENCE * 2, task)
+                .await
+                .expect("a client never saw the fence")
+                .expect("client task")
+                .unwrap_or_else(|e| panic!("{e}"));
+            total += model.events;
+            common::assert_matches_rls(&mut client, &who, &model).await;
+        }
+        let events: i64 = client
+            .query_one("select count(*) from relay.events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(events >= 1000, "only {events} events were produced");
+        assert!(self.rolled_back.load(Ordering::Relaxed) > 0);
+        eprintln!(
+            "{} commits, {} rollbacks, {events} events, {total} frames checked",
+            *self.committed.borrow(),
+            self.rolled_back.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
+    let _serial = SERIAL.lock().await;
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (_, address) = watch::channel(relay.local_addr());
+    let scenario = Scenario::start(db, address).await;
+    let mut admin = common::connect_to(&scenario.db.url).await;
+
+    let mut kills = 0;
+    for (step, at) in [150u64, 300, 450, 600, 750, 900].into_iter().enumerate() {
+        wait_for_commits(&scenario.committed, at).await;
+        if step == 3 {
+            restart_postgres();
+            admin = reconnect(&scenario.db.url).await;
+        } else {
+            kills += kill_listen(&admin).await;
+        }
+    }
+    wait_for_commits(&scenario.committed, 1000).await;
+    assert!(kills >= 3, "only {kills} LISTEN backends were killed");
+    scenario.finish().await;
+    let reconnects = relay.hub().counters().listen_reconnects.load(Ordering::Relaxed);
+    assert!(
+        reconnects > kills as u64,
+        "{reconnects} reconnects after {kills} kills and a restart"
+    );
+    drop(admin);
+    relay.shutdown().await;
+}
+
+/// A relay as a separate process, so it can be killed outright.
+struct RelayProcess {
+    child: tokio::process::Child,
+}
+
+impl RelayProcess {
+    async fn spawn(database_url: &str, addr: SocketAddr) -> RelayProcess {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("RELAY_JWT_SECRET", common::SECRET)
+            .env("RELAY_BIND", addr.to_string())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn relay");
+        let relay = RelayProcess { child };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !healthy(addr).await {
+            assert!(tokio::time::Instant::now() < deadline, "the relay never became healthy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay
+    }
+}
+
+async fn healthy(addr: SocketAddr) -> bool {
+    if tokio::net::TcpStream::connect(addr).await.is_err() {
+        return false;
+    }
+    common::http_get(addr, "/api/realtime/health", None).await.0 == 200
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resume_without_loss_after_the_relay_is_killed() {
+    let _serial = SERIAL.lock().await;
+    let db = common::TestDb::new().await;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut relay = RelayProcess::spawn(&db.url, addr).await;
+    let (_, address) = watch::channel(addr);
+    let scenario = Scenario::start(db, address).await;
+
+    wait_for_commits(&scenario.committed, 300).await;
+    relay.child.start_kill().expect("SIGKILL");
+    relay.child.wait().await.expect("reap");
+    wait_for_commits(&scenario.committed, 450).await;
+    let mut relay = RelayProcess::spawn(&scenario.db.url, addr).await;
+    wait_for_commits(&scenario.committed, 1000).await;
+    scenario.finish().await;
+    relay.child.start_kill().expect("stop");
+}
