@@ -48,11 +48,12 @@ async fn a_resumed_subscription_gets_exactly_what_it_missed_then_goes_on_live() 
         .unwrap();
 
     let mut ws = Ws::connect(addr, dentist).await;
+    let mut events = ws.resume("appointments", &last).await;
+    assert_eq!(events.len(), 3, "the replay ends with a live marker");
     ws.subscribe("availability").await;
-    ws.resume("appointments", &last).await;
     let live = db.book(&patient, &dentist, "live again").await;
     let fence = db.fence().await;
-    let events = ws.events_until(fence).await;
+    events.extend(ws.events_until(fence).await);
     assert_eq!(
         ops(&events),
         [
@@ -68,10 +69,8 @@ async fn a_resumed_subscription_gets_exactly_what_it_missed_then_goes_on_live() 
     // The same cursor is good on another relay on the same database.
     let second = db.start().await;
     let mut elsewhere = Ws::connect(second.local_addr(), dentist).await;
-    elsewhere.subscribe("availability").await;
-    elsewhere.resume("appointments", &last).await;
-    let fence = db.fence().await;
-    assert_eq!(ops(&elsewhere.events_until(fence).await), ops(&events));
+    let replayed = elsewhere.resume("appointments", &last).await;
+    assert_eq!(ops(&replayed), ops(&events));
     second.shutdown().await;
     relay.shutdown().await;
 }
@@ -112,11 +111,8 @@ async fn a_transaction_that_commits_late_is_neither_skipped_nor_doubled() {
         "the live client gets the late commit"
     );
     let mut back = Ws::connect(relay.local_addr(), dentist).await;
-    back.subscribe("availability").await;
-    back.resume("appointments", &away_cursor).await;
-    let fence = db.fence().await;
     assert_eq!(
-        ops(&back.events_until(fence).await),
+        ops(&back.resume("appointments", &away_cursor).await),
         [("INSERT".into(), late.to_string())],
         "the resuming client gets the late commit, and only it"
     );
@@ -163,11 +159,8 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
     assert_eq!(late.recv().await["code"], "cursor_expired");
 
     // From the horizon on, nothing was lost: resuming there works.
-    late.subscribe("availability").await;
-    late.resume("appointments", &newest).await;
-    let fence = db.fence().await;
     assert_eq!(
-        ops(&late.events_until(fence).await),
+        ops(&late.resume("appointments", &newest).await),
         [("INSERT".into(), kept.to_string())]
     );
     relay.shutdown().await;
@@ -185,7 +178,10 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     let mut stalled = Ws::connect(addr, admin).await;
     let start = stalled.subscribe("appointments").await;
     // Another client reads throughout, until the first availability event: the fence.
+    // It reports how many it has, and the writes wait for it, so that only the stalled client
+    // ever falls behind.
     let mut reader = Ws::subscribed(addr, admin, &["appointments"]).await;
+    let (progress, read) = tokio::sync::watch::channel(0usize);
     let reading = tokio::spawn(async move {
         let mut events = Vec::new();
         loop {
@@ -195,8 +191,18 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
                 return events;
             }
             events.push(frame);
+            progress.send_replace(events.len());
         }
     });
+    let caught_up = |n: usize| {
+        let mut read = read.clone();
+        async move {
+            tokio::time::timeout(common::PATIENCE, read.wait_for(|r| *r >= n))
+                .await
+                .expect("the reading client fell behind")
+                .expect("reader");
+        }
+    };
 
     // Large rows until the stalled client's queue and socket buffers are full and it is cut,
     // then a few more.
@@ -212,9 +218,11 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
         assert!(booked.len() < 20_000, "the stalled client was never cut");
         let notes = format!("{} {}", booked.len(), "x".repeat(4000));
         booked.push(db.book(&patient, &dentist, &notes).await);
+        caught_up(booked.len()).await;
     }
     for _ in 0..10 {
         booked.push(db.book(&patient, &dentist, "after the cut").await);
+        caught_up(booked.len()).await;
     }
     let count = booked.len();
     db.fence().await;
@@ -225,7 +233,9 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     let mut received = Vec::new();
     let reason = loop {
         match stalled.next_message().await {
-            Some(Message::Text(text)) => received.push(serde_json::from_str::<Value>(&text).unwrap()),
+            Some(Message::Text(text)) => {
+                received.push(serde_json::from_str::<Value>(&text).unwrap())
+            }
             Some(Message::Close(Some(frame))) => {
                 assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
                 break frame.reason.to_string();
@@ -233,7 +243,10 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
             other => panic!("expected frames then close 4008, got {other:?}"),
         }
     };
-    assert!(received.len() < count, "the stalled client was cut before the end");
+    assert!(
+        received.len() < count,
+        "the stalled client was cut before the end"
+    );
     let last = received.last().map(cursor).unwrap_or(start);
     // The reason names the last cursor the relay finished sending; the client may have received
     // one more that was in flight.
@@ -243,16 +256,21 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     }
 
     let mut again = Ws::connect(addr, admin).await;
-    again.subscribe("availability").await;
-    again.resume("appointments", &last).await;
-    let fence = db.fence().await;
-    let rest = again.events_until(fence).await;
+    let rest = again.resume("appointments", &last).await;
     let ids: Vec<String> = received
         .iter()
         .chain(&rest)
         .map(|e| e["row"]["id"].as_str().unwrap().to_string())
         .collect();
     let expected: Vec<String> = booked.iter().map(|id| id.to_string()).collect();
-    assert_eq!(ids, expected, "every row once, in order, across the cut");
+    let diverges = ids.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        ids.len() == expected.len() && diverges.is_none(),
+        "every row once, in order, across the cut: got {} of {}, first difference at {diverges:?} \
+         ({} received before the cut)",
+        ids.len(),
+        expected.len(),
+        received.len()
+    );
     relay.shutdown().await;
 }

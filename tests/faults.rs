@@ -250,9 +250,15 @@ async fn follow(
             continue;
         };
         let mut pending = 0;
+        // Resumed feeds still replaying: until their `live` marker, the fence on availability
+        // may overtake their older events.
+        let mut replaying = std::collections::HashSet::new();
         for feed in common::feeds_of(who.role) {
             let frame = match model.cursors.get(*feed) {
-                Some(cursor) => json!({"type": "subscribe", "feed": feed, "since": cursor}),
+                Some(cursor) => {
+                    replaying.insert(feed.to_string());
+                    json!({"type": "subscribe", "feed": feed, "since": cursor})
+                }
                 None => json!({"type": "subscribe", "feed": feed}),
             };
             if ws.send(Message::text(frame.to_string())).await.is_err() {
@@ -268,7 +274,12 @@ async fn follow(
 
             };
             let text = match message {
-                Err(_) => break Err(format!("{} {}: no frame within {PATIENCE:?}", who.role, who.user_id)),
+                Err(_) => {
+                    break Err(format!(
+                        "{} {}: no frame within {PATIENCE:?}",
+                        who.role, who.user_id
+                    ))
+                }
                 Ok(Some(Ok(Message::Text(text)))) => text,
                 Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => break Ok(false),
                 Ok(Some(Ok(_))) => continue,
@@ -292,12 +303,15 @@ async fn follow(
                         ready.send_modify(|n| *n += 1);
                     }
                 }
+                Some("live") => {
+                    replaying.remove(frame["feed"].as_str().unwrap_or_default());
+                }
                 Some("event") => {
                     if let Err(e) = model.apply(&frame) {
                         break Err(format!("{} {}: {e}", who.role, who.user_id));
                     }
                     received_here += 1;
-                    if pending == 0 && received_here >= drop_every {
+                    if pending == 0 && replaying.is_empty() && received_here >= drop_every {
                         break Ok(false); // Drop the socket on purpose, and resume.
                     }
                 }
@@ -305,12 +319,14 @@ async fn follow(
                 Some("error") if frame["code"] == "unavailable" => break Ok(false),
                 _ => break Err(format!("unexpected frame {frame}")),
             }
-            let done = (*fence.borrow()).is_some_and(|f| {
-                model
-                    .rows
-                    .get("availability")
-                    .is_some_and(|rows| rows.contains_key(&f.to_string()))
-            });
+            let done = pending == 0
+                && replaying.is_empty()
+                && (*fence.borrow()).is_some_and(|f| {
+                    model
+                        .rows
+                        .get("availability")
+                        .is_some_and(|rows| rows.contains_key(&f.to_string()))
+                });
             if done {
                 break Ok(true);
             }
@@ -369,11 +385,15 @@ async fn wait_for_commits(committed: &watch::Sender<u64>, at_least: u64) {
 async fn reconnect(url: &str) -> Client {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
+        {
             tokio::spawn(connection);
             return client;
         }
-        assert!(tokio::time::Instant::now() < deadline, "Postgres did not come back");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Postgres did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -507,7 +527,11 @@ async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
     wait_for_commits(&scenario.committed, 1000).await;
     assert!(kills >= 3, "only {kills} LISTEN backends were killed");
     scenario.finish().await;
-    let reconnects = relay.hub().counters().listen_reconnects.load(Ordering::Relaxed);
+    let reconnects = relay
+        .hub()
+        .counters()
+        .listen_reconnects
+        .load(Ordering::Relaxed);
     assert!(
         reconnects > kills as u64,
         "{reconnects} reconnects after {kills} kills and a restart"
@@ -537,7 +561,10 @@ impl RelayProcess {
         let relay = RelayProcess { child };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while !healthy(addr).await {
-            assert!(tokio::time::Instant::now() < deadline, "the relay never became healthy");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never became healthy"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         relay

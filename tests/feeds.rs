@@ -199,7 +199,11 @@ async fn consultations_follow_their_session() {
     let ack = p.recv().await;
     assert_eq!(
         (&ack["type"], &ack["ref"], &ack["feed"]),
-        (&json!("subscribed"), &json!("m"), &json!("consultation_messages")),
+        (
+            &json!("subscribed"),
+            &json!("m"),
+            &json!("consultation_messages")
+        ),
         "{ack}"
     );
     p.subscribe("availability").await;

@@ -494,8 +494,13 @@ impl Hub {
 
     /// Ends a resumed subscription's replay: hands over the live frames that arrived meanwhile
     /// (the session sends them and calls again), or, when none are waiting, makes the
-    /// subscription live.
-    pub fn drain_replay(&self, socket: SocketId, feed: Feed) -> Drained {
+    /// subscription live and queues `live` before any frame that follows.
+    pub fn drain_replay(
+        &self,
+        socket: SocketId,
+        feed: Feed,
+        live: impl FnOnce() -> Bytes,
+    ) -> Drained {
         let mut index = self.write();
         let Some(principal) = index.sockets.get(&socket).map(|s| s.principal) else {
             return Drained::Gone;
@@ -513,6 +518,11 @@ impl Hub {
             .collect();
         if waiting.is_empty() {
             member.replay = None;
+            let queued = member.link.try_send(live());
+            drop(index);
+            if !queued {
+                self.cut(socket, Close::slow_consumer());
+            }
             Drained::Live
         } else {
             Drained::Frames(waiting)
@@ -959,7 +969,13 @@ mod tests {
         let bot = hub.connect(principal(Role::Chatbot));
         for feed in [Feed::ConsultationSessions, Feed::ConsultationMessages] {
             assert!(matches!(
-                hub.subscribe(bot.id, feed, Filter::default(), Start::Live, |_| Bytes::new()),
+                hub.subscribe(
+                    bot.id,
+                    feed,
+                    Filter::default(),
+                    Start::Live,
+                    |_| Bytes::new()
+                ),
                 Err(SubscribeError::Forbidden { .. })
             ));
         }
@@ -975,9 +991,13 @@ mod tests {
         let filter = Filter {
             session_id: Some(wanted),
         };
-        hub.subscribe(c.id, Feed::ConsultationMessages, filter, Start::Live, |_| {
-            Bytes::new()
-        })
+        hub.subscribe(
+            c.id,
+            Feed::ConsultationMessages,
+            filter,
+            Start::Live,
+            |_| Bytes::new(),
+        )
         .unwrap();
         assert_eq!(received_raw(&mut c), vec![Bytes::new()]);
         let message = |id: i64, session: Uuid| {
@@ -1039,9 +1059,13 @@ mod tests {
         let hub = Hub::new(4);
         let c = hub.connect(principal(Role::Admin));
         let subscribe = || {
-            hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::Live, |_| {
-                Bytes::new()
-            })
+            hub.subscribe(
+                c.id,
+                Feed::Appointments,
+                Filter::default(),
+                Start::Live,
+                |_| Bytes::new(),
+            )
         };
         assert_eq!(subscribe(), Err(SubscribeError::NotReady));
         hub.start_at(Cursor(41));
@@ -1055,10 +1079,14 @@ mod tests {
         hub.dispatch(&insert(5, &admin));
         let mut c = hub.connect(admin);
         let ack = |cursor: Cursor| Bytes::from(cursor.to_string());
-        let subscribe = |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
+        let subscribe =
+            |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
         assert_eq!(subscribe(Start::Live), Ok(Cursor(5)));
         assert_eq!(subscribe(Start::After(Cursor(2))), Ok(Cursor(5)));
-        assert_eq!(received_raw(&mut c), vec![Bytes::from("5"), Bytes::from("2")]);
+        assert_eq!(
+            received_raw(&mut c),
+            vec![Bytes::from("5"), Bytes::from("2")]
+        );
     }
 
     #[test]
@@ -1068,9 +1096,13 @@ mod tests {
         hub.dispatch(&insert(10, &dentist));
         let mut c = hub.connect(dentist);
         let upto = hub
-            .subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(7)), |_| {
-                Bytes::from_static(b"ack")
-            })
+            .subscribe(
+                c.id,
+                Feed::Appointments,
+                Filter::default(),
+                Start::After(Cursor(7)),
+                |_| Bytes::from_static(b"ack"),
+            )
             .unwrap();
         assert_eq!(upto, Cursor(10), "replay runs up to the position");
         assert_eq!(received_raw(&mut c), vec![Bytes::from_static(b"ack")]);
@@ -1079,20 +1111,30 @@ mod tests {
         hub.dispatch(&insert(11, &dentist));
         hub.dispatch(&insert(12, &dentist));
         assert!(received_raw(&mut c).is_empty());
-        let Drained::Frames(waiting) = hub.drain_replay(c.id, Feed::Appointments) else {
+        let Drained::Frames(waiting) =
+            hub.drain_replay(c.id, Feed::Appointments, || Bytes::from_static(b"live"))
+        else {
             panic!("expected the waiting frames");
         };
         let cursors: Vec<_> = waiting.iter().map(|o| o.cursor).collect();
         assert_eq!(cursors, vec![Some(Cursor(11)), Some(Cursor(12))]);
 
-        // Once nothing waits, the subscription is live: frames go straight to the socket.
-        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Live));
+        // Once nothing waits, the subscription is live: the marker, then frames go straight to
+        // the socket.
+        assert!(matches!(
+            hub.drain_replay(c.id, Feed::Appointments, || Bytes::from_static(b"live")),
+            Drained::Live
+        ));
         hub.dispatch(&insert(13, &dentist));
         let live: Vec<_> = std::iter::from_fn(|| c.outbox.try_recv().ok()).collect();
-        assert_eq!(live.len(), 1);
-        assert_eq!(live[0].cursor, Some(Cursor(13)));
+        assert_eq!(live.len(), 2);
+        assert_eq!(live[0].frame, Bytes::from_static(b"live"));
+        assert_eq!(live[1].cursor, Some(Cursor(13)));
         hub.disconnect(c.id);
-        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Gone));
+        assert!(matches!(
+            hub.drain_replay(c.id, Feed::Appointments, || Bytes::from_static(b"live")),
+            Drained::Gone
+        ));
     }
 
     #[test]
@@ -1101,12 +1143,19 @@ mod tests {
         let dentist = principal(Role::Dentist);
         let mut c = hub.connect(dentist);
         // Resumed from another instance that was further along than this one.
-        hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(3)), |_| {
-            Bytes::new()
-        })
+        hub.subscribe(
+            c.id,
+            Feed::Appointments,
+            Filter::default(),
+            Start::After(Cursor(3)),
+            |_| Bytes::new(),
+        )
         .unwrap();
-        assert!(matches!(hub.drain_replay(c.id, Feed::Appointments), Drained::Live));
-        received_raw(&mut c);
+        assert!(matches!(
+            hub.drain_replay(c.id, Feed::Appointments, || Bytes::from_static(b"live")),
+            Drained::Live
+        ));
+        assert_eq!(received_raw(&mut c).len(), 2, "the ack and the live marker");
         for id in 1..=4 {
             hub.dispatch(&insert(id, &dentist));
         }
@@ -1121,9 +1170,13 @@ mod tests {
         let hub = started(2);
         let dentist = principal(Role::Dentist);
         let c = hub.connect(dentist);
-        hub.subscribe(c.id, Feed::Appointments, Filter::default(), Start::After(Cursor(0)), |_| {
-            Bytes::new()
-        })
+        hub.subscribe(
+            c.id,
+            Feed::Appointments,
+            Filter::default(),
+            Start::After(Cursor(0)),
+            |_| Bytes::new(),
+        )
         .unwrap();
         for id in 1..=3 {
             hub.dispatch(&insert(id, &dentist));

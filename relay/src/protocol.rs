@@ -321,6 +321,16 @@ pub fn subscribed(reference: Option<&str>, feed: Feed, cursor: Cursor) -> Bytes 
     .render()
 }
 
+/// Ends the replay of a resumed subscription: everything missed has been sent, and what follows
+/// is live.
+pub fn live(reference: Option<&str>, feed: Feed) -> Bytes {
+    Reply {
+        feed: Some(feed.as_str()),
+        ..Reply::new("live", reference)
+    }
+    .render()
+}
+
 pub fn unsubscribed(reference: Option<&str>, feed: Feed) -> Bytes {
     Reply {
         feed: Some(feed.as_str()),
@@ -503,6 +513,10 @@ mod tests {
             json!({"type": "unsubscribed", "feed": "availability"})
         );
         assert_eq!(v(pong(Some("x"))), json!({"type": "pong", "ref": "x"}));
+        assert_eq!(
+            v(live(Some("r"), Feed::Appointments)),
+            json!({"type": "live", "ref": "r", "feed": "appointments"})
+        );
         assert_eq!(
             v(error(Some("e"), ErrorCode::Forbidden, "no")),
             json!({"type": "error", "ref": "e", "code": "forbidden", "message": "no"})

@@ -16,7 +16,9 @@ use tracing::Instrument;
 use warp::ws::{Message, WebSocket};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
-use crate::hub::{Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View};
+use crate::hub::{
+    Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
+};
 use crate::log;
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::Verified;
@@ -193,11 +195,19 @@ impl Reader {
                 }
                 let start = since.map_or(Start::Live, Start::After);
                 let ack = |cursor| protocol::subscribed(reference, feed, cursor);
-                let position = match self.context.hub.subscribe(self.id, feed, filter, start, ack) {
+                let position = match self
+                    .context
+                    .hub
+                    .subscribe(self.id, feed, filter, start, ack)
+                {
                     Ok(position) => position,
                     Err(SubscribeError::Closing) => return,
                     Err(e @ SubscribeError::Forbidden { .. }) => {
-                        self.reply(protocol::error(reference, ErrorCode::Forbidden, &e.to_string()));
+                        self.reply(protocol::error(
+                            reference,
+                            ErrorCode::Forbidden,
+                            &e.to_string(),
+                        ));
                         return;
                     }
                     Err(e @ SubscribeError::NotReady) => {
@@ -210,8 +220,12 @@ impl Reader {
                     }
                 };
                 if let Some(cursor) = since {
-                    let view = View { principal: self.principal, filter };
-                    if let Err((code, message)) = self.replay(feed, view, cursor, position).await {
+                    let view = View {
+                        principal: self.principal,
+                        filter,
+                    };
+                    let replayed = self.replay(feed, view, cursor, position, reference).await;
+                    if let Err((code, message)) = replayed {
                         // The subscription cannot be completed: end it, and say why.
                         self.context.hub.unsubscribe(self.id, feed, None);
                         self.reply(protocol::error(reference, code, &message));
@@ -246,6 +260,7 @@ impl Reader {
         view: View,
         cursor: Cursor,
         upto: Cursor,
+        reference: Option<&str>,
     ) -> Result<(), (ErrorCode, String)> {
         let hub = &self.context.hub;
         let mut after = cursor;
@@ -290,7 +305,7 @@ impl Reader {
             }
         }
         loop {
-            match hub.drain_replay(self.id, feed) {
+            match hub.drain_replay(self.id, feed, || protocol::live(reference, feed)) {
                 Drained::Frames(frames) => {
                     for outbound in frames {
                         if !self.link.send(outbound).await {
@@ -301,7 +316,9 @@ impl Reader {
                 Drained::Live | Drained::Gone => break,
             }
         }
-        hub.counters().replayed.fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
+        hub.counters()
+            .replayed
+            .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(%feed, %cursor, %upto, replayed, "replayed, now live");
         Ok(())
     }

@@ -259,13 +259,25 @@ impl Ws {
         self.subscribed_reply(feed).await
     }
 
-    /// Subscribes after `cursor`: what was missed is replayed, then the feed goes on live.
-    pub async fn resume(&mut self, feed: &str, cursor: &str) -> String {
+    /// Subscribes after `cursor` and returns the events replayed, up to the `live` marker that
+    /// ends the replay. Subscribe the fence feed after this: a live fence could overtake the
+    /// replay of another feed.
+    pub async fn resume(&mut self, feed: &str, cursor: &str) -> Vec<Value> {
         self.send(json!({"type": "subscribe", "ref": feed, "feed": feed, "since": cursor}))
             .await;
         let ack = self.subscribed_reply(feed).await;
         assert_eq!(ack, cursor, "a resumed subscription starts at its cursor");
-        ack
+        let mut replayed = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "live" {
+                assert_eq!(frame, json!({"type": "live", "ref": feed, "feed": feed}));
+                return replayed;
+            }
+            assert_eq!(frame["type"], "event", "unexpected frame {frame}");
+            assert_eq!(frame["feed"], feed, "{frame}");
+            replayed.push(frame);
+        }
     }
 
     async fn subscribed_reply(&mut self, feed: &str) -> String {
@@ -283,11 +295,15 @@ impl Ws {
         cursor
     }
 
-    /// Every event frame before the fence's, in order; the fence itself is consumed.
+    /// Every event frame before the fence's, in order; the fence itself is consumed. `live`
+    /// markers are skipped.
     pub async fn events_until(&mut self, fence: Uuid) -> Vec<Value> {
         let mut events = Vec::new();
         loop {
             let frame = self.recv().await;
+            if frame["type"] == "live" {
+                continue; // The end of a resumed subscription's replay.
+            }
             assert_eq!(frame["type"], "event", "unexpected frame {frame}");
             if frame["feed"] == "availability" && frame["row"]["id"] == json!(fence) {
                 return events;
@@ -379,7 +395,9 @@ impl Model {
         match frame["op"].as_str() {
             Some("INSERT") => {
                 if rows.insert(id.clone(), frame["row"].clone()).is_some() {
-                    return Err(format!("{feed}: INSERT of {id}, which it already has: {frame}"));
+                    return Err(format!(
+                        "{feed}: INSERT of {id}, which it already has: {frame}"
+                    ));
                 }
             }
             Some(op @ ("UPDATE" | "DELETE")) => {
@@ -457,9 +475,43 @@ pub async fn assert_matches_rls(client: &mut Client, who: &Principal, model: &Mo
             .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
             .map(|(k, _)| k)
             .collect();
+        let mut first_difference = differ
+            .first()
+            .map(|k| format!("expected {} got {}", expected[*k], got[*k]))
+            .unwrap_or_default();
+        if let Some(id) = missing.first().or(extra.first()).or(differ.first()) {
+            // The row's history in the log, to tell a lost event from a wrong one.
+            let history = client
+                .query(
+                    "select id, op, coalesce(new_row, old_row)->>'dentist_id', new_session, old_session
+                     from relay.events
+                     where coalesce(new_row, old_row)->>'id' = $1 order by id",
+                    &[&id.as_str()],
+                )
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| {
+                            format!(
+                                "{}:{}:{:?}",
+                                r.get::<_, i64>(0),
+                                r.get::<_, String>(1),
+                                r.get::<_, Option<String>>(2)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            first_difference.push_str(&format!(
+                "; log of {id}: {history}; client's cursors {:?}",
+                model.cursors
+            ));
+        }
         assert!(
             missing.is_empty() && extra.is_empty() && differ.is_empty(),
-            "{} {}: {feed}: missing {missing:?}, extra {extra:?}, different {differ:?}",
+            "{} {}: {feed}: missing {missing:?}, extra {extra:?}, different {differ:?} \
+             {first_difference}",
             who.role,
             who.user_id
         );
