@@ -304,16 +304,13 @@ impl Reader {
                 after = upto;
             }
         }
-        loop {
-            match hub.drain_replay(self.id, feed, || protocol::live(reference, feed)) {
-                Drained::Frames(frames) => {
-                    for outbound in frames {
-                        if !self.link.send(outbound).await {
-                            return Ok(());
-                        }
-                    }
+        while let Drained::Frames(frames) =
+            hub.drain_replay(self.id, feed, || protocol::live(reference, feed))
+        {
+            for outbound in frames {
+                if !self.link.send(outbound).await {
+                    return Ok(());
                 }
-                Drained::Live | Drained::Gone => break,
             }
         }
         hub.counters()
