@@ -1,5 +1,6 @@
 //! Fault injection: concurrent writers across all four tables while the relay's LISTEN backend is
-//! killed, Postgres restarts, and the relay process itself is killed; clients of every role stay
+//! killed, Postgres restarts, and the relay process itself is killed (and, separately, stopped with
+//! SIGTERM); clients of every role stay
 //! connected, drop their sockets now and then and resume from their cursors. At the end each
 //! client's view, built only from the frames it received, must equal what Postgres' row-level
 //! security shows that user, and every frame must have followed from the one before (see
@@ -598,4 +599,43 @@ async fn clients_resume_without_loss_after_the_relay_is_killed() {
     wait_for_commits(&scenario.committed, 1000).await;
     scenario.finish().await;
     relay.child.start_kill().expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_socket_with_going_away_and_exits() {
+    let _serial = SERIAL.lock().await;
+    let db = common::TestDb::new().await;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut relay = RelayProcess::spawn(&db.url, addr).await;
+    let admin = db.user(Role::Admin).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(common::Ws::subscribed(addr, admin, &["appointments"]).await);
+    }
+    let pid = relay.child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    for ws in &mut sockets {
+        match ws.next_message().await {
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), relay::protocol::close::GOING_AWAY)
+            }
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+    }
+    let exit = tokio::time::timeout(PATIENCE, relay.child.wait())
+        .await
+        .expect("the relay did not exit after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "{exit}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "nothing listens after shutdown"
+    );
 }
