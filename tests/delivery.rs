@@ -274,3 +274,36 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_longer_than_the_socket_queue_is_not_cut() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.socket_queue = 16;
+    let relay = common::start_with(config).await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::connect(relay.local_addr(), dentist).await;
+    let cursor = ws.subscribe("appointments").await;
+    drop(ws);
+    db.client
+        .execute(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
+             select $1, $2, now(), now() + interval '1 hour' from generate_series(1, 200)",
+            &[&patient.user_id, &dentist.user_id],
+        )
+        .await
+        .unwrap();
+
+    // Another feed is live on the socket throughout.
+    let mut ws = Ws::connect(relay.local_addr(), dentist).await;
+    ws.subscribe("availability").await;
+    let replayed = ws.resume("appointments", &cursor).await;
+    assert_eq!(
+        replayed.len(),
+        200,
+        "all missed events, then the live marker"
+    );
+    let fence = db.fence().await;
+    assert!(ws.events_until(fence).await.is_empty());
+    relay.shutdown().await;
+}

@@ -572,6 +572,12 @@ impl RelayProcess {
     }
 }
 
+/// An address no one listens on, for a relay process to bind.
+fn free_address() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap()
+}
+
 async fn healthy(addr: SocketAddr) -> bool {
     if tokio::net::TcpStream::connect(addr).await.is_err() {
         return false;
@@ -583,10 +589,7 @@ async fn healthy(addr: SocketAddr) -> bool {
 async fn clients_resume_without_loss_after_the_relay_is_killed() {
     let _serial = SERIAL.lock().await;
     let db = common::TestDb::new().await;
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr = free_address();
     let mut relay = RelayProcess::spawn(&db.url, addr).await;
     let (_, address) = watch::channel(addr);
     let scenario = Scenario::start(db, address).await;
@@ -605,10 +608,7 @@ async fn clients_resume_without_loss_after_the_relay_is_killed() {
 async fn sigterm_closes_every_socket_with_going_away_and_exits() {
     let _serial = SERIAL.lock().await;
     let db = common::TestDb::new().await;
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr = free_address();
     let mut relay = RelayProcess::spawn(&db.url, addr).await;
     let admin = db.user(Role::Admin).await;
     let mut sockets = Vec::new();

@@ -17,7 +17,8 @@
 --   * NOTIFY, which delivers in commit order, delivers in id order.
 --
 -- The lock is held only from the first event id to the commit: an idle or long transaction holds
--- nothing until it commits. Notifying commits are already serialised by Postgres (one cluster-wide
+-- nothing until it commits. (Except after `SET CONSTRAINTS ALL IMMEDIATE`, which runs publish early:
+-- the lock is then held until the transaction ends. See docs/design.md.) Notifying commits are already serialised by Postgres (one cluster-wide
 -- lock from PreCommit_Notify to the end of commit); this lock extends that section to the writing
 -- of the transaction's events. What it costs is measured in BENCHMARKS.md.
 --

@@ -108,9 +108,20 @@ impl Link {
         self.tx.try_send(Outbound::reply(frame)).is_ok()
     }
 
-    /// Queues a frame, waiting for room (replay); false once the socket is gone.
-    pub async fn send(&self, outbound: Outbound) -> bool {
-        self.tx.send(outbound).await.is_ok()
+    /// Queues a frame for a replay, waiting until the queue has room for it and half its capacity
+    /// besides, so that live frames of the socket's other feeds, and the `live` marker, still find
+    /// room; false once the socket is gone.
+    pub async fn send_replayed(&self, outbound: Outbound) -> bool {
+        let headroom = self.tx.max_capacity() / 2;
+        match self.tx.reserve_many(headroom + 1).await {
+            Ok(mut permits) => {
+                if let Some(permit) = permits.next() {
+                    permit.send(outbound);
+                }
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Asks the socket to close; the first reason given wins.
@@ -165,12 +176,22 @@ pub enum Drained {
     Frames(Vec<Outbound>),
     /// Nothing was waiting: the subscription now receives events directly.
     Live,
+    /// More live frames arrived than the buffer holds; they were dropped. Replay from the log up
+    /// to this position too, then drain again.
+    Behind(Cursor),
     /// The subscription or socket is gone.
     Gone,
 }
 
 /// Live frames held back while a resumed subscription replays.
-type ReplayBuffer = Arc<Mutex<VecDeque<Outbound>>>;
+type ReplayBuffer = Arc<Mutex<Replay>>;
+
+#[derive(Debug, Default)]
+struct Replay {
+    frames: VecDeque<Outbound>,
+    /// Frames were dropped because the buffer was full: the replay must read further instead.
+    overflowed: bool,
+}
 
 /// One subscription as the status endpoint reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -511,11 +532,14 @@ impl Hub {
         let Some(buffer) = &member.replay else {
             return Drained::Live;
         };
-        let waiting: Vec<Outbound> = buffer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect();
+        let mut replay = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        if replay.overflowed {
+            *replay = Replay::default();
+            // Stable under the write lock: every event up to it was dropped or never buffered.
+            return Drained::Behind(self.position().unwrap_or_default());
+        }
+        let waiting: Vec<Outbound> = replay.frames.drain(..).collect();
+        drop(replay);
         if waiting.is_empty() {
             member.replay = None;
             let queued = member.link.try_send(live());
@@ -629,11 +653,14 @@ impl Hub {
                     cursor: Some(cursor),
                 };
                 if let Some(buffer) = &member.replay {
-                    let mut buffer = buffer.lock().unwrap_or_else(PoisonError::into_inner);
-                    if buffer.len() >= self.queue_capacity {
-                        slow.push(member.socket);
+                    // Bounded: past the socket's queue capacity the frames are dropped and the
+                    // replay reads them from the log instead.
+                    let mut replay = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+                    if replay.overflowed || replay.frames.len() >= self.queue_capacity {
+                        replay.overflowed = true;
+                        replay.frames.clear();
                     } else {
-                        buffer.push_back(outbound);
+                        replay.frames.push_back(outbound);
                         delivered += 1;
                     }
                     return;
@@ -1166,7 +1193,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_buffer_that_overflows_cuts_the_socket() {
+    fn a_replay_buffer_that_overflows_sends_the_replay_further_instead() {
         let hub = started(2);
         let dentist = principal(Role::Dentist);
         let c = hub.connect(dentist);
@@ -1181,10 +1208,15 @@ mod tests {
         for id in 1..=3 {
             hub.dispatch(&insert(id, &dentist));
         }
-        assert_eq!(
-            c.closed.borrow().as_ref().map(|c| c.code),
-            Some(close::SLOW_CONSUMER)
-        );
+        assert!(c.closed.borrow().is_none(), "not cut");
+        assert!(matches!(
+            hub.drain_replay(c.id, Feed::Appointments, Bytes::new),
+            Drained::Behind(Cursor(3))
+        ));
+        assert!(matches!(
+            hub.drain_replay(c.id, Feed::Appointments, Bytes::new),
+            Drained::Live
+        ));
     }
 
     #[test]

@@ -123,9 +123,11 @@ impl Listener {
     /// Connects, listens, catches up on what was committed while no one listened, and handles
     /// events until the connection fails. Returns why, and whether it got as far as listening.
     async fn listen_once(&self, reconnect: bool) -> (ListenError, bool) {
-        let (client, mut messages, driver) = match connect(&self.database).await {
-            Ok(parts) => parts,
-            Err(e) => return (e, false),
+        let connected = tokio::time::timeout(QUERY_TIMEOUT, connect(&self.database)).await;
+        let (client, mut messages, driver) = match connected {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => return (e, false),
+            Err(_) => return (ListenError::Timeout(QUERY_TIMEOUT), false),
         };
         // LISTEN came first, so whatever commits from now on is notified; what committed before
         // is in the log.
@@ -152,7 +154,7 @@ impl Listener {
 
     /// The first connection: the relay starts live from the log's newest event.
     async fn start(&self) -> Result<(), ListenError> {
-        let client = self.pool.get().await?;
+        let client = self.pooled().await?;
         let position = timed(log::position(&**client)).await?;
         self.hub.start_at(position);
         Ok(())
@@ -160,7 +162,7 @@ impl Listener {
 
     /// Dispatches, in order, every event in the log after the hub's position.
     async fn catch_up(&self) -> Result<(), ListenError> {
-        let client = self.pool.get().await?;
+        let client = self.pooled().await?;
         loop {
             let Some(after) = self.hub.position() else {
                 return Ok(());
@@ -200,6 +202,15 @@ impl Listener {
             if (count as i64) < CATCH_UP_PAGE {
                 return Ok(());
             }
+        }
+    }
+
+    /// A pooled connection, within the query timeout: a listener that cannot get one reconnects
+    /// (and reports unhealthy) rather than hang.
+    async fn pooled(&self) -> Result<deadpool_postgres::Object, ListenError> {
+        match tokio::time::timeout(QUERY_TIMEOUT, self.pool.get()).await {
+            Ok(client) => Ok(client?),
+            Err(_) => Err(ListenError::Timeout(QUERY_TIMEOUT)),
         }
     }
 

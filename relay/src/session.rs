@@ -254,63 +254,70 @@ impl Reader {
 
     /// Sends, in order, the events of `feed` after `cursor` up to `upto` that this subscriber
     /// may see, then the live frames that arrived meanwhile, and makes the subscription live.
+    /// When more live frames arrive than the buffer holds, the replay reads further in the log.
     async fn replay(
         &self,
         feed: Feed,
         view: View,
         cursor: Cursor,
-        upto: Cursor,
+        mut upto: Cursor,
         reference: Option<&str>,
     ) -> Result<(), (ErrorCode, String)> {
         let hub = &self.context.hub;
         let mut after = cursor;
         let mut replayed = 0u64;
-        while after < upto {
-            let page = async {
-                let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
-                log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
+        loop {
+            while after < upto {
+                let page = async {
+                    let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+                    log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
+                        .await
+                        .map_err(|e| unavailable(&e))
+                };
+                let page = tokio::time::timeout(LOOKUP_TIMEOUT, page)
                     .await
-                    .map_err(|e| unavailable(&e))
-            };
-            let page = tokio::time::timeout(LOOKUP_TIMEOUT, page)
-                .await
-                .map_err(|e| unavailable(&e))??;
-            if !page.is_complete_after(after) {
-                return Err(expired(cursor));
-            }
-            let full = page.events.len() as i64 == REPLAY_PAGE;
-            for (id, event) in page.events {
-                after = id;
-                let event = match event {
-                    Ok(event) => event,
-                    Err(cause) => {
-                        hub.skip_malformed(&cause);
+                    .map_err(|e| unavailable(&e))??;
+                if !page.is_complete_after(after) {
+                    return Err(expired(cursor));
+                }
+                let full = page.events.len() as i64 == REPLAY_PAGE;
+                for (id, event) in page.events {
+                    after = id;
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(cause) => {
+                            hub.skip_malformed(&cause);
+                            continue;
+                        }
+                    };
+                    let Some(frame) = view.frame(&event) else {
                         continue;
+                    };
+                    let outbound = Outbound {
+                        frame,
+                        cursor: Some(id),
+                    };
+                    if !self.link.send_replayed(outbound).await {
+                        return Ok(()); // The socket closed.
                     }
-                };
-                let Some(frame) = view.frame(&event) else {
-                    continue;
-                };
-                let outbound = Outbound {
-                    frame,
-                    cursor: Some(id),
-                };
-                if !self.link.send(outbound).await {
-                    return Ok(()); // The socket closed.
+                    replayed += 1;
                 }
-                replayed += 1;
-            }
-            if !full {
-                after = upto;
-            }
-        }
-        while let Drained::Frames(frames) =
-            hub.drain_replay(self.id, feed, || protocol::live(reference, feed))
-        {
-            for outbound in frames {
-                if !self.link.send(outbound).await {
-                    return Ok(());
+                if !full {
+                    after = upto;
                 }
+            }
+            match hub.drain_replay(self.id, feed, || protocol::live(reference, feed)) {
+                Drained::Frames(frames) => {
+                    for outbound in frames {
+                        after = outbound.cursor.unwrap_or(after);
+                        if !self.link.send_replayed(outbound).await {
+                            return Ok(());
+                        }
+                    }
+                    upto = after;
+                }
+                Drained::Behind(position) => upto = position,
+                Drained::Live | Drained::Gone => break,
             }
         }
         hub.counters()
