@@ -7,56 +7,22 @@
 //!
 //! Needs Postgres at 127.0.0.1:5432 (user postgres, trust), or `TEST_DATABASE_URL`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{SinkExt, StreamExt};
-use tokio_postgres::NoTls;
 use tokio_tungstenite::tungstenite::Message;
-use uuid::Uuid;
 
-use relay::authz::{Principal, Role};
-use relay::token::{Keys, Secret};
-use relay::{Config, Relay};
+mod support;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), support::Error> {
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
-    let base = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let name = format!("relay_latency_{}", Uuid::new_v4().simple());
-    let (admin, conn) = tokio_postgres::connect(&format!("{base}/postgres"), NoTls).await?;
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("create database {name}"))
-        .await?;
-    let url = format!("{base}/{name}");
-    let (mut db, conn) = tokio_postgres::connect(&url, NoTls).await?;
-    tokio::spawn(conn);
-    relay::migrate::migrate(&mut db).await?;
-
-    let secret = Secret::new("latency-example-secret-0123456789abcdef")?;
-    let mut config = Config::new(url.parse()?, secret.clone());
-    config.bind = "127.0.0.1:0".parse()?;
-    let relay = Relay::start(config).await?;
-    relay.health().wait_for(true).await;
-
-    let (dentist, patient) = (Uuid::new_v4(), Uuid::new_v4());
-    db.execute(
-        "insert into profiles (id, role) values ($1, 'dentist'), ($2, 'patient')",
-        &[&dentist, &patient],
-    )
-    .await?;
-    let token = Keys::new(&secret).issue(
-        &Principal {
-            user_id: dentist,
-            role: Role::Dentist,
-        },
-        Duration::from_secs(3600),
-    );
-    let url = format!("ws://{}/ws?access_token={token}", relay.local_addr());
+    let setup = support::Setup::new("relay_latency").await?;
+    let (db, dentist, patient) = (&setup.db, setup.dentist, setup.patient);
+    let url = setup.dentist_url();
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     ws.send(Message::text(
         r#"{"type":"subscribe","feed":"appointments"}"#,
@@ -88,10 +54,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         at(0.99),
         samples[samples.len() - 1]
     );
-    relay.shutdown().await;
-    drop(db);
-    admin
-        .batch_execute(&format!("drop database {name} with (force)"))
-        .await?;
+    setup.finish().await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The event log (`relay.events`) as the relay reads it: single events too large for NOTIFY,
-//! ranges of events for catch-up and replay, the retention horizon, and pruning.
+//! The event log (`relay.events`) as the relay reads it: ranges of events for catch-up (including
+//! events too large for NOTIFY) and replay, the retention horizon, and pruning.
 //!
 //! Event ids follow commit order (`triggers/003_commit_order.sql`): when an event is visible,
 //! every event with a smaller id is visible too or never will be. So "the events after cursor N"
@@ -51,17 +51,6 @@ impl Bounds {
     pub fn admits(&self, cursor: Cursor) -> bool {
         self.horizon <= cursor && cursor <= self.issued
     }
-}
-
-/// Reads one event by id (for events that arrived with `"fetch": true`). `None` if it is not in
-/// the log.
-pub async fn fetch(
-    client: &impl GenericClient,
-    id: i64,
-) -> Result<Option<Result<Event, DecodeError>>, tokio_postgres::Error> {
-    let sql = format!("select {EVENT_COLUMNS} from relay.events e where e.id = $1");
-    let row = client.query_opt(&sql, &[&id]).await?;
-    Ok(row.map(|row| decode(&row, 0)))
 }
 
 /// Reads up to `limit` events with `after < id <= upto`, of one feed or of all, in id order.
