@@ -183,6 +183,8 @@ async fn consultations_follow_their_session() {
         assert_eq!(reply["code"], "forbidden", "{reply}");
     }
 
+    // The sessions opened above are already dispatched: subscriptions start after them.
+    common::settle(&db, addr).await;
     let feeds = ["consultation_sessions", "consultation_messages"];
     let mut admin_ws = Ws::subscribed(addr, admin, &feeds).await;
     let mut a = Ws::subscribed(addr, dentist_a, &feeds).await;
@@ -509,6 +511,7 @@ async fn truncate_is_a_delete_of_every_row() {
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let first = db.book(&patient, &dentist, "").await;
     let second = db.book(&patient, &dentist, "").await;
+    common::settle(&db, relay.local_addr()).await;
     let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
     db.exec("truncate appointments cascade").await;
     let fence = db.fence().await;

@@ -313,6 +313,17 @@ impl Ws {
     }
 }
 
+/// Waits until the relay has dispatched everything committed so far, so that a subscription made
+/// next starts after it (a live subscription starts at the relay's position, which may trail the
+/// last commit by a moment).
+pub async fn settle(db: &TestDb, addr: SocketAddr) {
+    let admin = db.user(Role::Admin).await;
+    let mut ws = Ws::connect(addr, admin).await;
+    ws.subscribe("availability").await;
+    let fence = db.fence().await;
+    ws.events_until(fence).await;
+}
+
 /// A minimal HTTP GET; returns the status and the JSON body.
 pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
