@@ -1,0 +1,3 @@
+//! Differential proof that the relay authorizes as row-level security does (in progress).
+
+mod common;
