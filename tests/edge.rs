@@ -213,7 +213,7 @@ async fn bad_frames_get_errors_and_the_socket_survives() {
 async fn a_frame_over_the_size_limit_closes_only_that_socket() {
     let db = common::TestDb::new().await;
     let mut config = db.config();
-    config.max_frame_bytes = 1024;
+    config.limits.max_frame_bytes = 1024;
     let relay = common::start_with(config).await;
     let (big, fine) = (db.user(Role::Admin).await, db.user(Role::Admin).await);
     let mut offender = Ws::connect(relay.local_addr(), big).await;
@@ -484,7 +484,7 @@ async fn a_malformed_notification_is_skipped_and_the_feed_goes_on() {
 async fn a_socket_closes_when_its_token_expires() {
     let db = common::TestDb::new().await;
     let mut config = db.config();
-    config.jwt_leeway = std::time::Duration::ZERO;
+    config.tokens.leeway = std::time::Duration::ZERO;
     let relay = common::start_with(config).await;
     let who = db.user(Role::Dentist).await;
     let token = sign(

@@ -3,6 +3,7 @@
 //! The README's Configuration table lists every setting.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::authz::Role;
-use crate::token::{parse_duration, Secret};
+use crate::token::{parse_duration, Algorithm, KeySource, Secret, TokenConfig};
 
 /// The database `relay dev` uses when `DATABASE_URL` is not set.
 pub const DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/relay_dev";
@@ -26,6 +27,10 @@ const DEFAULT_MAX_FRAME_BYTES: u32 = 65536;
 const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 const DEFAULT_JWT_LEEWAY: &str = "30s";
 const DEFAULT_RETENTION: &str = "24h";
+const DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET: u32 = 4;
+const DEFAULT_MAX_FRAMES_PER_SECOND: u32 = 50;
+const DEFAULT_MAX_SOCKETS_PER_USER: u32 = 16;
+const DEFAULT_MAX_SOCKETS: u32 = 20_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,12 +78,92 @@ pub struct ServeArgs {
     #[arg(long = "database-url", env = "DATABASE_URL", value_parser = parse_database_url)]
     pub database_url: tokio_postgres::Config,
 
-    /// HS256 secret that signs access tokens; at least 32 bytes.
-    #[arg(long = "relay-jwt-secret", env = "RELAY_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
-    pub relay_jwt_secret: Secret,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     #[command(flatten)]
     pub tuning: Tuning,
+}
+
+/// How `serve` verifies tokens: one pinned algorithm and its key.
+#[derive(Debug, Args, Clone)]
+pub struct AuthArgs {
+    /// The one algorithm tokens must be signed with: HS256 (with RELAY_JWT_SECRET), RS256 or
+    /// ES256 (with RELAY_JWT_PUBLIC_KEY_FILE or RELAY_JWKS_FILE).
+    #[arg(long = "relay-jwt-alg", env = "RELAY_JWT_ALG", default_value = "HS256",
+          value_parser = Algorithm::from_str)]
+    pub relay_jwt_alg: Algorithm,
+
+    /// HS256 secret that signs access tokens; at least 32 bytes.
+    #[arg(long = "relay-jwt-secret", env = "RELAY_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub relay_jwt_secret: Option<Secret>,
+
+    /// RS256/ES256: the PEM file holding the public key that verifies tokens.
+    #[arg(
+        long = "relay-jwt-public-key-file",
+        env = "RELAY_JWT_PUBLIC_KEY_FILE",
+        conflicts_with = "relay_jwks_file"
+    )]
+    pub relay_jwt_public_key_file: Option<PathBuf>,
+
+    /// RS256/ES256: a JWKS file (`{"keys": [...]}`); a token's `kid` picks the key.
+    #[arg(long = "relay-jwks-file", env = "RELAY_JWKS_FILE")]
+    pub relay_jwks_file: Option<PathBuf>,
+
+    /// When set, a token's `aud` claim must name this value.
+    #[arg(long = "relay-jwt-audience", env = "RELAY_JWT_AUDIENCE")]
+    pub relay_jwt_audience: Option<String>,
+
+    /// When set, a token's `iss` claim must equal this value.
+    #[arg(long = "relay-jwt-issuer", env = "RELAY_JWT_ISSUER")]
+    pub relay_jwt_issuer: Option<String>,
+}
+
+impl AuthArgs {
+    /// The token configuration, or the one line that says what is missing or contradictory.
+    pub fn token_config(self) -> Result<TokenConfig, String> {
+        let algorithm = self.relay_jwt_alg;
+        let key = match (
+            algorithm,
+            self.relay_jwt_secret,
+            self.relay_jwt_public_key_file,
+            self.relay_jwks_file,
+        ) {
+            (Algorithm::Hs256, Some(secret), None, None) => KeySource::Secret(secret),
+            (Algorithm::Hs256, None, None, None) => {
+                return Err("missing required setting RELAY_JWT_SECRET (RELAY_JWT_ALG is HS256)".into())
+            }
+            (Algorithm::Hs256, _, _, _) => {
+                return Err("RELAY_JWT_ALG is HS256, which verifies with RELAY_JWT_SECRET only; \
+                            unset RELAY_JWT_PUBLIC_KEY_FILE and RELAY_JWKS_FILE, or set RELAY_JWT_ALG"
+                    .into())
+            }
+            (_, Some(_), _, _) => {
+                return Err(format!(
+                    "RELAY_JWT_ALG is {algorithm}, which verifies with a public key; \
+                     unset RELAY_JWT_SECRET"
+                ))
+            }
+            (_, None, Some(path), None) => KeySource::PublicKeyFile(path),
+            (_, None, None, Some(path)) => KeySource::JwksFile(path),
+            (_, None, None, None) => {
+                return Err(format!(
+                    "missing required setting RELAY_JWT_PUBLIC_KEY_FILE or RELAY_JWKS_FILE \
+                     (RELAY_JWT_ALG is {algorithm})"
+                ))
+            }
+            (_, None, Some(_), Some(_)) => {
+                return Err("set RELAY_JWT_PUBLIC_KEY_FILE or RELAY_JWKS_FILE, not both".into())
+            }
+        };
+        Ok(TokenConfig {
+            algorithm,
+            key,
+            leeway: crate::token::DEFAULT_LEEWAY,
+            audience: self.relay_jwt_audience,
+            issuer: self.relay_jwt_issuer,
+        })
+    }
 }
 
 /// Settings with defaults, shared by `serve` and `dev`.
@@ -104,8 +189,8 @@ pub struct Tuning {
           value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub relay_max_frame_bytes: u32,
 
-    /// Clock skew tolerated on a token's `exp`; a socket closes (4001) when its token expires
-    /// plus this leeway.
+    /// Clock skew tolerated on a token's `exp` and `nbf`; a socket closes (4001) when its token
+    /// expires plus this leeway, unless an `auth` frame brought a fresh token.
     #[arg(long = "relay-jwt-leeway", env = "RELAY_JWT_LEEWAY", default_value = DEFAULT_JWT_LEEWAY,
           value_parser = parse_duration)]
     pub relay_jwt_leeway: Duration,
@@ -120,6 +205,39 @@ pub struct Tuning {
     #[arg(long = "relay-retention", env = "RELAY_RETENTION", default_value = DEFAULT_RETENTION,
           value_parser = parse_retention)]
     pub relay_retention: Duration,
+
+    /// Subscriptions one socket may hold (one per feed, so at most 4); one more is refused with
+    /// `too_many_subscriptions`.
+    #[arg(long = "relay-max-subscriptions-per-socket", env = "RELAY_MAX_SUBSCRIPTIONS_PER_SOCKET",
+          default_value_t = DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET,
+          value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub relay_max_subscriptions_per_socket: u32,
+
+    /// Frames a socket may send per second (with bursts of as many); a socket over the rate is
+    /// closed with 4029.
+    #[arg(long = "relay-max-frames-per-second", env = "RELAY_MAX_FRAMES_PER_SECOND",
+          default_value_t = DEFAULT_MAX_FRAMES_PER_SECOND,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub relay_max_frames_per_second: u32,
+
+    /// Sockets one user may hold open at once; one more is refused with HTTP 429.
+    #[arg(long = "relay-max-sockets-per-user", env = "RELAY_MAX_SOCKETS_PER_USER",
+          default_value_t = DEFAULT_MAX_SOCKETS_PER_USER,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub relay_max_sockets_per_user: u32,
+
+    /// Sockets this relay holds open at once; one more is refused with HTTP 503. Keep it below the
+    /// process's open-file limit: each socket is a file descriptor.
+    #[arg(long = "relay-max-sockets", env = "RELAY_MAX_SOCKETS", default_value_t = DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub relay_max_sockets: u32,
+
+    /// Comma-separated `Origin` values browsers may open sockets from (e.g.
+    /// `https://dash.example.com`); an upgrade from any other origin is refused with HTTP 403.
+    /// Unset: every origin. Requests without an `Origin` header (not from a browser) are allowed.
+    #[arg(long = "relay-allowed-origins", env = "RELAY_ALLOWED_ORIGINS", value_delimiter = ',',
+          value_parser = parse_origin)]
+    pub relay_allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -154,43 +272,62 @@ pub struct DevArgs {
     pub tuning: Tuning,
 }
 
+/// Limits that keep one client from harming the others (see [`crate::limits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_subscriptions_per_socket: usize,
+    pub max_frames_per_second: u32,
+    pub max_sockets_per_user: usize,
+    pub max_sockets: usize,
+    /// Empty: every origin.
+    pub allowed_origins: Vec<String>,
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: tokio_postgres::Config,
-    pub jwt_secret: Secret,
+    pub tokens: TokenConfig,
     pub bind: SocketAddr,
     pub socket_queue: usize,
     pub pool_size: usize,
-    pub max_frame_bytes: usize,
     pub shutdown_grace: Duration,
-    pub jwt_leeway: Duration,
     pub retention: Duration,
+    pub limits: Limits,
 }
 
 impl Config {
-    /// A configuration with every default, as `relay serve` would have with only the two
-    /// required settings.
+    /// A configuration with every default and HS256 tokens signed with `jwt_secret`, as
+    /// `relay serve` would have with only the two required settings.
     pub fn new(database: tokio_postgres::Config, jwt_secret: Secret) -> Config {
-        let defaults = Tuning::defaults();
-        Config::from_parts(database, jwt_secret, defaults)
+        Config::from_parts(database, TokenConfig::hs256(jwt_secret), Tuning::defaults())
     }
 
     pub fn from_parts(
         database: tokio_postgres::Config,
-        jwt_secret: Secret,
+        tokens: TokenConfig,
         tuning: Tuning,
     ) -> Config {
         Config {
             database,
-            jwt_secret,
+            tokens: TokenConfig {
+                leeway: tuning.relay_jwt_leeway,
+                ..tokens
+            },
             bind: tuning.relay_bind,
             socket_queue: tuning.relay_socket_queue as usize,
             pool_size: tuning.relay_pool_size as usize,
-            max_frame_bytes: tuning.relay_max_frame_bytes as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
-            jwt_leeway: tuning.relay_jwt_leeway,
             retention: tuning.relay_retention,
+            limits: Limits {
+                max_frame_bytes: tuning.relay_max_frame_bytes as usize,
+                max_subscriptions_per_socket: tuning.relay_max_subscriptions_per_socket as usize,
+                max_frames_per_second: tuning.relay_max_frames_per_second,
+                max_sockets_per_user: tuning.relay_max_sockets_per_user as usize,
+                max_sockets: tuning.relay_max_sockets as usize,
+                allowed_origins: tuning.relay_allowed_origins,
+            },
         }
     }
 }
@@ -206,6 +343,11 @@ impl Tuning {
             relay_shutdown_grace: Duration::from_secs(10),
             relay_jwt_leeway: crate::token::DEFAULT_LEEWAY,
             relay_retention: Duration::from_secs(24 * 3600),
+            relay_max_subscriptions_per_socket: DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET,
+            relay_max_frames_per_second: DEFAULT_MAX_FRAMES_PER_SECOND,
+            relay_max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
+            relay_max_sockets: DEFAULT_MAX_SOCKETS,
+            relay_allowed_origins: Vec::new(),
         }
     }
 }
@@ -225,6 +367,21 @@ fn parse_retention(value: &str) -> Result<Duration, String> {
         return Err("retention must be at least 1s".into());
     }
     Ok(retention)
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, no path; compared case-insensitively.
+fn parse_origin(value: &str) -> Result<String, String> {
+    let origin = value.trim().trim_end_matches('/').to_ascii_lowercase();
+    let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+        !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+    });
+    if valid {
+        Ok(origin)
+    } else {
+        Err(format!(
+            "{value:?} is not an origin like https://dash.example.com or http://localhost:3000"
+        ))
+    }
 }
 
 fn parse_secret(value: &str) -> Result<Secret, String> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use uuid::{uuid, Uuid};
 
 use crate::authz::{Principal, Role};
-use crate::token::Keys;
+use crate::token::Issuer;
 
 /// The demo users, with fixed ids so tokens and SQL lines stay valid across runs.
 pub const DEMO_USERS: [(Uuid, Role, &str); 6] = [
@@ -160,12 +160,12 @@ pub fn psql_command(config: &tokio_postgres::Config) -> String {
 }
 
 /// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
-pub fn banner(keys: &Keys, addr: std::net::SocketAddr, psql: &str) -> String {
+pub fn banner(issuer: &Issuer, addr: std::net::SocketAddr, psql: &str) -> String {
     let mut out = format!("\nrelay dev: serving on http://{addr}\n");
     out.push_str("\nConnect as any demo user (tokens valid 24 h), then send\n");
     out.push_str("  {\"type\":\"subscribe\",\"ref\":\"1\",\"feed\":\"appointments\"}\n");
     for (id, role, name) in DEMO_USERS {
-        let token = keys.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
+        let token = issuer.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
         out.push_str(&format!(
             "\n# {role:<8} {name} ({id})\nnpx -y wscat -c 'ws://{addr}/ws?access_token={token}'\n"
         ));

@@ -16,40 +16,71 @@ use warp::reject::Reject;
 use warp::{Filter, Rejection, Reply};
 
 use crate::authz::{Principal, Role};
+use crate::limits::{Admission, Refusal};
 use crate::listener::Health;
 use crate::session::{self, SessionContext};
-use crate::token::{Keys, TokenError, Verified};
+use crate::token::{TokenError, Verified};
 
 /// Everything the routes need, cloned into each request.
 #[derive(Clone)]
 pub struct AppState {
     pub session: SessionContext,
     pub health: Arc<Health>,
-    pub keys: Arc<Keys>,
-    pub max_frame_bytes: usize,
+    /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
+    pub admission: Arc<Admission>,
 }
 
 #[derive(Debug)]
 struct Unauthorized(TokenError);
 impl Reject for Unauthorized {}
 
+/// Any other refusal: its status, `error` code and message.
 #[derive(Debug)]
-struct Forbidden(&'static str);
-impl Reject for Forbidden {}
+struct Refused {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+impl Reject for Refused {}
+
+fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -> Rejection {
+    warp::reject::custom(Refused {
+        status,
+        code,
+        message: message.into(),
+    })
+}
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let with_state = warp::any().map(move || state.clone());
 
     let ws = warp::path!("ws")
         .and(warp::get())
+        .and(allowed_origin(with_state.clone()))
         .and(authenticated(with_state.clone(), TokenIn::HeaderOrQuery))
         .and(warp::ws())
-        .map(|state: AppState, verified: Verified, ws: warp::ws::Ws| {
-            let context = state.session.clone();
-            ws.max_message_size(state.max_frame_bytes)
-                .max_frame_size(state.max_frame_bytes)
-                .on_upgrade(move |socket| session::run(socket, verified, context))
-        });
+        .and_then(
+            |state: AppState, verified: Verified, ws: warp::ws::Ws| async move {
+                let ticket =
+                    state
+                        .admission
+                        .admit(verified.principal.user_id)
+                        .map_err(|refusal| {
+                            let status = match refusal {
+                                Refusal::TooManyForUser(_) => StatusCode::TOO_MANY_REQUESTS,
+                                Refusal::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+                            };
+                            refused(status, refusal.code(), refusal.to_string())
+                        })?;
+                let context = state.session.clone();
+                let max = context.limits.max_frame_bytes;
+                Ok::<_, Rejection>(
+                    ws.max_message_size(max)
+                        .max_frame_size(max)
+                        .on_upgrade(move |socket| session::run(socket, verified, context, ticket)),
+                )
+            },
+        );
 
     let health = warp::path!("api" / "realtime" / "health")
         .and(warp::get())
@@ -90,9 +121,11 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(with_principal)
         .and_then(|state: AppState, principal: Principal| async move {
             if principal.role != Role::Admin {
-                return Err(warp::reject::custom(Forbidden(
+                return Err(refused(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
                     "stats are for admin tokens only",
-                )));
+                ));
             }
             let snapshot = state.session.hub.snapshot();
             let mut body = serde_json::to_value(snapshot).unwrap_or_default();
@@ -101,6 +134,33 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         });
 
     ws.or(health).or(status).or(stats).recover(recover)
+}
+
+/// Refuses an upgrade from a browser page whose origin is not in `RELAY_ALLOWED_ORIGINS`, so a
+/// page elsewhere cannot open a socket with a token it got hold of (cross-site WebSocket
+/// hijacking). Clients that send no `Origin` (not browsers) pass.
+fn allowed_origin(
+    with_state: impl Filter<Extract = (AppState,), Error = Infallible> + Clone,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    with_state
+        .and(warp::header::optional::<String>("origin"))
+        .and_then(|state: AppState, origin: Option<String>| async move {
+            let allowed = &state.session.limits.allowed_origins;
+            match origin {
+                Some(origin)
+                    if !allowed.is_empty()
+                        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(&origin)) =>
+                {
+                    Err(refused(
+                        StatusCode::FORBIDDEN,
+                        "origin_not_allowed",
+                        "this origin may not open sockets on this relay (RELAY_ALLOWED_ORIGINS)",
+                    ))
+                }
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
 }
 
 /// Where a route accepts the token. Only the WebSocket upgrade takes it from the query string,
@@ -143,7 +203,7 @@ fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
             Ok(Some(token.trim().to_string()))
         }
         _ => Err(warp::reject::custom(Unauthorized(TokenError::Invalid(
-            "the Authorization header must be `Bearer <jwt>`",
+            "the Authorization header must be `Bearer <jwt>`".into(),
         )))),
     }
 }
@@ -151,7 +211,7 @@ fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
 fn authenticate(state: &AppState, token: Option<&str>) -> Result<Verified, Rejection> {
     let token = token.ok_or(TokenError::Missing);
     token
-        .and_then(|t| state.keys.verify(t))
+        .and_then(|t| state.session.verifier.verify(t))
         .map_err(|e| warp::reject::custom(Unauthorized(e)))
 }
 
@@ -171,8 +231,13 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
             warp::http::HeaderValue::from_static("Bearer"),
         );
         response
-    } else if let Some(Forbidden(message)) = rejection.find() {
-        error_reply(StatusCode::FORBIDDEN, "forbidden", message)
+    } else if let Some(Refused {
+        status,
+        code,
+        message,
+    }) = rejection.find()
+    {
+        error_reply(*status, code, message)
     } else if rejection.is_not_found() {
         error_reply(StatusCode::NOT_FOUND, "not_found", "no such route")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {

@@ -572,6 +572,17 @@ impl Hub {
         }
     }
 
+    /// How many subscriptions a socket holds, and whether one of them is to `feed` (so that
+    /// subscribing to it again replaces rather than adds).
+    pub fn subscriptions_held(&self, socket: SocketId, feed: Feed) -> (usize, bool) {
+        let index = self.read();
+        let Some(state) = index.sockets.get(&socket) else {
+            return (0, false);
+        };
+        let held = state.subscriptions.iter().flatten().count();
+        (held, state.subscriptions[feed.index()].is_some())
+    }
+
     /// Removes a socket and all its subscriptions.
     pub fn disconnect(&self, socket: SocketId) {
         let mut index = self.write();

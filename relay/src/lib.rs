@@ -19,6 +19,7 @@
 //! - [`protocol`]: the client frames and the relay's replies.
 //! - [`http`]: routes: the upgrade, health, status, stats.
 //! - [`token`]: verifying and issuing JWTs.
+//! - [`limits`]: socket admission (per user, in total) and the inbound frame rate.
 //! - [`server`]: wiring it together; start and graceful shutdown.
 //! - [`migrate`]: applying `sql/` and `triggers/`.
 //! - [`config`]: the command line and environment; [`dev`]: the `relay dev` command.
@@ -29,6 +30,7 @@ pub mod dev;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod listener;
 pub mod log;
 pub mod migrate;

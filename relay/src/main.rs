@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use relay::config::{Cli, Command, Config};
-use relay::token::Keys;
+use relay::token::{Issuer, TokenConfig};
 use relay::{dev, migrate, Relay};
 
 fn main() -> ExitCode {
@@ -95,12 +95,13 @@ async fn run(command: Command) -> Result<(), String> {
             };
             println!(
                 "{}",
-                Keys::new(&args.relay_jwt_secret).issue(&principal, args.ttl)
+                Issuer::new(&args.relay_jwt_secret).issue(&principal, args.ttl)
             );
             Ok(())
         }
         Command::Serve(args) => {
-            let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
+            let tokens = args.auth.token_config()?;
+            let config = Config::from_parts(args.database_url, tokens, args.tuning);
             serve(config, None).await
         }
         Command::Dev(args) => {
@@ -108,17 +109,19 @@ async fn run(command: Command) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let psql = dev::psql_command(&args.database_url);
-            let config = Config::from_parts(args.database_url, args.relay_jwt_secret, args.tuning);
-            serve(config, Some(psql)).await
+            let issuer = Issuer::new(&args.relay_jwt_secret);
+            let tokens = TokenConfig::hs256(args.relay_jwt_secret);
+            let config = Config::from_parts(args.database_url, tokens, args.tuning);
+            serve(config, Some((issuer, psql))).await
         }
     }
 }
 
-async fn serve(config: Config, dev_psql: Option<String>) -> Result<(), String> {
-    let keys = Keys::new(&config.jwt_secret);
+/// Serves until SIGINT or SIGTERM; `relay dev` also prints its banner, with tokens from `issuer`.
+async fn serve(config: Config, dev: Option<(Issuer, String)>) -> Result<(), String> {
     let relay = Relay::start(config).await.map_err(|e| e.to_string())?;
-    if let Some(psql) = dev_psql {
-        println!("{}", dev::banner(&keys, relay.local_addr(), &psql));
+    if let Some((issuer, psql)) = dev {
+        println!("{}", dev::banner(&issuer, relay.local_addr(), &psql));
     }
     relay::shutdown_signal().await;
     tracing::info!("shutting down");

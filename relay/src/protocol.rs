@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::authz::Feed;
+use crate::token::{RawToken, TokenError};
 
 /// WebSocket close codes the relay uses, beyond the standard ones.
 pub mod close {
@@ -23,11 +24,16 @@ pub mod close {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame exceeded `RELAY_MAX_FRAME_BYTES`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The token the socket was opened with expired; reconnect with a fresh one.
+    /// The socket's token expired and no fresh one came in an `auth` frame; reconnect with a
+    /// fresh token.
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// An `auth` frame carried a token for another user or role than the socket's.
+    pub const IDENTITY_CHANGED: u16 = 4003;
     /// The socket's outbound queue was full: the client read too slowly. The reason names the
     /// cursor of the last event frame written; resume each feed from its last cursor.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client sent more frames per second than `RELAY_MAX_FRAMES_PER_SECOND` allows.
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// A position in the event log: the id of the last event a client has, as the opaque string
@@ -71,6 +77,11 @@ pub enum ClientFrame {
     Ping {
         reference: Option<String>,
     },
+    /// Replaces the socket's token with a fresh one for the same user and role.
+    Auth {
+        reference: Option<String>,
+        token: RawToken,
+    },
 }
 
 /// Narrows a subscription; never widens what authorization allows.
@@ -101,6 +112,15 @@ pub enum ErrorCode {
     /// The `since` cursor is older than the event log's retention (or not from this database):
     /// events after it can no longer be replayed. Refetch current state, then subscribe anew.
     CursorExpired,
+    /// The socket already holds `RELAY_MAX_SUBSCRIPTIONS_PER_SOCKET` subscriptions.
+    TooManySubscriptions,
+    /// An `auth` frame's token was refused; the code names why, as the HTTP 401 codes do.
+    InvalidToken,
+    TokenExpired,
+    TokenNotYetValid,
+    InvalidSignature,
+    /// An `auth` frame's token names another user or role; the socket is closed (4003).
+    IdentityChanged,
 }
 
 impl ErrorCode {
@@ -111,6 +131,23 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::CursorExpired => "cursor_expired",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenNotYetValid => "token_not_yet_valid",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::IdentityChanged => "identity_changed",
+        }
+    }
+}
+
+impl From<&TokenError> for ErrorCode {
+    fn from(error: &TokenError) -> ErrorCode {
+        match error {
+            TokenError::Expired => ErrorCode::TokenExpired,
+            TokenError::NotYetValid => ErrorCode::TokenNotYetValid,
+            TokenError::BadSignature => ErrorCode::InvalidSignature,
+            TokenError::Missing | TokenError::Invalid(_) => ErrorCode::InvalidToken,
         }
     }
 }
@@ -177,10 +214,24 @@ impl ClientFrame {
             "ping" => ClientFrame::Ping {
                 reference: reference.clone(),
             },
+            "auth" => match object.remove("access_token") {
+                Some(Value::String(token)) if !token.is_empty() => ClientFrame::Auth {
+                    reference: reference.clone(),
+                    token: RawToken(token),
+                },
+                _ => {
+                    return Err(bad(
+                        reference,
+                        "an auth frame needs `access_token`, a JWT string".into(),
+                    ))
+                }
+            },
             other => {
                 return Err(bad(
                     reference,
-                    format!("unknown type {other:?}: expected subscribe, unsubscribe or ping"),
+                    format!(
+                        "unknown type {other:?}: expected subscribe, unsubscribe, ping or auth"
+                    ),
                 ))
             }
         };
@@ -289,6 +340,8 @@ struct Reply<'a> {
     code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 impl<'a> Reply<'a> {
@@ -300,6 +353,7 @@ impl<'a> Reply<'a> {
             cursor: None,
             code: None,
             message: None,
+            expires_at: None,
         }
     }
 
@@ -335,6 +389,16 @@ pub fn unsubscribed(reference: Option<&str>, feed: Feed) -> Bytes {
     Reply {
         feed: Some(feed.as_str()),
         ..Reply::new("unsubscribed", reference)
+    }
+    .render()
+}
+
+/// The answer to an accepted `auth` frame: the socket now lives until `expires_at` (RFC 3339,
+/// the new token's `exp` plus the leeway).
+pub fn authenticated(reference: Option<&str>, expires_at: std::time::SystemTime) -> Bytes {
+    Reply {
+        expires_at: Some(crate::rfc3339(expires_at)),
+        ..Reply::new("authenticated", reference)
     }
     .render()
 }
@@ -407,6 +471,13 @@ mod tests {
                 reference: Some("3".into())
             })
         );
+        assert_eq!(
+            parse(json!({"type": "auth", "ref": "4", "access_token": "a.b.c"})),
+            Ok(ClientFrame::Auth {
+                reference: Some("4".into()),
+                token: RawToken("a.b.c".into())
+            })
+        );
     }
 
     #[test]
@@ -473,6 +544,21 @@ mod tests {
                 json!({"ref": 5, "type": "ping"}),
                 ErrorCode::BadRequest,
                 None,
+            ),
+            (
+                json!({"ref": "m", "type": "auth"}),
+                ErrorCode::BadRequest,
+                Some("m"),
+            ),
+            (
+                json!({"ref": "n", "type": "auth", "access_token": 7}),
+                ErrorCode::BadRequest,
+                Some("n"),
+            ),
+            (
+                json!({"ref": "o", "type": "auth", "access_token": "a.b.c", "role": "admin"}),
+                ErrorCode::BadRequest,
+                Some("o"),
             ),
         ];
         for (value, code, reference) in cases {

@@ -16,9 +16,10 @@ use tokio_postgres::NoTls;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::{Close, Hub};
+use crate::limits::Admission;
 use crate::listener::{Health, Listener};
 use crate::session::SessionContext;
-use crate::token::Keys;
+use crate::token::{KeyError, Verifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,6 +31,8 @@ pub enum StartError {
     },
     #[error("cannot build the connection pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
+    #[error("cannot load the token key: {0}")]
+    Keys(#[from] KeyError),
 }
 
 /// A running relay.
@@ -59,6 +62,7 @@ pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
 
 impl Relay {
     pub async fn start(config: Config) -> Result<Relay, StartError> {
+        let verifier = Arc::new(Verifier::load(&config.tokens)?);
         let pool = pool(&config)?;
         let tcp = TcpListener::bind(config.bind)
             .await
@@ -94,10 +98,14 @@ impl Relay {
                 hub: hub.clone(),
                 pool,
                 live: live.clone(),
+                verifier,
+                limits: Arc::new(config.limits.clone()),
             },
             health: health.clone(),
-            keys: Arc::new(Keys::with_leeway(&config.jwt_secret, config.jwt_leeway)),
-            max_frame_bytes: config.max_frame_bytes,
+            admission: Admission::new(
+                config.limits.max_sockets,
+                config.limits.max_sockets_per_user,
+            ),
         };
         let mut stopped_server = stopped;
         let server = tokio::spawn(

@@ -6,7 +6,7 @@
 //! close signal. A malformed frame gets an `error` frame and the socket stays open.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::SplitSink;
@@ -16,12 +16,14 @@ use tracing::Instrument;
 use warp::ws::{Message, WebSocket};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
+use crate::config::Limits;
 use crate::hub::{
     Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
 };
+use crate::limits::{FrameRate, Ticket};
 use crate::log;
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
-use crate::token::Verified;
+use crate::token::{RawToken, Verified, Verifier};
 
 /// How long a close frame may take to send before the socket is dropped without one. Long enough
 /// for a slow reader to drain what its socket already holds and receive the close code.
@@ -39,13 +41,18 @@ pub struct SessionContext {
     pub pool: deadpool_postgres::Pool,
     /// Counts live sessions, so shutdown can wait for them to close.
     pub live: Arc<watch::Sender<usize>>,
+    /// Verifies the fresh tokens of `auth` frames.
+    pub verifier: Arc<Verifier>,
+    pub limits: Arc<Limits>,
 }
 
-/// Serves one upgraded socket until either side closes it, or its token expires.
-pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext) {
+/// Serves one upgraded socket until either side closes it, or its token expires. The ticket
+/// holds the socket's place under the socket limits until it ends.
+pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext, ticket: Ticket) {
     let principal = verified.principal;
     let span = tracing::info_span!("socket", user = %principal.user_id, role = %principal.role);
-    serve(socket, verified, context).instrument(span).await
+    serve(socket, verified, context).instrument(span).await;
+    drop(ticket);
 }
 
 /// Counts a session as live for as long as it exists, however it ends.
@@ -67,12 +74,9 @@ impl Drop for Live {
 async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
     let _live = Live::new(&context.live);
     let principal = verified.principal;
-    // Subscriptions never outlive the right to see: the socket closes when the token expires.
-    let remaining = verified
-        .expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    let expiry = tokio::time::sleep(remaining);
+    // Subscriptions never outlive the right to see: the socket closes when the token expires,
+    // unless an `auth` frame brings a fresh one first.
+    let expiry = tokio::time::sleep(until(verified.expires_at));
     tokio::pin!(expiry);
     let Connection {
         id,
@@ -90,43 +94,84 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
         link: link.clone(),
         context: context.clone(),
     };
+    let mut rate = FrameRate::new(context.limits.max_frames_per_second, Instant::now());
     let mut closed = closed;
+    let token_expired = || Close {
+        code: close::TOKEN_EXPIRED,
+        reason: "token expired".into(),
+    };
     loop {
         let message = tokio::select! {
             biased;
             _ = closed.wait_for(Option::is_some) => break,
             _ = &mut expiry => {
-                link.close(Close {
-                    code: close::TOKEN_EXPIRED,
-                    reason: "token expired".into(),
-                });
+                link.close(token_expired());
                 break;
             }
             message = stream.next() => message,
         };
-        match message {
+        if message.is_some() && !rate.allow(Instant::now()) {
+            link.close(Close {
+                code: close::RATE_LIMITED,
+                reason: format!(
+                    "more than {} frames per second",
+                    context.limits.max_frames_per_second
+                )
+                .into(),
+            });
+            break;
+        }
+        let text = match message {
             Some(Ok(message)) if message.is_text() => match message.to_str() {
-                Ok(text) => reader.handle(text).await,
-                Err(()) => reader.reply(protocol::error(
+                Ok(text) => text.to_owned(),
+                Err(()) => {
+                    reader.reply(protocol::error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "text frame is not UTF-8",
+                    ));
+                    continue;
+                }
+            },
+            Some(Ok(message)) if message.is_binary() => {
+                reader.reply(protocol::error(
                     None,
                     ErrorCode::BadRequest,
-                    "text frame is not UTF-8",
-                )),
-            },
-            Some(Ok(message)) if message.is_binary() => reader.reply(protocol::error(
-                None,
-                ErrorCode::BadRequest,
-                "frames must be JSON text, not binary",
-            )),
+                    "frames must be JSON text, not binary",
+                ));
+                continue;
+            }
             Some(Ok(message)) if message.is_close() => break,
             // Pings are answered by the WebSocket layer; pongs need nothing.
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => continue,
             Some(Err(e)) => {
                 tracing::debug!(cause = %e, "socket read failed");
                 link.close(close_for(&e));
                 break;
             }
             None => break,
+        };
+        // A frame's work (a replay may take a while) never outlives the token or the socket.
+        let outcome = tokio::select! {
+            biased;
+            _ = closed.wait_for(Option::is_some) => break,
+            _ = &mut expiry => {
+                link.close(token_expired());
+                break;
+            }
+            outcome = reader.handle(&text) => outcome,
+        };
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Reauthenticated(expires_at) => {
+                expiry
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + until(expires_at));
+            }
+            Outcome::Close(reason) => {
+                link.close(reason);
+                break;
+            }
         }
     }
     context.hub.disconnect(id);
@@ -136,6 +181,19 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
     });
     let _ = writer.await;
     tracing::debug!("disconnected");
+}
+
+/// How long until `at`; zero if it has passed.
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// What the socket does after a client frame.
+enum Outcome {
+    Continue,
+    /// A fresh token was accepted: the socket now lives until then.
+    Reauthenticated(SystemTime),
+    Close(Close),
 }
 
 /// The close code for a failed read: the client broke the protocol or a limit.
@@ -168,10 +226,13 @@ impl Reader {
         }
     }
 
-    async fn handle(&self, text: &str) {
+    async fn handle(&self, text: &str) -> Outcome {
         match ClientFrame::parse(text) {
             Err(e) => self.reply(e.to_frame()),
             Ok(ClientFrame::Ping { reference }) => self.reply(protocol::pong(reference.as_deref())),
+            Ok(ClientFrame::Auth { reference, token }) => {
+                return self.reauthenticate(reference.as_deref(), &token)
+            }
             Ok(ClientFrame::Unsubscribe { reference, feed }) => {
                 let ack = protocol::unsubscribed(reference.as_deref(), feed);
                 self.context.hub.unsubscribe(self.id, feed, Some(ack));
@@ -182,55 +243,98 @@ impl Reader {
                 filter,
                 since,
             }) => {
-                let reference = reference.as_deref();
-                if let Err((code, message)) = self.check_subscription(feed, &filter).await {
-                    self.reply(protocol::error(reference, code, &message));
-                    return;
-                }
-                if let Some(cursor) = since {
-                    if let Err((code, message)) = self.check_cursor(cursor).await {
-                        self.reply(protocol::error(reference, code, &message));
-                        return;
-                    }
-                }
-                let start = since.map_or(Start::Live, Start::After);
-                let ack = |cursor| protocol::subscribed(reference, feed, cursor);
-                let position = match self
-                    .context
-                    .hub
-                    .subscribe(self.id, feed, filter, start, ack)
-                {
-                    Ok(position) => position,
-                    Err(SubscribeError::Closing) => return,
-                    Err(e @ SubscribeError::Forbidden { .. }) => {
-                        self.reply(protocol::error(
-                            reference,
-                            ErrorCode::Forbidden,
-                            &e.to_string(),
-                        ));
-                        return;
-                    }
-                    Err(e @ SubscribeError::NotReady) => {
-                        self.reply(protocol::error(
-                            reference,
-                            ErrorCode::Unavailable,
-                            &format!("{e}; try again"),
-                        ));
-                        return;
-                    }
-                };
-                if let Some(cursor) = since {
-                    let view = View {
-                        principal: self.principal,
-                        filter,
-                    };
-                    let replayed = self.replay(feed, view, cursor, position, reference).await;
-                    if let Err((code, message)) = replayed {
-                        // The subscription cannot be completed: end it, and say why.
-                        self.context.hub.unsubscribe(self.id, feed, None);
-                        self.reply(protocol::error(reference, code, &message));
-                    }
-                }
+                self.subscribe(reference.as_deref(), feed, filter, since)
+                    .await
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Replaces the socket's token. A token for another user or role closes the socket: a
+    /// socket's subscriptions were authorized for one identity.
+    fn reauthenticate(&self, reference: Option<&str>, token: &RawToken) -> Outcome {
+        match self.context.verifier.verify(&token.0) {
+            Err(e) => {
+                // The socket keeps its current token, and closes when that one expires.
+                self.reply(protocol::error(
+                    reference,
+                    ErrorCode::from(&e),
+                    &e.to_string(),
+                ));
+                Outcome::Continue
+            }
+            Ok(verified) if verified.principal != self.principal => {
+                self.reply(protocol::error(
+                    reference,
+                    ErrorCode::IdentityChanged,
+                    "the token is for another user or role; a socket keeps the identity it \
+                     was opened with, so open a new socket for this one",
+                ));
+                Outcome::Close(Close {
+                    code: close::IDENTITY_CHANGED,
+                    reason: "token for another user or role".into(),
+                })
+            }
+            Ok(verified) => {
+                self.reply(protocol::authenticated(reference, verified.expires_at));
+                Outcome::Reauthenticated(verified.expires_at)
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        reference: Option<&str>,
+        feed: Feed,
+        filter: Filter,
+        since: Option<Cursor>,
+    ) {
+        if let Err((code, message)) = self.check_subscription(feed, &filter).await {
+            self.reply(protocol::error(reference, code, &message));
+            return;
+        }
+        if let Some(cursor) = since {
+            if let Err((code, message)) = self.check_cursor(cursor).await {
+                self.reply(protocol::error(reference, code, &message));
+                return;
+            }
+        }
+        let start = since.map_or(Start::Live, Start::After);
+        let ack = |cursor| protocol::subscribed(reference, feed, cursor);
+        let position = match self
+            .context
+            .hub
+            .subscribe(self.id, feed, filter, start, ack)
+        {
+            Ok(position) => position,
+            Err(SubscribeError::Closing) => return,
+            Err(e @ SubscribeError::Forbidden { .. }) => {
+                self.reply(protocol::error(
+                    reference,
+                    ErrorCode::Forbidden,
+                    &e.to_string(),
+                ));
+                return;
+            }
+            Err(e @ SubscribeError::NotReady) => {
+                self.reply(protocol::error(
+                    reference,
+                    ErrorCode::Unavailable,
+                    &format!("{e}; try again"),
+                ));
+                return;
+            }
+        };
+        if let Some(cursor) = since {
+            let view = View {
+                principal: self.principal,
+                filter,
+            };
+            let replayed = self.replay(feed, view, cursor, position, reference).await;
+            if let Err((code, message)) = replayed {
+                // The subscription cannot be completed: end it, and say why.
+                self.context.hub.unsubscribe(self.id, feed, None);
+                self.reply(protocol::error(reference, code, &message));
             }
         }
     }
@@ -327,8 +431,9 @@ impl Reader {
         Ok(())
     }
 
-    /// Refuses a feed the role may never read, and a session filter on a session the caller
-    /// may not read (one query at subscribe time, never per event).
+    /// Refuses a feed the role may never read, a subscription beyond the socket's limit, and a
+    /// session filter on a session the caller may not read (one query at subscribe time, never
+    /// per event).
     async fn check_subscription(
         &self,
         feed: Feed,
@@ -340,6 +445,14 @@ impl Reader {
             return Err((
                 ErrorCode::Forbidden,
                 format!("role {role} may not read {feed}"),
+            ));
+        }
+        let max = self.context.limits.max_subscriptions_per_socket;
+        let (held, replacing) = self.context.hub.subscriptions_held(self.id, feed);
+        if !replacing && held >= max {
+            return Err((
+                ErrorCode::TooManySubscriptions,
+                format!("a socket may hold {max} subscriptions; unsubscribe one first"),
             ));
         }
         let Some(session_id) = filter.session_id else {
@@ -423,6 +536,22 @@ async fn write(
             last_cursor = frame.cursor;
         }
     };
+    // Replies queued before the close (the error that explains it) go out first, within the
+    // close timeout; a slow consumer's backlog and frames after a token's expiry do not.
+    let flush = reason
+        .as_ref()
+        .is_some_and(|r| r.code != close::SLOW_CONSUMER && r.code != close::TOKEN_EXPIRED);
+    if flush {
+        let pending = async {
+            while let Ok(frame) = outbox.try_recv() {
+                let text = String::from_utf8_lossy(&frame.frame).into_owned();
+                if sink.send(Message::text(text)).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, pending).await;
+    }
     let close = match reason {
         Some(Close { code, reason }) => match last_cursor {
             Some(cursor) if code == close::SLOW_CONSUMER => {

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use relay::authz::{Principal, Role};
-use relay::token::{Keys, Secret};
+use relay::token::{Issuer, Secret};
 use relay::{Config, Relay};
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
@@ -176,7 +176,7 @@ pub async fn wait_until_listening(relay: &Relay) {
 }
 
 pub fn token(principal: &Principal) -> String {
-    Keys::new(&Secret::new(SECRET).unwrap()).issue(principal, Duration::from_secs(600))
+    Issuer::new(&Secret::new(SECRET).unwrap()).issue(principal, Duration::from_secs(600))
 }
 
 type Stream =

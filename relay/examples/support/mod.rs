@@ -7,7 +7,7 @@ use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use relay::authz::{Principal, Role};
-use relay::token::{Keys, Secret};
+use relay::token::{Issuer, Secret};
 use relay::{Config, Relay};
 
 pub type Error = Box<dyn std::error::Error>;
@@ -65,7 +65,7 @@ impl Setup {
 
     /// The WebSocket URL for the dentist, with a token valid for an hour.
     pub fn dentist_url(&self) -> String {
-        let token = Keys::new(&self.secret).issue(
+        let token = Issuer::new(&self.secret).issue(
             &Principal {
                 user_id: self.dentist,
                 role: Role::Dentist,
