@@ -25,6 +25,10 @@ fn sign(claims: Value, secret: &str) -> String {
     .unwrap()
 }
 
+/// `{"alg":"none"}` over `{"sub":"00000000-0000-0000-0000-000000000001","role":"admin",
+/// "exp":9999999999}`, unsigned: valid claims, no signature.
+const ALG_NONE: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIwMDAwMDAwMC0wMDAwLTAwMDAtMDAwMC0wMDAwMDAwMDAwMDEiLCJyb2xlIjoiYWRtaW4iLCJleHAiOjk5OTk5OTk5OTl9.";
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -118,6 +122,34 @@ async fn bad_tokens_get_401_with_a_json_reason_and_no_upgrade() {
             Some(format!(
                 "Bearer {}",
                 good(json!({"sub": sub, "role": "admin"}))
+            )),
+            String::new(),
+            "invalid_token",
+        ),
+        (
+            Some(format!(
+                "Bearer {}",
+                good(json!({"sub": sub, "role": "admin", "exp": now() + 600, "nbf": now() + 300}))
+            )),
+            String::new(),
+            "token_not_yet_valid",
+        ),
+        (
+            // alg "none", unsigned.
+            Some(format!("Bearer {ALG_NONE}")),
+            String::new(),
+            "invalid_token",
+        ),
+        (
+            // The right secret, the wrong algorithm.
+            Some(format!(
+                "Bearer {}",
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS512),
+                    &json!({"sub": sub, "role": "admin", "exp": now() + 60}),
+                    &EncodingKey::from_secret(common::SECRET.as_bytes()),
+                )
+                .unwrap()
             )),
             String::new(),
             "invalid_token",

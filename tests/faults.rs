@@ -13,7 +13,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +24,7 @@ use tokio_postgres::Client;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::{Model, PATIENCE};
+use common::{free_address, Model, RelayProcess, PATIENCE};
 use relay::authz::{Principal, Role};
 
 /// The tests of this binary restart Postgres or stop the relay; never two at once.
@@ -539,50 +538,6 @@ async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
     );
     drop(admin);
     relay.shutdown().await;
-}
-
-/// A relay as a separate process, so it can be killed outright.
-struct RelayProcess {
-    child: tokio::process::Child,
-}
-
-impl RelayProcess {
-    async fn spawn(database_url: &str, addr: SocketAddr) -> RelayProcess {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .arg("serve")
-            .env("DATABASE_URL", database_url)
-            .env("RELAY_JWT_SECRET", common::SECRET)
-            .env("RELAY_BIND", addr.to_string())
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn relay");
-        let relay = RelayProcess { child };
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !healthy(addr).await {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the relay never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        relay
-    }
-}
-
-/// An address no one listens on, for a relay process to bind.
-fn free_address() -> SocketAddr {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap()
-}
-
-async fn healthy(addr: SocketAddr) -> bool {
-    if tokio::net::TcpStream::connect(addr).await.is_err() {
-        return false;
-    }
-    common::http_get(addr, "/api/realtime/health", None).await.0 == 200
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

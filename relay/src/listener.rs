@@ -244,17 +244,23 @@ impl Listener {
     }
 
     /// Handles one notification. Notifications arrive in id order; one the log has already
-    /// delivered (during catch-up) is skipped. An event too large for NOTIFY, or a payload that
-    /// cannot be decoded, is read from the log instead, with everything before it.
+    /// delivered (during catch-up) is skipped. Only the event right after the position is taken
+    /// from the payload as it is: after a gap in the ids (a transaction that failed after drawing
+    /// its ids, or a notification no trigger sent), the log says what really committed. An event
+    /// too large for NOTIFY, or a payload that cannot be decoded, is read from the log too, with
+    /// everything before it.
     async fn handle(&self, payload: &str) -> Result<(), ListenError> {
         let position = self.hub.position().unwrap_or_default();
         match Payload::decode(payload) {
-            Ok(Payload::Inline(event)) => {
-                if Cursor(event.id) > position {
-                    let delivered = self.hub.dispatch(&event);
-                    tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
-                }
+            Ok(Payload::Inline(event)) if position.0.checked_add(1) == Some(event.id) => {
+                let delivered = self.hub.dispatch(&event);
+                tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
+            }
+            Ok(Payload::Inline(event)) if Cursor(event.id) <= position => Ok(()),
+            Ok(Payload::Inline(event)) => {
+                tracing::debug!(event_id = event.id, %position, "a gap in event ids; reading the log");
+                self.catch_up().await
             }
             Ok(Payload::Fetch { id }) if Cursor(id) <= position => Ok(()),
             Ok(Payload::Fetch { .. }) => self.catch_up().await,

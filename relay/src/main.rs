@@ -10,6 +10,11 @@ use relay::config::{Cli, Command, Config};
 use relay::token::{Issuer, TokenConfig};
 use relay::{dev, migrate, Relay};
 
+/// Log directives that always apply, whatever `RUST_LOG` says: the WebSocket library traces
+/// every frame's payload, and a client's `auth` frame carries its token, which must never reach
+/// the logs.
+const NEVER_VERBOSE: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -27,7 +32,10 @@ fn main() -> ExitCode {
         }
     };
     let filter = match EnvFilter::try_new(&cli.rust_log) {
-        Ok(filter) => filter,
+        Ok(filter) => NEVER_VERBOSE
+            .iter()
+            .filter_map(|directive| directive.parse().ok())
+            .fold(filter, EnvFilter::add_directive),
         Err(e) => {
             eprintln!("error: invalid value {:?} for RUST_LOG: {e}", cli.rust_log);
             return ExitCode::from(2);

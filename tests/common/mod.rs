@@ -179,7 +179,7 @@ pub fn token(principal: &Principal) -> String {
     Issuer::new(&Secret::new(SECRET).unwrap()).issue(principal, Duration::from_secs(600))
 }
 
-type Stream =
+pub type Stream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A real WebSocket client.
@@ -527,4 +527,76 @@ pub async fn assert_matches_rls(client: &mut Client, who: &Principal, model: &Mo
             who.user_id
         );
     }
+}
+
+/// A relay as a separate process (the `relay` binary), so it can be killed outright, or its
+/// output read.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    /// Everything the process writes to stdout (its log), once it exits; when captured.
+    pub output: Option<tokio::task::JoinHandle<String>>,
+}
+
+impl RelayProcess {
+    /// Starts `relay serve` quietly on `addr` and waits until it is healthy.
+    pub async fn spawn(database_url: &str, addr: SocketAddr) -> RelayProcess {
+        RelayProcess::spawn_with(database_url, addr, &[("RUST_LOG", "error")], false).await
+    }
+
+    /// Starts `relay serve` with extra environment, its stdout piped if `capture`, and waits
+    /// until it is healthy.
+    pub async fn spawn_with(
+        database_url: &str,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> RelayProcess {
+        let stdout = if capture {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        };
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("RELAY_JWT_SECRET", SECRET)
+            .env("RELAY_BIND", addr.to_string())
+            .envs(env.iter().copied())
+            .stdout(stdout)
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn relay");
+        // Read as it is written, so a verbose log never blocks the relay on a full pipe.
+        let output = child.stdout.take().map(|mut stdout| {
+            tokio::spawn(async move {
+                let mut text = String::new();
+                let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text).await;
+                text
+            })
+        });
+        let relay = RelayProcess { child, output };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !healthy(addr).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay
+    }
+}
+
+/// An address no one listens on, for a relay process to bind.
+pub fn free_address() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap()
+}
+
+pub async fn healthy(addr: SocketAddr) -> bool {
+    if tokio::net::TcpStream::connect(addr).await.is_err() {
+        return false;
+    }
+    http_get(addr, "/api/realtime/health", None).await.0 == 200
 }

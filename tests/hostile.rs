@@ -1,0 +1,745 @@
+//! Hostile and careless clients: token refresh done right and wrong, public-key tokens, every
+//! limit, cross-site origins, floods, garbage frames and notifications, malformed log rows, and
+//! tokens kept out of the logs. Each test checks that the offender gets a clear error or close
+//! code, and that nobody else notices.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use uuid::Uuid;
+
+use common::{http_get, Ws, PATIENCE};
+use relay::authz::{Principal, Role};
+use relay::protocol::close;
+use relay::token::{KeySource, TokenConfig};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn claims(who: &Principal, exp: u64) -> Value {
+    json!({"sub": who.user_id, "role": who.role.as_str(), "exp": exp})
+}
+
+fn hs256(claims: &Value) -> String {
+    sign(
+        Algorithm::HS256,
+        None,
+        claims,
+        &EncodingKey::from_secret(common::SECRET.as_bytes()),
+    )
+}
+
+fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/keys")
+        .join(name)
+}
+
+fn private_key(name: &str) -> EncodingKey {
+    let pem = std::fs::read(fixture(name)).unwrap();
+    if name.starts_with("es") {
+        EncodingKey::from_ec_pem(&pem).unwrap()
+    } else {
+        EncodingKey::from_rsa_pem(&pem).unwrap()
+    }
+}
+
+/// Opens a socket with `token` in the query string and, if given, an `Origin` header; on
+/// refusal, the HTTP status and JSON body.
+async fn open(
+    addr: SocketAddr,
+    who: Principal,
+    token: &str,
+    origin: Option<&str>,
+) -> Result<Ws, (u16, Value)> {
+    let mut request = format!("ws://{addr}/ws?access_token={token}")
+        .into_client_request()
+        .unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((stream, _)) => Ok(Ws { stream, who }),
+        Err(WsError::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            Err((
+                response.status().as_u16(),
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+            ))
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Reads frames until the socket closes; returns the close code. Other frames must be replies
+/// (pongs, errors) or events.
+async fn closed_with(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.next_message().await {
+            Some(Message::Close(Some(frame))) => return u16::from(frame.code),
+            Some(Message::Text(_) | Message::Ping(_) | Message::Pong(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+async fn auth(ws: &mut Ws, reference: &str, token: &str) -> Value {
+    ws.send(json!({"type": "auth", "ref": reference, "access_token": token}))
+        .await;
+    ws.recv().await
+}
+
+/// Sends a ping and expects its pong: the socket is open and answering.
+async fn answers(ws: &mut Ws) {
+    let reference = Uuid::new_v4().to_string();
+    ws.send(json!({"type": "ping", "ref": reference})).await;
+    assert_eq!(ws.recv().await, json!({"type": "pong", "ref": reference}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_keeps_the_socket_open_past_the_first_expiry() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.tokens.leeway = Duration::ZERO;
+    let relay = common::start_with(config).await;
+    let dentist = db.user(Role::Dentist).await;
+    let patient = db.user(Role::Patient).await;
+    let first_exp = now() + 2;
+    let mut ws = open(
+        relay.local_addr(),
+        dentist,
+        &hs256(&claims(&dentist, first_exp)),
+        None,
+    )
+    .await
+    .expect("upgrade");
+    ws.subscribe("appointments").await;
+    ws.subscribe("availability").await;
+
+    let reply = auth(&mut ws, "r1", &hs256(&claims(&dentist, first_exp + 3))).await;
+    assert_eq!(reply["type"], "authenticated", "{reply}");
+    assert_eq!(reply["ref"], "r1");
+    assert!(reply["expires_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+
+    // Past the first token's expiry the socket still delivers.
+    let past_first = UNIX_EPOCH + Duration::from_secs(first_exp) + Duration::from_millis(300);
+    tokio::time::sleep(
+        past_first
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let booked = db.book(&patient, &dentist, "after the first expiry").await;
+    let fence = db.fence().await;
+    let events = ws.events_until(fence).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["row"]["id"], json!(booked));
+
+    // The second token expires too, and then the socket closes.
+    assert_eq!(closed_with(&mut ws).await, close::TOKEN_EXPIRED);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_keeps_the_old_token_and_another_identity_closes_the_socket() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let dentist = db.user(Role::Dentist).await;
+    let mut ws = Ws::connect(addr, dentist).await;
+    let later = now() + 600;
+
+    let other_secret = EncodingKey::from_secret(b"another-secret-of-sufficient-length!!");
+    let refused = [
+        ("garbage".to_string(), "invalid_token"),
+        (hs256(&claims(&dentist, now() - 3600)), "token_expired"),
+        (
+            sign(
+                Algorithm::HS256,
+                None,
+                &claims(&dentist, later),
+                &other_secret,
+            ),
+            "invalid_signature",
+        ),
+        (
+            hs256(&json!({"sub": dentist.user_id, "role": "dentist", "exp": later, "nbf": later})),
+            "token_not_yet_valid",
+        ),
+    ];
+    for (token, code) in refused {
+        let reply = auth(&mut ws, "bad", &token).await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], code, "{reply}");
+        assert_eq!(reply["ref"], "bad");
+        assert!(!reply.to_string().contains(&token), "the token is echoed");
+        answers(&mut ws).await;
+    }
+
+    // The same user as a patient, and another dentist: both close the socket.
+    let as_patient = Principal {
+        user_id: dentist.user_id,
+        role: Role::Patient,
+    };
+    let someone_else = db.user(Role::Dentist).await;
+    for other in [as_patient, someone_else] {
+        let mut ws = Ws::connect(addr, dentist).await;
+        ws.subscribe("appointments").await;
+        let reply = auth(&mut ws, "who", &common::token(&other)).await;
+        assert_eq!(reply["code"], "identity_changed", "{reply}");
+        assert_eq!(closed_with(&mut ws).await, close::IDENTITY_CHANGED);
+    }
+    relay.shutdown().await;
+}
+
+/// A JWKS file with the RS256 fixture key under `kid`, in a fresh temporary directory.
+fn jwks_file(kid: &str) -> PathBuf {
+    let mut jwk =
+        Jwk::from_encoding_key(&private_key("rs256-private.pem"), Algorithm::RS256).expect("jwk");
+    jwk.common.key_id = Some(kid.to_string());
+    let dir = std::env::temp_dir().join(format!("relay-test-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, json!({"keys": [jwk]}).to_string()).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_tokens_from_a_jwks_file_or_a_pem_file() {
+    let db = common::TestDb::new().await;
+    let dentist = db.user(Role::Dentist).await;
+    let patient = db.user(Role::Patient).await;
+    let valid = claims(&dentist, now() + 600);
+
+    let mut config = db.config();
+    config.tokens = TokenConfig {
+        algorithm: "RS256".parse().unwrap(),
+        key: KeySource::JwksFile(jwks_file("k1")),
+        ..config.tokens
+    };
+    let rs_relay = common::start_with(config.clone()).await;
+    let rs_addr = rs_relay.local_addr();
+    let rs_token = sign(
+        Algorithm::RS256,
+        Some("k1"),
+        &valid,
+        &private_key("rs256-private.pem"),
+    );
+    let mut ws = open(rs_addr, dentist, &rs_token, None)
+        .await
+        .expect("an RS256 token with a known kid");
+    ws.subscribe("appointments").await;
+    ws.subscribe("availability").await;
+    let booked = db.book(&patient, &dentist, "rs256").await;
+    let fence = db.fence().await;
+    let events = ws.events_until(fence).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["row"]["id"], json!(booked));
+
+    let public_pem = std::fs::read(fixture("rs256-public.pem")).unwrap();
+    let refused = [
+        // HS256 with the public key as its secret: the algorithm confusion attack.
+        (
+            sign(
+                Algorithm::HS256,
+                Some("k1"),
+                &valid,
+                &EncodingKey::from_secret(&public_pem),
+            ),
+            "invalid_token",
+        ),
+        (hs256(&valid), "invalid_token"),
+        (
+            sign(
+                Algorithm::RS256,
+                Some("k1"),
+                &valid,
+                &private_key("rs256-other-private.pem"),
+            ),
+            "invalid_signature",
+        ),
+        (
+            sign(
+                Algorithm::RS256,
+                Some("k2"),
+                &valid,
+                &private_key("rs256-private.pem"),
+            ),
+            "invalid_token",
+        ),
+    ];
+    for (token, code) in refused {
+        let (status, body) = open(rs_addr, dentist, &token, None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some(code)),
+            "{body}"
+        );
+    }
+    rs_relay.shutdown().await;
+
+    config.tokens = TokenConfig {
+        algorithm: "ES256".parse().unwrap(),
+        key: KeySource::PublicKeyFile(fixture("es256-public.pem")),
+        ..config.tokens
+    };
+    let es_relay = common::start_with(config).await;
+    let es_token = sign(
+        Algorithm::ES256,
+        None,
+        &valid,
+        &private_key("es256-private.pem"),
+    );
+    let mut ws = open(es_relay.local_addr(), dentist, &es_token, None)
+        .await
+        .expect("an ES256 token");
+    answers(&mut ws).await;
+    let (status, body) = open(es_relay.local_addr(), dentist, &rs_token, None)
+        .await
+        .err()
+        .expect("RS256 refused by an ES256 relay");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    es_relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_answers_with_its_own_code() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.limits.max_subscriptions_per_socket = 2;
+    config.limits.max_sockets_per_user = 2;
+    config.limits.max_sockets = 3;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let dentist = db.user(Role::Dentist).await;
+
+    let mut first = Ws::connect(addr, dentist).await;
+    first.subscribe("appointments").await;
+    first.subscribe("availability").await;
+    first
+        .send(json!({"type": "subscribe", "ref": "3", "feed": "consultation_sessions"}))
+        .await;
+    let reply = first.recv().await;
+    assert_eq!(reply["code"], "too_many_subscriptions", "{reply}");
+    assert_eq!(reply["ref"], "3");
+    // Subscribing again to a feed it holds replaces the subscription; it adds none.
+    first.subscribe("appointments").await;
+    first
+        .send(json!({"type": "unsubscribe", "ref": "u", "feed": "availability"}))
+        .await;
+    assert_eq!(first.recv().await["type"], "unsubscribed");
+    first.subscribe("consultation_sessions").await;
+
+    let second = Ws::connect(addr, dentist).await;
+    let token = common::token(&dentist);
+    let (status, body) = open(addr, dentist, &token, None)
+        .await
+        .err()
+        .expect("third");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_sockets")),
+        "{body}"
+    );
+
+    let patient = db.user(Role::Patient).await;
+    let _third = Ws::connect(addr, patient).await;
+    let another = db.user(Role::Patient).await;
+    let (status, body) = open(addr, another, &common::token(&another), None)
+        .await
+        .err()
+        .expect("fourth");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("relay_full")),
+        "{body}"
+    );
+
+    // A closed socket frees its place.
+    drop(second);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match open(addr, dentist, &token, None).await {
+            Ok(mut ws) => {
+                answers(&mut ws).await;
+                break;
+            }
+            Err((429, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(refusal) => panic!("the closed socket's place was never freed: {refusal:?}"),
+        }
+    }
+    answers(&mut first).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_socket_is_closed_and_the_others_are_not() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.limits.max_frames_per_second = 20;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let admin = db.user(Role::Admin).await;
+    let mut bystander = Ws::subscribed(addr, admin, &["appointments"]).await;
+
+    let flooder = db.user(Role::Patient).await;
+    let mut flood = Ws::connect(addr, flooder).await;
+    for i in 0..200 {
+        let ping = json!({"type": "ping", "ref": i.to_string()}).to_string();
+        if flood.stream.send(Message::text(ping)).await.is_err() {
+            break; // Closed already.
+        }
+    }
+    assert_eq!(closed_with(&mut flood).await, close::RATE_LIMITED);
+
+    let dentist = db.user(Role::Dentist).await;
+    let booked = db.book(&flooder, &dentist, "after the flood").await;
+    let fence = db.fence().await;
+    let events = bystander.events_until(fence).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["row"]["id"], json!(booked));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_outside_the_allowlist_are_refused() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.limits.allowed_origins = vec!["https://dash.example.com".into()];
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let who = db.user(Role::Patient).await;
+    let token = common::token(&who);
+    for origin in ["https://evil.example", "http://dash.example.com", "null"] {
+        let (status, body) = open(addr, who, &token, Some(origin))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{origin} was let in"));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("origin_not_allowed"))
+        );
+    }
+    for origin in [
+        Some("https://dash.example.com"),
+        Some("HTTPS://Dash.Example.com"),
+        None,
+    ] {
+        let mut ws = open(addr, who, &token, origin).await.expect("allowed");
+        answers(&mut ws).await;
+    }
+    relay.shutdown().await;
+}
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+
+    /// A random JSON value built from the words frames and payloads are made of.
+    fn json(&mut self, depth: usize) -> Value {
+        const WORDS: [&str; 22] = [
+            "type",
+            "ref",
+            "feed",
+            "filter",
+            "since",
+            "access_token",
+            "session_id",
+            "subscribe",
+            "unsubscribe",
+            "ping",
+            "auth",
+            "appointments",
+            "consultation_messages",
+            "id",
+            "table",
+            "op",
+            "INSERT",
+            "UPDATE",
+            "new",
+            "old",
+            "fetch",
+            "at",
+        ];
+        match self.below(if depth > 3 { 6 } else { 9 }) {
+            0 => Value::Null,
+            1 => json!(self.below(2) == 0),
+            2 => json!(self.next() as i64),
+            3 => json!(self.pick(&WORDS)),
+            4 => json!(Uuid::from_u64_pair(self.next(), self.next()).to_string()),
+            5 => json!((self.next() % 100_000).to_string()),
+            6 | 7 => Value::Object(
+                (0..self.below(5))
+                    .map(|_| (self.pick(&WORDS).to_string(), self.json(depth + 1)))
+                    .collect(),
+            ),
+            _ => Value::Array((0..self.below(4)).map(|_| self.json(depth + 1)).collect()),
+        }
+    }
+
+    /// Random text: JSON-ish, truncated, control characters, deep nesting, or plain noise.
+    fn text(&mut self) -> String {
+        match self.below(6) {
+            0 | 1 => self.json(0).to_string(),
+            2 => {
+                let text = self.json(0).to_string();
+                let cut = self.below(text.len() + 1);
+                text.chars().take(cut).collect()
+            }
+            3 => "[".repeat(1 + self.below(5000)),
+            4 => (0..self.below(64))
+                .filter_map(|_| char::from_u32((self.next() % 0x11_0000) as u32))
+                .collect(),
+            _ => format!(
+                r#"{{"type":"subscribe","feed":"{}","since":"{}"}}"#,
+                self.pick(&["appointments", "availability", "x"]),
+                self.next() % 1000
+            ),
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("RELAY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0 | 1);
+    eprintln!("seed {seed} (rerun with RELAY_TEST_SEED={seed})");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_and_notifications_harm_no_one_else() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.limits.max_frames_per_second = 1_000_000;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let admin = db.user(Role::Admin).await;
+    let mut bystander = Ws::subscribed(addr, admin, &["appointments"]).await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+
+    let fuzzer = Ws::connect(addr, db.user(Role::Dentist).await).await;
+    let (mut garbage, replies) = fuzzer.stream.split();
+    let replies = tokio::spawn(well_formed_until_the_last_pong(replies));
+    let mut booked = Vec::new();
+    for round in 0..2000 {
+        let message = if rng.below(8) == 0 {
+            Message::binary(
+                (0..rng.below(100))
+                    .map(|_| rng.next() as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        } else {
+            Message::text(rng.text())
+        };
+        garbage
+            .send(message)
+            .await
+            .expect("the fuzzing socket was closed");
+        if round % 20 == 0 {
+            // Garbage on the NOTIFY channel too: noise, near-events, and ids far ahead.
+            let payload = match rng.below(3) {
+                0 => rng.text(),
+                1 => rng.json(0).to_string(),
+                _ => json!({"id": rng.next() >> 1, "table": "appointments", "op": "INSERT",
+                            "at": "2026-11-21T10:00:00Z",
+                            "new": {"id": Uuid::new_v4(), "dentist_id": dentist.user_id}})
+                .to_string(),
+            };
+            db.client
+                .execute("select pg_notify('relay_events', $1)", &[&payload])
+                .await
+                .expect("notify");
+            booked.push(db.book(&patient, &dentist, &format!("round {round}")).await);
+        }
+    }
+    let last = json!({"type": "ping", "ref": "end"}).to_string();
+    garbage.send(Message::text(last)).await.expect("send");
+    let replies = tokio::time::timeout(PATIENCE, replies)
+        .await
+        .expect("no pong after the garbage")
+        .expect("replies");
+    assert!(
+        replies >= 2000,
+        "seed {seed}: {replies} replies to 2001 frames"
+    );
+
+    let fence = db.fence().await;
+    let events = bystander.events_until(fence).await;
+    let ids: Vec<Value> = events.iter().map(|e| e["row"]["id"].clone()).collect();
+    let expected: Vec<Value> = booked.iter().map(|id| json!(id)).collect();
+    assert_eq!(ids, expected, "seed {seed}: the bystander's feed");
+    assert!(events.iter().all(|e| e["op"] == "INSERT"), "seed {seed}");
+    assert_eq!(http_get(addr, "/api/realtime/health", None).await.0, 200);
+    relay.shutdown().await;
+}
+
+/// Reads the fuzzer's replies until the pong of its final ping; every reply must be a
+/// well-formed frame of the protocol. Returns how many came.
+async fn well_formed_until_the_last_pong(
+    mut replies: futures::stream::SplitStream<common::Stream>,
+) -> usize {
+    let mut count = 0;
+    while let Some(message) = replies.next().await {
+        let text = match message.expect("the fuzzing socket failed") {
+            Message::Text(text) => text,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("the fuzzing socket got {other:?}"),
+        };
+        count += 1;
+        let frame: Value = serde_json::from_str(&text).expect("a JSON reply");
+        let kind = frame["type"].as_str().unwrap_or_default();
+        assert!(
+            [
+                "error",
+                "pong",
+                "subscribed",
+                "unsubscribed",
+                "live",
+                "event"
+            ]
+            .contains(&kind),
+            "{frame}"
+        );
+        if kind == "error" {
+            assert!(
+                frame["code"].as_str().is_some_and(|c| !c.is_empty()),
+                "{frame}"
+            );
+        }
+        if frame == json!({"type": "pong", "ref": "end"}) {
+            return count;
+        }
+    }
+    panic!("the fuzzing socket closed after {count} replies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_log_rows_are_counted_and_skipped_by_a_replay() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let admin = db.user(Role::Admin).await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::connect(addr, admin).await;
+    let cursor = ws.subscribe("appointments").await;
+    drop(ws);
+
+    let first = db.book(&patient, &dentist, "before").await;
+    // Rows no trigger would write: another table, a row that is not an object.
+    db.exec(
+        r#"insert into relay.events (table_name, op, new_row) values
+               ('profiles', 'INSERT', '{"id": "x"}'),
+               ('appointments', 'INSERT', '"not an object"')"#,
+    )
+    .await;
+    let second = db.book(&patient, &dentist, "after").await;
+    common::settle(&db, addr).await;
+
+    let malformed = || {
+        relay
+            .hub()
+            .counters()
+            .events_malformed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The live feed read both rows from the log (after the gap in ids) and went on.
+    let live = malformed();
+    assert_eq!(live, 2, "malformed rows counted by the live feed");
+    let mut ws = Ws::connect(addr, admin).await;
+    let replayed = ws.resume("appointments", &cursor).await;
+    let ids: Vec<&Value> = replayed.iter().map(|e| &e["row"]["id"]).collect();
+    assert_eq!(ids, [&json!(first), &json!(second)]);
+    // The replay of appointments met the one malformed appointments row.
+    assert_eq!(malformed(), live + 1);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_reach_the_logs_even_at_trace_level() {
+    let db = common::TestDb::new().await;
+    let addr = common::free_address();
+    let mut relay =
+        common::RelayProcess::spawn_with(&db.url, addr, &[("RUST_LOG", "trace")], true).await;
+    let dentist = db.user(Role::Dentist).await;
+    let token = common::token(&dentist);
+    let fresh = hs256(&claims(&dentist, now() + 900));
+    let bad = hs256(&claims(&dentist, now() - 900));
+
+    let mut ws = open(addr, dentist, &token, None).await.expect("upgrade");
+    assert_eq!(auth(&mut ws, "a", &fresh).await["type"], "authenticated");
+    assert_eq!(auth(&mut ws, "b", &bad).await["code"], "token_expired");
+    let _ = open(addr, dentist, &bad, None)
+        .await
+        .err()
+        .expect("refused");
+    let (status, _) = http_get(addr, "/api/realtime/status", Some(&token)).await;
+    assert_eq!(status, 200);
+    ws.stream.close(None).await.expect("close");
+
+    let pid = relay.child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = tokio::time::timeout(PATIENCE, relay.output.take().expect("captured"))
+        .await
+        .expect("the relay did not exit")
+        .expect("read the log");
+    assert!(output.contains("socket"), "the log is not at trace level");
+    for secret in [&token, &fresh, &bad] {
+        // The signature is the part no one else could produce.
+        let signature = secret.rsplit('.').next().unwrap();
+        assert!(!output.contains(signature), "a token reached the log");
+    }
+}
