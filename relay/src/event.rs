@@ -382,4 +382,124 @@ mod tests {
         assert_eq!(slot["cursor"], "3");
         assert_eq!(slot["at"], "2026-11-21T10:00:00Z");
     }
+
+    mod properties {
+        use super::*;
+        use crate::authz::{Perceived, Projection};
+        use proptest::prelude::*;
+
+        const TABLES: [&str; 6] = [
+            "appointments",
+            "availability",
+            "consultation_sessions",
+            "consultation_messages",
+            "profiles",
+            "",
+        ];
+        const OPS: [&str; 5] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE", "insert"];
+        const COLUMNS: [&str; 8] = [
+            "id",
+            "patient_id",
+            "dentist_id",
+            "notes",
+            "status",
+            "starts_at",
+            "session_id",
+            "body",
+        ];
+
+        fn column_value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+                any::<u128>().prop_map(|n| Value::from(Uuid::from_u128(n).to_string())),
+                Just(json!({"nested": [1, 2]})),
+            ]
+        }
+
+        fn row() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                4 => prop::collection::vec((prop::sample::select(&COLUMNS[..]), column_value()), 0..8)
+                    .prop_map(|cols| Value::Object(cols.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+                1 => column_value(),
+            ]
+        }
+
+        /// Payloads shaped like the trigger's, with every field sometimes missing or wrong.
+        fn payload_like() -> impl Strategy<Value = Value> {
+            (
+                prop::option::of(any::<i64>()),
+                prop::option::of(prop::sample::select(&TABLES[..])),
+                prop::option::of(prop::sample::select(&OPS[..])),
+                prop::option::of(row()),
+                prop::option::of(row()),
+                prop::option::of(row()),
+                prop::option::of(row()),
+                any::<Option<bool>>(),
+            )
+                .prop_map(
+                    |(id, table, op, new, old, new_session, old_session, fetch)| {
+                        let mut payload = json!({"at": "2026-11-21T10:00:00Z"});
+                        let fields = [
+                            ("id", id.map(Value::from)),
+                            ("table", table.map(Value::from)),
+                            ("op", op.map(Value::from)),
+                            ("new", new),
+                            ("old", old),
+                            ("new_session", new_session),
+                            ("old_session", old_session),
+                            ("fetch", fetch.map(Value::from)),
+                        ];
+                        for (name, value) in fields {
+                            if let Some(value) = value {
+                                payload[name] = value;
+                            }
+                        }
+                        payload
+                    },
+                )
+        }
+
+        /// Decoding never panics; a decoded event renders, for every subscriber's view, a frame
+        /// that is JSON, carries its id as the cursor, and never shows the chatbot a column
+        /// outside its projection.
+        fn check(text: &str) -> Result<(), TestCaseError> {
+            let Ok(Payload::Inline(event)) = Payload::decode(text) else {
+                return Ok(());
+            };
+            for perceived in Perceived::ALL {
+                for projection in Projection::ALL {
+                    let Some(frame) = event.frame(perceived, projection) else {
+                        continue;
+                    };
+                    let frame: Value = serde_json::from_slice(&frame).unwrap();
+                    prop_assert_eq!(&frame["cursor"], &json!(event.id.to_string()));
+                    prop_assert_eq!(&frame["op"], perceived.as_str());
+                    if projection == Projection::Slot {
+                        for version in [&frame["row"], &frame["old"]] {
+                            if let Some(columns) = version.as_object() {
+                                prop_assert!(columns.keys().all(|c| projection.includes(c)));
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_decodes_or_is_refused(text in any::<String>()) {
+                check(&text)?;
+            }
+
+            #[test]
+            fn payload_shaped_json_decodes_or_is_refused(value in payload_like()) {
+                check(&value.to_string())?;
+            }
+        }
+    }
 }

@@ -608,4 +608,110 @@ mod tests {
             json!({"type": "error", "ref": "e", "code": "forbidden", "message": "no"})
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const WORDS: [&str; 16] = [
+            "type",
+            "ref",
+            "feed",
+            "filter",
+            "since",
+            "access_token",
+            "session_id",
+            "subscribe",
+            "unsubscribe",
+            "ping",
+            "auth",
+            "appointments",
+            "availability",
+            "consultation_messages",
+            "42",
+            "-1",
+        ];
+
+        fn word() -> impl Strategy<Value = String> {
+            prop::sample::select(&WORDS[..]).prop_map(str::to_string)
+        }
+
+        /// JSON shaped like frames: objects keyed by the protocol's words, with values of every
+        /// kind, nested.
+        fn frame_like() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                word().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+                any::<u128>().prop_map(|n| Value::from(Uuid::from_u128(n).to_string())),
+            ];
+            leaf.prop_recursive(4, 64, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((word(), inner), 0..6)
+                        .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Parsing never panics; a refusal is a well-formed `error` frame that never repeats
+        /// the token an `auth` frame carried.
+        fn check(text: &str) -> Result<(), TestCaseError> {
+            match ClientFrame::parse(text) {
+                Ok(_) => {}
+                Err(e) => {
+                    prop_assert!(!e.message.is_empty());
+                    let frame: Value = serde_json::from_slice(&e.to_frame()).unwrap();
+                    prop_assert_eq!(&frame["type"], "error");
+                    prop_assert_eq!(&frame["code"], e.code.as_str());
+                    let token = serde_json::from_str::<Value>(text)
+                        .ok()
+                        .and_then(|v| v["access_token"].as_str().map(str::to_string));
+                    if let Some(token) = token.filter(|t| t.len() >= 8) {
+                        prop_assert!(!e.message.contains(&token));
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_is_parsed_or_refused_cleanly(text in any::<String>()) {
+                check(&text)?;
+            }
+
+            #[test]
+            fn any_bytes_are_parsed_or_refused_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                check(&String::from_utf8_lossy(&bytes))?;
+            }
+
+            #[test]
+            fn frame_shaped_json_is_parsed_or_refused_cleanly(value in frame_like()) {
+                check(&value.to_string())?;
+            }
+
+            #[test]
+            fn a_subscribe_frame_round_trips(feed in prop::sample::select(&Feed::ALL[..]), since in any::<Option<u32>>(), reference in any::<Option<String>>()) {
+                let mut frame = json!({"type": "subscribe", "feed": feed.as_str(), "ref": reference});
+                if let Some(since) = since {
+                    frame["since"] = json!(since.to_string());
+                }
+                let parsed = ClientFrame::parse(&frame.to_string());
+                prop_assert_eq!(parsed, Ok(ClientFrame::Subscribe {
+                    reference,
+                    feed,
+                    filter: Filter::default(),
+                    since: since.map(|s| Cursor(i64::from(s))),
+                }));
+            }
+        }
+    }
 }
