@@ -326,7 +326,11 @@ impl Config {
                 max_frames_per_second: tuning.relay_max_frames_per_second,
                 max_sockets_per_user: tuning.relay_max_sockets_per_user as usize,
                 max_sockets: tuning.relay_max_sockets as usize,
-                allowed_origins: tuning.relay_allowed_origins,
+                allowed_origins: tuning
+                    .relay_allowed_origins
+                    .into_iter()
+                    .filter(|origin| !origin.is_empty())
+                    .collect(),
             },
         }
     }
@@ -370,8 +374,12 @@ fn parse_retention(value: &str) -> Result<Duration, String> {
 }
 
 /// An origin as browsers send it: `scheme://host[:port]`, no path; compared case-insensitively.
+/// An empty value (an empty `RELAY_ALLOWED_ORIGINS`) names no origin.
 fn parse_origin(value: &str) -> Result<String, String> {
     let origin = value.trim().trim_end_matches('/').to_ascii_lowercase();
+    if origin.is_empty() {
+        return Ok(origin);
+    }
     let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
         !scheme.is_empty() && !host.is_empty() && !host.contains('/')
     });
@@ -464,6 +472,125 @@ mod tests {
                 .unwrap_or_default()
                 .to_string();
             assert!(first.starts_with("error: invalid value"), "{first}");
+        }
+    }
+
+    fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let base = ["relay", "serve", "--database-url", "postgres://h/db"];
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        match Cli::try_parse_from(args)?.command {
+            Command::Serve(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_token_settings_must_agree_with_the_algorithm() {
+        let secret = "x".repeat(32);
+        let ok = |extra: &[&str]| serve_args(extra).unwrap().auth.token_config().unwrap();
+        let hs = ok(&["--relay-jwt-secret", &secret]);
+        assert_eq!(hs.algorithm, Algorithm::Hs256);
+        assert!(matches!(hs.key, KeySource::Secret(_)));
+        let rs = ok(&[
+            "--relay-jwt-alg",
+            "RS256",
+            "--relay-jwt-public-key-file",
+            "k.pem",
+        ]);
+        assert!(matches!(rs.key, KeySource::PublicKeyFile(_)));
+        let es = ok(&[
+            "--relay-jwt-alg",
+            "ES256",
+            "--relay-jwks-file",
+            "jwks.json",
+            "--relay-jwt-audience",
+            "relay",
+            "--relay-jwt-issuer",
+            "https://auth.example",
+        ]);
+        assert!(matches!(es.key, KeySource::JwksFile(_)));
+        assert_eq!(es.audience.as_deref(), Some("relay"));
+        assert_eq!(es.issuer.as_deref(), Some("https://auth.example"));
+
+        let contradictions: [&[&str]; 5] = [
+            &[],
+            &["--relay-jwt-secret", &secret, "--relay-jwks-file", "j.json"],
+            &["--relay-jwt-alg", "RS256"],
+            &["--relay-jwt-alg", "RS256", "--relay-jwt-secret", &secret],
+            &[
+                "--relay-jwt-alg",
+                "ES256",
+                "--relay-jwt-secret",
+                &secret,
+                "--relay-jwks-file",
+                "j",
+            ],
+        ];
+        for extra in contradictions {
+            let err = serve_args(extra).unwrap().auth.token_config().unwrap_err();
+            assert!(err.contains("RELAY_"), "{extra:?}: {err}");
+        }
+        for extra in [
+            &["--relay-jwt-alg", "none"][..],
+            &["--relay-jwt-alg", "HS512"],
+            &[
+                "--relay-jwt-alg",
+                "RS256",
+                "--relay-jwt-public-key-file",
+                "a",
+                "--relay-jwks-file",
+                "b",
+            ],
+        ] {
+            assert!(serve_args(extra).is_err(), "{extra:?}");
+        }
+    }
+
+    #[test]
+    fn limits_and_origins_parse() {
+        let secret = "x".repeat(32);
+        let args = serve_args(&[
+            "--relay-jwt-secret",
+            &secret,
+            "--relay-allowed-origins",
+            "https://Dash.Example.com/,http://localhost:3000",
+            "--relay-max-sockets-per-user",
+            "3",
+        ])
+        .unwrap();
+        let config = Config::from_parts(
+            args.database_url,
+            args.auth.token_config().unwrap(),
+            args.tuning,
+        );
+        assert_eq!(
+            config.limits.allowed_origins,
+            ["https://dash.example.com", "http://localhost:3000"]
+        );
+        assert_eq!(config.limits.max_sockets_per_user, 3);
+        assert_eq!(config.limits.max_subscriptions_per_socket, 4);
+        assert_eq!(config.limits.max_frames_per_second, 50);
+        assert_eq!(config.limits.max_sockets, 20_000);
+        let unset = serve_args(&["--relay-jwt-secret", &secret, "--relay-allowed-origins", ""]);
+        let unset = unset.unwrap().tuning;
+        let config = Config::from_parts(
+            "postgres://h/db".parse().unwrap(),
+            TokenConfig::hs256(Secret::new(secret.clone()).unwrap()),
+            unset,
+        );
+        assert!(
+            config.limits.allowed_origins.is_empty(),
+            "empty means every origin"
+        );
+        for bad in [
+            &["--relay-allowed-origins", "dash.example.com"][..],
+            &["--relay-allowed-origins", "https://dash.example.com/app"],
+            &["--relay-max-subscriptions-per-socket", "5"],
+            &["--relay-max-frames-per-second", "0"],
+        ] {
+            let mut extra = vec!["--relay-jwt-secret", &secret];
+            extra.extend_from_slice(bad);
+            assert!(serve_args(&extra).is_err(), "{bad:?}");
         }
     }
 }
