@@ -56,8 +56,16 @@ pub async fn connect(
 
 /// RFC 3339 in UTC, as every timestamp the relay writes.
 pub fn rfc3339(at: SystemTime) -> String {
-    time::OffsetDateTime::from(at)
-        .format(&time::format_description::well_known::Rfc3339)
+    let since_epoch = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    // Beyond what `time` represents (the year 9999) there is nothing meaningful to print.
+    time::OffsetDateTime::UNIX_EPOCH
+        .checked_add(time::Duration::try_from(since_epoch).unwrap_or(time::Duration::MAX))
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -80,5 +88,20 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_prints_utc_and_never_panics() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_262_400);
+        assert_eq!(rfc3339(at), "2026-11-21T12:00:00Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        assert_eq!(rfc3339(far), "");
     }
 }

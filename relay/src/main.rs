@@ -4,16 +4,25 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::prelude::*;
 
 use relay::config::{Cli, Command, Config};
 use relay::token::{Issuer, TokenConfig};
 use relay::{dev, migrate, Relay};
 
-/// Log directives that always apply, whatever `RUST_LOG` says: the WebSocket library traces
-/// every frame's payload, and a client's `auth` frame carries its token, which must never reach
-/// the logs.
-const NEVER_VERBOSE: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+/// Whether a log line may be written at all, whatever `RUST_LOG` says: the WebSocket library
+/// traces every frame's payload below `info`, and a client's `auth` frame carries its token,
+/// which must never reach the logs.
+fn never_secret(metadata: &tracing::Metadata<'_>) -> bool {
+    let websocket = ["tungstenite", "tokio_tungstenite"].iter().any(|name| {
+        metadata
+            .target()
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    !websocket || *metadata.level() <= tracing::Level::INFO
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -32,16 +41,19 @@ fn main() -> ExitCode {
         }
     };
     let filter = match EnvFilter::try_new(&cli.rust_log) {
-        Ok(filter) => NEVER_VERBOSE
-            .iter()
-            .filter_map(|directive| directive.parse().ok())
-            .fold(filter, EnvFilter::add_directive),
+        Ok(filter) => filter,
         Err(e) => {
             eprintln!("error: invalid value {:?} for RUST_LOG: {e}", cli.rust_log);
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_filter(filter)
+                .with_filter(filter_fn(never_secret)),
+        )
+        .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

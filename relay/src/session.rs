@@ -88,6 +88,12 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
 
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write(sink, outbox, closed.clone()).in_current_span());
+    // However serving ends, even by a panic, the hub forgets the socket and its writer stops.
+    let leave = Leave {
+        hub: context.hub.clone(),
+        id,
+        link: link.clone(),
+    };
     let reader = Reader {
         id,
         principal,
@@ -164,9 +170,11 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
         match outcome {
             Outcome::Continue => {}
             Outcome::Reauthenticated(expires_at) => {
-                expiry
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + until(expires_at));
+                let now = tokio::time::Instant::now();
+                // Tokens expire before the year 10000, so this cannot overflow; if it did, the
+                // socket would close rather than outlive its token.
+                let at = now.checked_add(until(expires_at)).unwrap_or(now);
+                expiry.as_mut().reset(at);
             }
             Outcome::Close(reason) => {
                 link.close(reason);
@@ -174,13 +182,27 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
             }
         }
     }
-    context.hub.disconnect(id);
-    link.close(Close {
-        code: close::NORMAL,
-        reason: "".into(),
-    });
+    drop(leave);
     let _ = writer.await;
     tracing::debug!("disconnected");
+}
+
+/// Removes a socket from the hub and closes it (normally, unless a reason was given) when the
+/// session ends.
+struct Leave {
+    hub: Arc<Hub>,
+    id: SocketId,
+    link: Link,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.hub.disconnect(self.id);
+        self.link.close(Close {
+            code: close::NORMAL,
+            reason: "".into(),
+        });
+    }
 }
 
 /// How long until `at`; zero if it has passed.

@@ -23,6 +23,10 @@ use crate::authz::{Principal, Role};
 /// Clock skew tolerated on `exp` and `nbf` unless configured otherwise.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
+/// The latest `exp` accepted: the last second of the year 9999. A later one is not a time in
+/// seconds (often milliseconds by mistake), and no socket may be promised that long.
+pub const MAX_EXP: u64 = 253_402_300_799;
+
 /// The shortest secret accepted: HS256 is only as strong as its key.
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -376,7 +380,12 @@ impl Verifier {
                     )
                 })
             })?;
-        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp.saturating_add(self.leeway));
+        if claims.exp > MAX_EXP {
+            return Err(TokenError::invalid(
+                "its `exp` is not a time in seconds since the epoch",
+            ));
+        }
+        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp + self.leeway);
         Ok(Verified {
             principal: Principal { user_id, role },
             expires_at,
@@ -655,6 +664,9 @@ mod tests {
             json!({"sub": Uuid::new_v4(), "role": "root", "exp": later}),
             json!({"sub": Uuid::new_v4(), "role": "admin"}),
             json!({"sub": Uuid::new_v4(), "role": "admin", "exp": "tomorrow"}),
+            // Milliseconds by mistake, and beyond what a SystemTime can hold.
+            json!({"sub": Uuid::new_v4(), "role": "admin", "exp": 1_795_262_487_000_000u64}),
+            json!({"sub": Uuid::new_v4(), "role": "admin", "exp": u64::MAX}),
         ] {
             assert_eq!(code(&hs256(), &hs(&claims)), "invalid_token", "{claims}");
         }
