@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use common::{free_address, Model, RelayProcess, PATIENCE};
+use common::{free_address, Model, RelayProcess, Rng, PATIENCE};
 use relay::authz::{Principal, Role};
 
 /// The tests of this binary restart Postgres or stop the relay; never two at once.
@@ -63,26 +63,6 @@ impl Cast {
             .flatten()
             .copied()
             .collect()
-    }
-}
-
-/// A small deterministic generator, so a failing run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
     }
 }
 

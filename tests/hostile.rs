@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use uuid::Uuid;
 
-use common::{http_get, Ws, PATIENCE};
+use common::{http_get, seed, Rng, Ws, PATIENCE};
 use relay::authz::{Principal, Role};
 use relay::protocol::close;
 use relay::token::{KeySource, TokenConfig};
@@ -458,25 +458,13 @@ async fn origins_outside_the_allowlist_are_refused() {
     relay.shutdown().await;
 }
 
-/// A small deterministic generator, so a failing run can be replayed from its seed.
-struct Rng(u64);
+/// Random input built from the words frames and payloads are made of.
+trait Garbage {
+    fn json(&mut self, depth: usize) -> Value;
+    fn text(&mut self) -> String;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-
+impl Garbage for Rng {
     /// A random JSON value built from the words frames and payloads are made of.
     fn json(&mut self, depth: usize) -> Value {
         const WORDS: [&str; 22] = [
@@ -539,15 +527,6 @@ impl Rng {
             ),
         }
     }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("RELAY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0 | 1);
-    eprintln!("seed {seed} (rerun with RELAY_TEST_SEED={seed})");
-    seed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -600,3 +600,34 @@ pub async fn healthy(addr: SocketAddr) -> bool {
     }
     http_get(addr, "/api/realtime/health", None).await.0 == 200
 }
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// The seed for a randomized test: `RELAY_TEST_SEED` if set, else a fresh one; printed either
+/// way, so a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("RELAY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0 | 1);
+    eprintln!("seed {seed} (rerun with RELAY_TEST_SEED={seed})");
+    seed
+}
