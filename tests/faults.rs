@@ -161,7 +161,7 @@ async fn write(
     committed: Arc<watch::Sender<u64>>,
     rolled_back: Arc<AtomicU64>,
 ) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut client: Option<Client> = None;
     while !*stop.borrow() {
         let Some(c) = client.as_mut().filter(|c| !c.is_closed()) else {

@@ -537,7 +537,7 @@ async fn garbage_frames_and_notifications_harm_no_one_else() {
     let relay = common::start_with(config).await;
     let addr = relay.local_addr();
     let seed = seed();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let admin = db.user(Role::Admin).await;
     let mut bystander = Ws::subscribed(addr, admin, &["appointments"]).await;
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);

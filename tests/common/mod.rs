@@ -601,10 +601,22 @@ pub async fn healthy(addr: SocketAddr) -> bool {
     http_get(addr, "/api/realtime/health", None).await.0 == 200
 }
 
-/// A small deterministic generator, so a failing run can be replayed from its seed.
+/// A small deterministic generator (xorshift), so a failing run can be replayed from its seed.
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// Scrambles the seed (splitmix64) so that small seeds start well; the state is never 0.
+    pub fn new(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        (self.next() >> 32) as u8
+    }
+
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
