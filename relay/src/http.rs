@@ -20,6 +20,7 @@ use crate::limits::{Admission, Refusal};
 use crate::listener::Health;
 use crate::session::{self, SessionContext};
 use crate::token::{TokenError, Verified};
+use crate::upgrade::{self, NotAnUpgrade, Upgrade};
 
 /// Everything the routes need, cloned into each request.
 #[derive(Clone)]
@@ -58,9 +59,9 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(warp::get())
         .and(allowed_origin(with_state.clone()))
         .and(authenticated(with_state.clone(), TokenIn::HeaderOrQuery))
-        .and(warp::ws())
+        .and(upgrade::upgrade())
         .and_then(
-            |state: AppState, verified: Verified, ws: warp::ws::Ws| async move {
+            |state: AppState, verified: Verified, upgrade: Upgrade| async move {
                 let ticket =
                     state
                         .admission
@@ -73,12 +74,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
                             refused(status, refusal.code(), refusal.to_string())
                         })?;
                 let context = state.session.clone();
-                let max = context.limits.max_frame_bytes;
-                Ok::<_, Rejection>(
-                    ws.max_message_size(max)
-                        .max_frame_size(max)
-                        .on_upgrade(move |socket| session::run(socket, verified, context, ticket)),
-                )
+                let config = upgrade::config(context.limits.max_frame_bytes);
+                Ok::<_, Rejection>(upgrade.reply(config, move |socket| {
+                    session::run(socket, verified, context, ticket)
+                }))
             },
         );
 
@@ -252,10 +251,7 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
             "bad_request",
             "the query string is malformed",
         )
-    } else if rejection
-        .find::<warp::ws::MissingConnectionUpgrade>()
-        .is_some()
-    {
+    } else if rejection.find::<NotAnUpgrade>().is_some() {
         error_reply(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",

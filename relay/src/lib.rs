@@ -17,7 +17,8 @@
 //! - [`session`]: one WebSocket: client frames in, queued frames out; replays a resumed
 //!   subscription from the log.
 //! - [`protocol`]: the client frames and the relay's replies.
-//! - [`http`]: routes: the upgrade, health, status, stats.
+//! - [`http`]: routes: the upgrade, health, status, stats; [`upgrade`]: the WebSocket
+//!   handshake, with the socket's buffer sizes.
 //! - [`token`]: verifying and issuing JWTs.
 //! - [`limits`]: socket admission (per user, in total) and the inbound frame rate.
 //! - [`server`]: wiring it together; start and graceful shutdown.
@@ -38,6 +39,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod token;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::{Relay, StartError};

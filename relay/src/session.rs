@@ -13,7 +13,9 @@ use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
-use warp::ws::{Message, WebSocket};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
 use crate::config::Limits;
@@ -24,6 +26,7 @@ use crate::limits::{FrameRate, Ticket};
 use crate::log;
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::{RawToken, Verified, Verifier};
+use crate::upgrade::Socket;
 
 /// How long a close frame may take to send before the socket is dropped without one. Long enough
 /// for a slow reader to drain what its socket already holds and receive the close code.
@@ -48,7 +51,7 @@ pub struct SessionContext {
 
 /// Serves one upgraded socket until either side closes it, or its token expires. The ticket
 /// holds the socket's place under the socket limits until it ends.
-pub async fn run(socket: WebSocket, verified: Verified, context: SessionContext, ticket: Ticket) {
+pub async fn run(socket: Socket, verified: Verified, context: SessionContext, ticket: Ticket) {
     let principal = verified.principal;
     let span = tracing::info_span!("socket", user = %principal.user_id, role = %principal.role);
     serve(socket, verified, context).instrument(span).await;
@@ -71,7 +74,7 @@ impl Drop for Live {
     }
 }
 
-async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
+async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     let _live = Live::new(&context.live);
     let principal = verified.principal;
     // Subscriptions never outlive the right to see: the socket closes when the token expires,
@@ -128,18 +131,8 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
             break;
         }
         let text = match message {
-            Some(Ok(message)) if message.is_text() => match message.to_str() {
-                Ok(text) => text.to_owned(),
-                Err(()) => {
-                    reader.reply(protocol::error(
-                        None,
-                        ErrorCode::BadRequest,
-                        "text frame is not UTF-8",
-                    ));
-                    continue;
-                }
-            },
-            Some(Ok(message)) if message.is_binary() => {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
                 reader.reply(protocol::error(
                     None,
                     ErrorCode::BadRequest,
@@ -147,7 +140,7 @@ async fn serve(socket: WebSocket, verified: Verified, context: SessionContext) {
                 ));
                 continue;
             }
-            Some(Ok(message)) if message.is_close() => break,
+            Some(Ok(Message::Close(_))) => break,
             // Pings are answered by the WebSocket layer; pongs need nothing.
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
@@ -219,12 +212,11 @@ enum Outcome {
 }
 
 /// The close code for a failed read: the client broke the protocol or a limit.
-fn close_for(error: &warp::Error) -> Close {
-    use std::error::Error as _;
-    use tungstenite::error::Error as WsError;
-    let (code, reason) = match error.source().and_then(|s| s.downcast_ref::<WsError>()) {
-        Some(WsError::Capacity(_)) => (close::MESSAGE_TOO_BIG, "frame exceeds the size limit"),
-        Some(WsError::Utf8(_)) => (close::INVALID_PAYLOAD, "text frame is not UTF-8"),
+fn close_for(error: &tungstenite::Error) -> Close {
+    use tungstenite::Error as WsError;
+    let (code, reason) = match error {
+        WsError::Capacity(_) => (close::MESSAGE_TOO_BIG, "frame exceeds the size limit"),
+        WsError::Utf8(_) => (close::INVALID_PAYLOAD, "text frame is not UTF-8"),
         _ => (close::PROTOCOL_ERROR, "protocol error"),
     };
     Close {
@@ -530,9 +522,19 @@ fn expired(cursor: Cursor) -> (ErrorCode, String) {
     )
 }
 
+/// A text message sharing the frame's bytes: a frame rendered once for many sockets is not
+/// copied for each.
+fn text(frame: &Bytes) -> Message {
+    // Frames are rendered from serde_json output, so they are always UTF-8.
+    match Utf8Bytes::try_from(frame.clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::text(String::from_utf8_lossy(frame).into_owned()),
+    }
+}
+
 /// Writes queued frames until the queue ends or the socket is told to close, then closes it.
 async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: SplitSink<Socket, Message>,
     mut outbox: mpsc::Receiver<Outbound>,
     mut closed: watch::Receiver<Option<Close>>,
 ) {
@@ -547,8 +549,7 @@ async fn write(
                 None => break None,
             },
         };
-        // Frames are rendered from serde_json output, so they are always UTF-8.
-        let message = Message::text(String::from_utf8_lossy(&frame.frame).into_owned());
+        let message = text(&frame.frame);
         tokio::select! {
             biased;
             reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
@@ -566,22 +567,27 @@ async fn write(
     if flush {
         let pending = async {
             while let Ok(frame) = outbox.try_recv() {
-                let text = String::from_utf8_lossy(&frame.frame).into_owned();
-                if sink.send(Message::text(text)).await.is_err() {
+                if sink.send(text(&frame.frame)).await.is_err() {
                     return;
                 }
             }
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, pending).await;
     }
+    let close_with = |code: u16, reason: String| {
+        Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(reason),
+        }))
+    };
     let close = match reason {
         Some(Close { code, reason }) => match last_cursor {
             Some(cursor) if code == close::SLOW_CONSUMER => {
-                Message::close_with(code, format!("{reason}; last cursor sent {cursor}"))
+                close_with(code, format!("{reason}; last cursor sent {cursor}"))
             }
-            _ => Message::close_with(code, reason),
+            _ => close_with(code, reason.into_owned()),
         },
-        None => Message::close(),
+        None => Message::Close(None),
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;

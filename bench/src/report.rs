@@ -1,0 +1,282 @@
+//! The results of a run: a JSON document, a Markdown table, and an SVG plot of the latency
+//! distribution of each load phase.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cast::Mode;
+use crate::expect::Accounting;
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub machine: String,
+    pub command: String,
+    pub mode: Mode,
+    pub sockets: usize,
+    pub client_processes: usize,
+    pub writers: usize,
+    pub setup: Setup,
+    pub memory: Memory,
+    /// Postgres alone, the same writers, no relay attached.
+    pub ceiling_commits_per_second: f64,
+    pub phases: Vec<Phase>,
+    pub replay: Option<Replay>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    /// Authenticated connect plus subscribe, every socket, all client processes together.
+    pub sockets_per_second: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Memory {
+    pub relay_before_bytes: u64,
+    pub relay_idle_bytes: u64,
+    /// (idle − before) / sockets: what one idle, subscribed socket costs the relay.
+    pub per_socket_bytes: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    pub name: String,
+    /// Events per second asked of the writers; none for "as fast as Postgres accepts".
+    pub target_per_second: Option<f64>,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub deliveries_per_second: f64,
+    /// Committed events per second as a share of Postgres' ceiling.
+    pub ratio_to_ceiling: f64,
+    pub accounting: Accounting,
+    /// Share of the expected deliveries that had arrived when the writers stopped.
+    pub delivered_within_run: f64,
+    pub out_of_order: u64,
+    pub latency_ms: Percentiles,
+    /// The relay's CPU time over the phase, as a share of one core.
+    pub relay_cpu_cores: f64,
+    /// Cores the relay used per 100,000 deliveries per second.
+    pub relay_cores_per_100k_deliveries: f64,
+    #[serde(skip)]
+    pub curve: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        }
+    }
+}
+
+/// Latency (ms) at percentiles from 0 to 99.99, for the plot.
+pub fn curve(histogram: &Histogram<u64>) -> Vec<(f64, f64)> {
+    (0..=80)
+        .map(|i| {
+            // Evenly spaced in "nines": 0, ..., 90, ..., 99, ..., 99.99.
+            let nines = f64::from(i) / 20.0;
+            let quantile = 1.0 - 10f64.powf(-nines);
+            (nines, histogram.value_at_quantile(quantile) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct Replay {
+    pub events: usize,
+    pub first_ms: f64,
+    pub all_ms: f64,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+impl Results {
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "machine: {}", self.machine);
+        let _ = writeln!(out, "command: `{}`\n", self.command);
+        let _ = writeln!(
+            out,
+            "{} sockets ({:?} workload) from {} client processes; {} writer connections\n",
+            self.sockets, self.mode, self.client_processes, self.writers
+        );
+        let _ = writeln!(out, "| measure | value |\n|---|---|");
+        let _ = writeln!(
+            out,
+            "| connect + subscribe | {:.0} sockets/s ({:.2} s for all) |",
+            self.setup.sockets_per_second, self.setup.seconds
+        );
+        let _ = writeln!(
+            out,
+            "| relay memory | {:.1} MiB before sockets, {:.1} MiB with all idle and subscribed |",
+            mib(self.memory.relay_before_bytes),
+            mib(self.memory.relay_idle_bytes)
+        );
+        let _ = writeln!(
+            out,
+            "| memory per idle socket | {:.1} KiB |",
+            self.memory.per_socket_bytes / 1024.0
+        );
+        let _ = writeln!(
+            out,
+            "| Postgres ceiling (no relay) | {:.0} commits/s |",
+            self.ceiling_commits_per_second
+        );
+        if let Some(replay) = &self.replay {
+            let _ = writeln!(
+                out,
+                "| replay of {} missed events | first after {:.1} ms, all after {:.1} ms |",
+                replay.events, replay.first_ms, replay.all_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| phase | events/s | deliveries/s | of ceiling | lost | extra | within run | p50 | p90 | p99 | p99.9 | max | relay CPU | cores per 100k deliveries/s |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for p in &self.phases {
+            let l = &p.latency_ms;
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.0} % | {} | {} | {:.2} % | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.1} ms | {:.0} % | {:.2} |",
+                p.name,
+                p.events_per_second,
+                p.deliveries_per_second,
+                p.ratio_to_ceiling * 100.0,
+                p.accounting.lost,
+                p.accounting.extra,
+                p.delivered_within_run * 100.0,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max,
+                p.relay_cpu_cores * 100.0,
+                p.relay_cores_per_100k_deliveries
+            );
+        }
+        out
+    }
+
+    /// Latency against percentile, one line per phase, log-scaled latency.
+    pub fn svg(&self) -> String {
+        const W: f64 = 720.0;
+        const H: f64 = 420.0;
+        const LEFT: f64 = 70.0;
+        const BOTTOM: f64 = 50.0;
+        const TOP: f64 = 40.0;
+        const RIGHT: f64 = 150.0;
+        let (plot_w, plot_h) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+        let highest = self
+            .phases
+            .iter()
+            .flat_map(|p| p.curve.iter().map(|(_, ms)| *ms))
+            .fold(1.0f64, f64::max);
+        let (low, high) = (0.01f64.log10(), (highest * 1.5).log10());
+        let x = |nines: f64| LEFT + nines / 4.0 * plot_w;
+        let y = |ms: f64| TOP + plot_h - (ms.max(0.01).log10() - low) / (high - low) * plot_h;
+        let mut svg = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
+<rect width="{W}" height="{H}" fill="white"/>
+<text x="{LEFT}" y="22" font-size="14">Commit-to-client latency by percentile ({} sockets)</text>
+"#,
+            self.sockets
+        );
+        for (nines, label) in [
+            (0.0, "0"),
+            (1.0, "90"),
+            (2.0, "99"),
+            (3.0, "99.9"),
+            (4.0, "99.99"),
+        ] {
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{0}" y1="{TOP}" x2="{0}" y2="{1}" stroke="#ddd"/><text x="{0}" y="{2}" text-anchor="middle">{label}</text>"##,
+                x(nines),
+                TOP + plot_h,
+                TOP + plot_h + 18.0
+            );
+        }
+        let mut ms = 0.01;
+        while ms <= highest * 1.5 {
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{LEFT}" y1="{0}" x2="{1}" y2="{0}" stroke="#ddd"/><text x="{2}" y="{3}" text-anchor="end">{ms} ms</text>"##,
+                y(ms),
+                LEFT + plot_w,
+                LEFT - 6.0,
+                y(ms) + 4.0
+            );
+            ms *= 10.0;
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
+            LEFT + plot_w / 2.0,
+            H - 10.0
+        );
+        let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+        for (i, phase) in self.phases.iter().enumerate() {
+            let colour = colours[i % colours.len()];
+            let points: Vec<String> = phase
+                .curve
+                .iter()
+                .map(|(nines, ms)| format!("{:.1},{:.1}", x(*nines), y(*ms)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                points.join(" ")
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{}" y="{}" fill="{colour}">{}</text>"#,
+                LEFT + plot_w + 10.0,
+                TOP + 16.0 * (i as f64 + 1.0),
+                phase.name
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_curve_rises_with_the_percentile() {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+        for us in 1..=10_000u64 {
+            histogram.record(us).unwrap();
+        }
+        let curve = curve(&histogram);
+        assert_eq!(curve.first().unwrap().0, 0.0);
+        assert!(curve.windows(2).all(|w| w[1].1 >= w[0].1));
+        let p = Percentiles::of(&histogram);
+        assert!((p.p50 - 5.0).abs() < 0.1, "{p:?}");
+        assert!(p.max >= p.p999 && p.p999 >= p.p99 && p.p99 >= p.p90);
+    }
+}

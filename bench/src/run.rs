@@ -1,0 +1,585 @@
+//! The orchestrator: prepares a fresh database, measures Postgres' ceiling, starts the relay,
+//! spreads the sockets over client processes, drives the load phases, accounts for every
+//! delivery, measures a replay, and writes the results.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use relay::authz::{Principal, Role};
+use relay::protocol::Cursor;
+use relay::token::{Issuer, Secret};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio_postgres::{Client, NoTls};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use crate::cast::{Cast, Mode};
+use crate::expect::{self, Audience};
+use crate::report::{self, Memory, Percentiles, Phase, Replay, Results, Setup};
+use crate::worker::{self, Plan, Ready, Report, SocketPlan};
+use crate::writer::{self, Rate};
+use crate::{system, Error};
+
+/// Everything a run is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub clients: usize,
+    pub client_processes: usize,
+    pub writers: usize,
+    pub rate: f64,
+    pub duration: Duration,
+    pub ceiling_duration: Duration,
+    pub max_phase: bool,
+    pub replay: usize,
+    pub relay_bin: PathBuf,
+    pub postgres: String,
+    pub out: PathBuf,
+    pub command: String,
+}
+
+/// A client process and its pipes.
+struct Clients {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Clients {
+    async fn send(&mut self, line: &impl serde::Serialize) -> Result<(), Error> {
+        let mut bytes = serde_json::to_vec(line)?;
+        bytes.push(b'\n');
+        self.stdin.write_all(&bytes).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn receive<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, Error> {
+        match self.stdout.next_line().await? {
+            Some(line) => Ok(serde_json::from_str(&line)?),
+            None => Err("a client process exited early".into()),
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The relay as a child process.
+struct RelayProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl RelayProcess {
+    async fn start(options: &Options, url: &str, secret: &str) -> Result<RelayProcess, Error> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = Command::new(&options.relay_bin)
+            .arg("serve")
+            .env("DATABASE_URL", url)
+            .env("RELAY_JWT_SECRET", secret)
+            .env("RELAY_BIND", addr.to_string())
+            .env("RELAY_MAX_SOCKETS", (options.clients + 1000).to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start the relay at {} ({e}); build it with `cargo build --release -p relay` \
+                     or pass --relay-bin",
+                    options.relay_bin.display()
+                )
+            })?;
+        let relay = RelayProcess { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !relay.healthy().await {
+            if Instant::now() > deadline {
+                return Err("the relay did not become healthy within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(relay)
+    }
+
+    async fn healthy(&self) -> bool {
+        get(self.addr, "/api/realtime/health", None)
+            .await
+            .is_some_and(|(status, _)| status == 200)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
+    }
+}
+
+/// A minimal HTTP GET: the status and the body.
+async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
+        .await
+        .ok()?;
+    let status = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Waits until the relay has dispatched every event up to `position`.
+async fn caught_up(relay: SocketAddr, issuer: &Issuer, position: Cursor) -> Result<(), Error> {
+    let admin = Principal {
+        user_id: Uuid::new_v4(),
+        role: Role::Admin,
+    };
+    let token = issuer.issue(&admin, Duration::from_secs(600));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, body)) = get(relay, "/api/realtime/stats", Some(&token)).await {
+            let stats: serde_json::Value = serde_json::from_str(&body)?;
+            let at: Option<i64> = stats["position"].as_str().and_then(|p| p.parse().ok());
+            if at.is_some_and(|at| at >= position.0) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("the relay did not catch up with the log within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates the run's database and migrates it.
+async fn create_database(options: &Options) -> Result<(String, String), Error> {
+    let name = format!("relay_bench_{}", Uuid::new_v4().simple());
+    let admin = connect(&format!("{}/postgres", options.postgres)).await?;
+    admin
+        .batch_execute(&format!("create database {name}"))
+        .await?;
+    let url = format!("{}/{name}", options.postgres);
+    let mut client = connect(&url).await?;
+    relay::migrate::migrate(&mut client).await?;
+    Ok((name, url))
+}
+
+async fn drop_database(options: &Options, name: &str) {
+    if let Ok(admin) = connect(&format!("{}/postgres", options.postgres)).await {
+        let _ = admin
+            .batch_execute(&format!("drop database if exists {name} with (force)"))
+            .await;
+    }
+}
+
+/// Adds the cast's profiles and sessions, in bulk.
+async fn populate(client: &Client, cast: &Cast) -> Result<(), Error> {
+    let profiles = cast.profiles();
+    let ids: Vec<Uuid> = profiles.iter().map(|(id, _)| *id).collect();
+    let roles: Vec<&str> = profiles.iter().map(|(_, role)| role.as_str()).collect();
+    client
+        .execute(
+            "insert into profiles (id, role) select * from unnest($1::uuid[], $2::text[])",
+            &[&ids, &roles],
+        )
+        .await?;
+    let sessions: Vec<Uuid> = cast.sessions.iter().map(|s| s.id).collect();
+    let patients: Vec<Uuid> = cast.sessions.iter().map(|s| s.patient).collect();
+    let dentists: Vec<Uuid> = cast.sessions.iter().map(|s| s.dentist).collect();
+    client
+        .execute(
+            "insert into consultation_sessions (id, patient_id, dentist_id, status)
+             select s, p, d, 'active' from unnest($1::uuid[], $2::uuid[], $3::uuid[]) as t(s, p, d)",
+            &[&sessions, &patients, &dentists],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Starts the client processes, each with its share of the sockets; returns once every socket
+/// is subscribed, with how long that took.
+async fn start_clients(
+    options: &Options,
+    cast: &Cast,
+    relay: SocketAddr,
+    issuer: &Issuer,
+) -> Result<(Vec<Clients>, Setup), Error> {
+    let members = cast.members();
+    let processes = options.client_processes.max(1);
+    let share = members.len().div_ceil(processes);
+    let me = std::env::current_exe()?;
+    let mut clients = Vec::new();
+    let start = Instant::now();
+    for (i, chunk) in members.chunks(share.max(1)).enumerate() {
+        let mut child = Command::new(&me)
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let mut process = Clients {
+            child,
+            stdin,
+            stdout,
+        };
+        let plan = Plan {
+            relay,
+            source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)),
+            concurrency: 64,
+            sockets: chunk
+                .iter()
+                .map(|m| SocketPlan {
+                    token: issuer.issue(&m.principal(), Duration::from_secs(4 * 3600)),
+                    feeds: m.feeds.clone(),
+                })
+                .collect(),
+        };
+        process.send(&plan).await?;
+        clients.push(process);
+    }
+    let mut slowest = 0f64;
+    for process in &mut clients {
+        let ready: Ready = process.receive().await?;
+        slowest = slowest.max(ready.seconds);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((
+        clients,
+        Setup {
+            sockets_per_second: members.len() as f64 / slowest.max(1e-9),
+            seconds,
+        },
+    ))
+}
+
+async fn broadcast(clients: &mut [Clients], command: worker::Command) -> Result<(), Error> {
+    for process in clients {
+        process.send(&command).await?;
+    }
+    Ok(())
+}
+
+async fn collect(clients: &mut [Clients]) -> Result<Vec<Report>, Error> {
+    broadcast(clients, worker::Command::Report).await?;
+    let mut reports = Vec::new();
+    for process in clients {
+        reports.push(process.receive().await?);
+    }
+    Ok(reports)
+}
+
+async fn log_position(client: &Client) -> Result<Cursor, Error> {
+    Ok(relay::log::position(client).await?)
+}
+
+/// Waits until the sockets have received every expected delivery, or nothing more arrives for a
+/// while: the phase's stragglers.
+async fn drain(clients: &mut [Clients], expected: u64) -> Result<Vec<Report>, Error> {
+    let mut last = 0;
+    let mut quiet = 0;
+    loop {
+        let reports = collect(clients).await?;
+        let received: u64 = reports.iter().map(|r| r.deliveries).sum();
+        if received >= expected || (received == last && quiet >= 10) {
+            return Ok(reports);
+        }
+        quiet = if received == last { quiet + 1 } else { 0 };
+        last = received;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Context<'a> {
+    options: &'a Options,
+    db: &'a Client,
+    audience: &'a Audience,
+    relay_pid: u32,
+    ceiling: f64,
+}
+
+/// One load phase: the writers at `rate` for the phase's duration, every delivery accounted for.
+async fn phase(
+    context: &Context<'_>,
+    clients: &mut [Clients],
+    writers: Vec<writer::Writer>,
+    name: &str,
+    rate: Rate,
+) -> Result<(Vec<writer::Writer>, Phase), Error> {
+    broadcast(clients, worker::Command::Reset).await?;
+    let before = log_position(context.db).await?;
+    let cpu_before = system::cpu_time(context.relay_pid).unwrap_or_default();
+    let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
+    broadcast(clients, worker::Command::Mark).await?;
+    let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
+    let after = log_position(context.db).await?;
+
+    // Expected deliveries, event by event, from the log and the subscriptions.
+    let mut per_event: HashMap<i64, u64> = HashMap::new();
+    let nothing = HashMap::new();
+    let expected = expect::account(context.db, context.audience, before, after, &nothing).await?;
+    let reports = drain(clients, expected.expected).await?;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut at_mark, mut out_of_order) = (0, 0);
+    for report in &reports {
+        for (value, count) in &report.latency_us {
+            latency.record_n(*value, *count)?;
+        }
+        for (id, count) in &report.per_event {
+            *per_event.entry(*id).or_default() += u64::from(*count);
+        }
+        at_mark += report.deliveries_at_mark;
+        out_of_order += report.out_of_order;
+    }
+    let accounting =
+        expect::account(context.db, context.audience, before, after, &per_event).await?;
+    let seconds = written.seconds;
+    let deliveries_per_second = accounting.expected as f64 / seconds;
+    let cores = cpu.as_secs_f64() / seconds;
+    let events_per_second = written.commits as f64 / seconds;
+    let phase = Phase {
+        name: name.to_string(),
+        target_per_second: match rate {
+            Rate::PerSecond(r) => Some(r),
+            Rate::Max => None,
+        },
+        seconds,
+        events_per_second,
+        deliveries_per_second,
+        ratio_to_ceiling: events_per_second / context.ceiling.max(1e-9),
+        accounting,
+        delivered_within_run: at_mark as f64 / (accounting.expected.max(1)) as f64,
+        out_of_order,
+        latency_ms: Percentiles::of(&latency),
+        relay_cpu_cores: cores,
+        relay_cores_per_100k_deliveries: cores / (deliveries_per_second / 100_000.0).max(1e-9),
+        curve: report::curve(&latency),
+    };
+    Ok((writers, phase))
+}
+
+/// How long one resuming dentist takes to receive `count` events it missed.
+async fn replay(
+    db: &Client,
+    relay: SocketAddr,
+    issuer: &Issuer,
+    count: usize,
+) -> Result<Replay, Error> {
+    let (dentist, patient) = (Uuid::new_v4(), Uuid::new_v4());
+    db.execute(
+        "insert into profiles (id, role) values ($1, 'dentist'), ($2, 'patient')",
+        &[&dentist, &patient],
+    )
+    .await?;
+    let token = issuer.issue(
+        &Principal {
+            user_id: dentist,
+            role: Role::Dentist,
+        },
+        Duration::from_secs(3600),
+    );
+    let url = format!("ws://{relay}/ws?access_token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+    ws.send(Message::text(
+        r#"{"type":"subscribe","feed":"appointments"}"#,
+    ))
+    .await?;
+    let cursor = loop {
+        if let Some(Ok(Message::Text(text))) = ws.next().await {
+            let reply: serde_json::Value = serde_json::from_str(&text)?;
+            if let Some(cursor) = reply["cursor"].as_str() {
+                break cursor.to_string();
+            }
+        } else {
+            return Err("no subscribed reply".into());
+        }
+    };
+    drop(ws);
+    for chunk in 0..count.div_ceil(1000) {
+        let n = (count - chunk * 1000).min(1000) as i32;
+        db.execute(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
+             select $1, $2, now(), now() + interval '1 hour' from generate_series(1, $3)",
+            &[&patient, &dentist, &n],
+        )
+        .await?;
+    }
+    // The relay has dispatched them all, so the resumed subscription replays all of them.
+    caught_up(relay, issuer, log_position(db).await?).await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+    let start = Instant::now();
+    ws.send(Message::text(format!(
+        r#"{{"type":"subscribe","feed":"appointments","since":"{cursor}"}}"#
+    )))
+    .await?;
+    let (mut events, mut first) = (0, None);
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        if text.contains(r#""type":"event""#) {
+            events += 1;
+            first.get_or_insert_with(|| start.elapsed());
+        } else if text.contains(r#""type":"live""#) {
+            break;
+        }
+    }
+    let all = start.elapsed();
+    if events != count {
+        return Err(format!("replayed {events} events, expected {count}").into());
+    }
+    Ok(Replay {
+        events,
+        first_ms: first.unwrap_or_default().as_secs_f64() * 1000.0,
+        all_ms: all.as_secs_f64() * 1000.0,
+    })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .to_string();
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / (1024 * 1024))
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {memory} GiB")
+}
+
+/// Runs the whole benchmark and writes `results.json`, `results.md` and `latency.svg` to the
+/// output directory.
+pub async fn run(options: Options) -> Result<Results, Error> {
+    let cast = Arc::new(Cast::new(options.mode, options.clients));
+    let (name, url) = create_database(&options).await?;
+    let outcome = measure(&options, &cast, &url).await;
+    drop_database(&options, &name).await;
+    let results = outcome?;
+    std::fs::create_dir_all(&options.out)?;
+    std::fs::write(
+        options.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(options.out.join("results.md"), results.markdown())?;
+    std::fs::write(options.out.join("latency.svg"), results.svg())?;
+    Ok(results)
+}
+
+async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Results, Error> {
+    let db = connect(url).await?;
+    populate(&db, cast).await?;
+    let secret_text = format!(
+        "bench-{}-{}",
+        Uuid::new_v4().simple(),
+        Uuid::new_v4().simple()
+    );
+    let issuer = Issuer::new(&Secret::new(secret_text.clone())?);
+
+    eprintln!(
+        "relay-bench: Postgres alone, {} writers, as fast as it commits",
+        options.writers
+    );
+    let writers = writer::connect(url, cast, options.writers).await?;
+    let (writers, ceiling) = writer::write(writers, Rate::Max, options.ceiling_duration).await?;
+    let ceiling = ceiling.commits as f64 / ceiling.seconds;
+
+    let relay = RelayProcess::start(options, url, &secret_text).await?;
+    let pid = relay.pid();
+    let before = system::resident_bytes(pid).unwrap_or_default();
+    eprintln!("relay-bench: opening {} sockets", cast.members().len());
+    let (mut clients, setup) = start_clients(options, cast, relay.addr, &issuer).await?;
+    // Let the relay's allocator settle before reading its size: a measurement, not a wait for
+    // anything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = system::resident_bytes(pid).unwrap_or_default();
+    let sockets = cast.members().len();
+    let memory = Memory {
+        relay_before_bytes: before,
+        relay_idle_bytes: idle,
+        per_socket_bytes: idle.saturating_sub(before) as f64 / sockets as f64,
+    };
+
+    let audience = Audience::new(cast);
+    let context = Context {
+        options,
+        db: &db,
+        audience: &audience,
+        relay_pid: pid,
+        ceiling,
+    };
+    let mut phases = Vec::new();
+    let mut rates = vec![(
+        format!("{} events/s", options.rate),
+        Rate::PerSecond(options.rate),
+    )];
+    if options.max_phase {
+        rates.push(("as fast as Postgres commits".to_string(), Rate::Max));
+    }
+    let mut writers = writers;
+    for (name, rate) in rates {
+        eprintln!("relay-bench: {name} for {:?}", options.duration);
+        let (returned, phase) = phase(&context, &mut clients, writers, &name, rate).await?;
+        writers = returned;
+        phases.push(phase);
+    }
+    drop(writers);
+
+    let replay = if options.replay > 0 {
+        eprintln!("relay-bench: replay of {} missed events", options.replay);
+        Some(replay(&db, relay.addr, &issuer, options.replay).await?)
+    } else {
+        None
+    };
+    // The client processes have reported everything; they hold nothing else.
+    for process in &mut clients {
+        let _ = process.child.kill().await;
+    }
+    relay.stop().await;
+    Ok(Results {
+        machine: machine(),
+        command: options.command.clone(),
+        mode: options.mode,
+        sockets,
+        client_processes: options.client_processes,
+        writers: options.writers,
+        setup,
+        memory,
+        ceiling_commits_per_second: ceiling,
+        phases,
+        replay,
+    })
+}

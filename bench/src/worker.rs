@@ -1,0 +1,257 @@
+//! A client process: opens its share of the run's sockets from its own source address, subscribes
+//! each to its feeds, and records every event frame it receives: the latency from the event's
+//! commit-time stamp to its arrival, and how many times each event arrived.
+//!
+//! It talks to the orchestrator over stdin and stdout, one JSON document per line: it reads its
+//! [`Plan`], answers [`Ready`] once every socket is subscribed, then obeys [`Command`]s, answering
+//! `report` with a [`Report`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use relay::authz::Feed;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::Error;
+
+/// What one client process does.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub relay: SocketAddr,
+    /// The local address its sockets connect from (127.0.0.x), so that no one address runs out of
+    /// ports.
+    pub source: IpAddr,
+    /// How many sockets it opens at once.
+    pub concurrency: usize,
+    pub sockets: Vec<SocketPlan>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SocketPlan {
+    pub token: String,
+    pub feeds: Vec<Feed>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    pub sockets: usize,
+    /// From the first connect to the last `subscribed` reply.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Command {
+    /// Forget everything received so far: a new phase starts.
+    Reset,
+    /// Note how many deliveries have arrived: the writers just stopped.
+    Mark,
+    Report,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub deliveries: u64,
+    /// Deliveries that had arrived at the last `mark`.
+    pub deliveries_at_mark: u64,
+    /// Frames whose event id was not above the socket's previous one: repeated or out of order.
+    pub out_of_order: u64,
+    /// Sockets that closed.
+    pub closed: u64,
+    /// Commit-to-arrival latency in microseconds: (value, count) pairs.
+    pub latency_us: Vec<(u64, u64)>,
+    /// Deliveries per event id.
+    pub per_event: Vec<(i64, u32)>,
+}
+
+struct Stats {
+    latency: Histogram<u64>,
+    per_event: HashMap<i64, u32>,
+    deliveries: u64,
+    at_mark: u64,
+    out_of_order: u64,
+    closed: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            // 1 µs to 10 minutes, 3 significant digits.
+            latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+            per_event: HashMap::new(),
+            deliveries: 0,
+            at_mark: 0,
+            out_of_order: 0,
+            closed: 0,
+        }
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            deliveries: self.deliveries,
+            deliveries_at_mark: self.at_mark,
+            out_of_order: self.out_of_order,
+            closed: self.closed,
+            latency_us: self
+                .latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+            per_event: self.per_event.iter().map(|(id, n)| (*id, *n)).collect(),
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Stats>>;
+
+fn lock(stats: &Shared) -> std::sync::MutexGuard<'_, Stats> {
+    stats.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The fields of an `event` frame the worker needs.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(default)]
+    id: i64,
+    #[serde(default)]
+    at: &'a str,
+}
+
+fn now_micros() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i128)
+        .unwrap_or_default()
+}
+
+fn micros_of(at: &str) -> Option<i128> {
+    let at =
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(at.unix_timestamp_nanos() / 1000)
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens one socket from `source` and subscribes it to its feeds.
+async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
+    let tcp = match plan.source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    tcp.bind(SocketAddr::new(plan.source, 0))?;
+    let stream = tcp.connect(plan.relay).await?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{}/ws?access_token={}", plan.relay, socket.token);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    for feed in &socket.feeds {
+        let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
+        ws.send(Message::text(subscribe)).await?;
+    }
+    let mut acknowledged = 0;
+    while acknowledged < socket.feeds.len() {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if text.contains(r#""type":"subscribed""#) => {
+                acknowledged += 1
+            }
+            Some(Ok(Message::Text(text))) if text.contains(r#""type":"error""#) => {
+                return Err(format!("subscribe refused: {text}").into())
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed while subscribing".into()),
+        }
+    }
+    Ok(ws)
+}
+
+/// Reads one socket's frames until it closes, recording each event.
+async fn read(mut ws: Socket, stats: Shared) {
+    let mut last_id = 0i64;
+    while let Some(message) = ws.next().await {
+        let Ok(Message::Text(text)) = message else {
+            if message.is_err() {
+                break;
+            }
+            continue;
+        };
+        let arrived = now_micros();
+        let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
+            continue;
+        };
+        if frame.kind != "event" {
+            continue;
+        }
+        let latency = micros_of(frame.at).map(|at| (arrived - at).max(1) as u64);
+        let mut stats = lock(&stats);
+        stats.deliveries += 1;
+        if frame.id <= last_id {
+            stats.out_of_order += 1;
+        }
+        last_id = frame.id;
+        *stats.per_event.entry(frame.id).or_default() += 1;
+        if let Some(latency) = latency {
+            stats.latency.saturating_record(latency);
+        }
+    }
+    lock(&stats).closed += 1;
+}
+
+async fn say(out: &mut tokio::io::Stdout, message: &impl Serialize) -> Result<(), Error> {
+    let mut line = serde_json::to_vec(message)?;
+    line.push(b'\n');
+    out.write_all(&line).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// Runs a client process: the plan comes on stdin, then commands.
+pub async fn run() -> Result<(), Error> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    let plan: Plan = match lines.next_line().await? {
+        Some(line) => serde_json::from_str(&line)?,
+        None => return Err("no plan on stdin".into()),
+    };
+    let stats: Shared = Arc::new(Mutex::new(Stats::new()));
+
+    let start = Instant::now();
+    let plan = Arc::new(plan);
+    let opened: Vec<Result<Socket, Error>> = futures::stream::iter(0..plan.sockets.len())
+        .map(|i| {
+            let plan = plan.clone();
+            async move { open(&plan, &plan.sockets[i]).await }
+        })
+        .buffer_unordered(plan.concurrency.max(1))
+        .collect()
+        .await;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut sockets = 0;
+    for socket in opened {
+        tokio::spawn(read(socket?, stats.clone()));
+        sockets += 1;
+    }
+    say(&mut out, &Ready { sockets, seconds }).await?;
+
+    while let Some(line) = lines.next_line().await? {
+        match serde_json::from_str::<Command>(&line)? {
+            Command::Reset => *lock(&stats) = Stats::new(),
+            Command::Mark => {
+                let mut stats = lock(&stats);
+                stats.at_mark = stats.deliveries;
+            }
+            Command::Report => {
+                let report = lock(&stats).report();
+                say(&mut out, &report).await?;
+            }
+        }
+    }
+    Ok(())
+}

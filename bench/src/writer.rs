@@ -1,0 +1,241 @@
+//! The writers: several connections committing changes, one row per transaction, at a target
+//! rate or as fast as Postgres accepts them.
+//!
+//! The role mix changes all four tables: appointments booked, confirmed or cancelled, moved to
+//! another dentist, deleted; availability added; messages sent in sessions; session notes
+//! updated. The fan-out workload only books appointments, each for one connected user.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+use crate::cast::{Cast, Mode};
+use crate::Error;
+
+/// How fast the writers go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// Events per second, across all writers.
+    PerSecond(f64),
+    /// As fast as Postgres commits.
+    Max,
+}
+
+/// What the writers did in one phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    pub commits: u64,
+    pub seconds: f64,
+}
+
+/// A small deterministic generator; writers need speed, not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+struct Statements {
+    book: Statement,
+    set_status: Statement,
+    reassign: Statement,
+    delete: Statement,
+    add_slot: Statement,
+    send: Statement,
+    note: Statement,
+}
+
+/// One writer connection and the appointments it booked (so it changes rows without asking).
+pub struct Writer {
+    client: Client,
+    statements: Statements,
+    cast: Arc<Cast>,
+    rng: Rng,
+    booked: Vec<(Uuid, Uuid)>,
+}
+
+fn pick(rng: &mut Rng, ids: &[Uuid]) -> Uuid {
+    ids[rng.below(ids.len())]
+}
+
+const STATUSES: [&str; 3] = ["confirmed", "cancelled", "completed"];
+
+impl Writer {
+    async fn connect(url: &str, cast: Arc<Cast>, seed: u64) -> Result<Writer, Error> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(connection);
+        let statements = Statements {
+            book: client
+                .prepare(
+                    "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at)
+                     values ($1, $2, $3, now() + interval '1 day', now() + interval '1 day 1 hour')",
+                )
+                .await?,
+            set_status: client
+                .prepare("update appointments set status = $2 where id = $1")
+                .await?,
+            reassign: client
+                .prepare("update appointments set dentist_id = $2 where id = $1")
+                .await?,
+            delete: client
+                .prepare("delete from appointments where id = $1")
+                .await?,
+            add_slot: client
+                .prepare(
+                    "insert into availability (dentist_id, starts_at, ends_at)
+                     values ($1, now() + interval '2 days', now() + interval '2 days 30 minutes')",
+                )
+                .await?,
+            send: client
+                .prepare(
+                    "insert into consultation_messages (session_id, sender_id, body)
+                     values ($1, $2, 'How is the tooth today?')",
+                )
+                .await?,
+            note: client
+                .prepare("update consultation_sessions set notes = $2 where id = $1")
+                .await?,
+        };
+        Ok(Writer {
+            client,
+            statements,
+            cast,
+            rng: Rng(seed | 1),
+            booked: Vec::new(),
+        })
+    }
+
+    fn pick(&mut self, ids: &[Uuid]) -> Uuid {
+        pick(&mut self.rng, ids)
+    }
+
+    async fn book(&mut self) -> Result<(), Error> {
+        let cast = self.cast.clone();
+        let (id, patient, dentist) = (
+            Uuid::new_v4(),
+            self.pick(&cast.patients),
+            self.pick(&cast.dentists),
+        );
+        self.client
+            .execute(&self.statements.book, &[&id, &patient, &dentist])
+            .await?;
+        self.booked.push((id, dentist));
+        Ok(())
+    }
+
+    /// Commits one change.
+    async fn change(&mut self) -> Result<(), Error> {
+        if self.cast.mode == Mode::Fanout || self.booked.is_empty() {
+            return self.book().await;
+        }
+        let cast = self.cast.clone();
+        let s = &self.statements;
+        match self.rng.below(100) {
+            0..=54 => return self.book().await,
+            55..=69 => {
+                let (id, _) = self.booked[self.rng.below(self.booked.len())];
+                let status = STATUSES[self.rng.below(STATUSES.len())];
+                self.client.execute(&s.set_status, &[&id, &status]).await?;
+            }
+            70..=79 => {
+                let slot = self.rng.below(self.booked.len());
+                let dentist = pick(&mut self.rng, &cast.dentists);
+                let id = self.booked[slot].0;
+                self.client.execute(&s.reassign, &[&id, &dentist]).await?;
+                self.booked[slot].1 = dentist;
+            }
+            80..=84 => {
+                let slot = self.rng.below(self.booked.len());
+                let (id, _) = self.booked.swap_remove(slot);
+                self.client.execute(&s.delete, &[&id]).await?;
+            }
+            85..=89 => {
+                let dentist = pick(&mut self.rng, &cast.dentists);
+                self.client.execute(&s.add_slot, &[&dentist]).await?;
+            }
+            90..=94 => {
+                let session = cast.sessions[self.rng.below(cast.sessions.len())];
+                let sender = if self.rng.below(2) == 0 {
+                    session.patient
+                } else {
+                    session.dentist
+                };
+                self.client
+                    .execute(&s.send, &[&session.id, &sender])
+                    .await?;
+            }
+            _ => {
+                let session = cast.sessions[self.rng.below(cast.sessions.len())];
+                let note = format!("note {}", self.rng.below(1_000_000));
+                self.client.execute(&s.note, &[&session.id, &note]).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects `count` writers.
+pub async fn connect(url: &str, cast: &Arc<Cast>, count: usize) -> Result<Vec<Writer>, Error> {
+    let mut writers = Vec::new();
+    for i in 0..count {
+        writers.push(Writer::connect(url, cast.clone(), 0x9e37_79b9 * (i as u64 + 1)).await?);
+    }
+    Ok(writers)
+}
+
+/// Runs the writers for `duration` at `rate`; returns them for the next phase, with what they did.
+pub async fn write(
+    writers: Vec<Writer>,
+    rate: Rate,
+    duration: Duration,
+) -> Result<(Vec<Writer>, Written), Error> {
+    let count = writers.len();
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut writer)| {
+            tokio::spawn(async move {
+                let interval = match rate {
+                    Rate::PerSecond(r) => Some(Duration::from_secs_f64(count as f64 / r)),
+                    Rate::Max => None,
+                };
+                // Writers start spread over one interval, so their commits interleave.
+                let mut next = tokio::time::Instant::now()
+                    + interval.map_or(Duration::ZERO, |d| d.mul_f64(i as f64 / count as f64));
+                let mut commits = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    if let Some(interval) = interval {
+                        tokio::time::sleep_until(next).await;
+                        next += interval;
+                    }
+                    writer.change().await?;
+                    commits += 1;
+                }
+                Ok::<_, Error>((writer, commits))
+            })
+        })
+        .collect();
+    let mut writers = Vec::new();
+    let mut commits = 0;
+    for task in tasks {
+        let (writer, n) = task.await??;
+        writers.push(writer);
+        commits += n;
+    }
+    Ok((
+        writers,
+        Written {
+            commits,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+    ))
+}
