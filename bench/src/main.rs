@@ -48,7 +48,7 @@ struct Cli {
     client_processes: usize,
 
     /// Writer connections.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     writers: usize,
 
     /// Events per second in the rated phase.

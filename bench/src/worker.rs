@@ -114,15 +114,19 @@ fn lock(stats: &Shared) -> std::sync::MutexGuard<'_, Stats> {
     stats.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The fields of an `event` frame the worker needs.
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    #[serde(default)]
-    id: i64,
-    #[serde(default)]
-    at: &'a str,
+/// An `event` frame's id and `at`, read without parsing the whole frame: the client processes
+/// share the machine with the relay, so they must cost as little as possible. The relay writes
+/// `type` first and `at` last (see `relay/src/event.rs`).
+fn event_fields(text: &str) -> Option<(i64, &str)> {
+    if !text.starts_with(r#"{"type":"event""#) {
+        return None;
+    }
+    let id_at = text.find(r#""id":"#)? + 5;
+    let digits = text[id_at..].find(|c: char| !c.is_ascii_digit())?;
+    let id = text[id_at..id_at + digits].parse().ok()?;
+    let at_at = text.rfind(r#""at":""#)? + 6;
+    let at = text.get(at_at..text.len().checked_sub(2)?)?;
+    Some((id, at))
 }
 
 fn now_micros() -> i128 {
@@ -132,7 +136,27 @@ fn now_micros() -> i128 {
         .unwrap_or_default()
 }
 
+/// Microseconds since the epoch of an RFC 3339 UTC time with up to microseconds, as the relay
+/// writes `at` (`2026-11-21T10:37:02.520020Z`); anything else goes through a full parser.
 fn micros_of(at: &str) -> Option<i128> {
+    let b = at.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { at.get(range)?.parse().ok() };
+    if b.len() >= 20 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[b.len() - 1] == b'Z' {
+        let date = time::Date::from_calendar_date(
+            num(0..4)? as i32,
+            time::Month::try_from(num(5..7)? as u8).ok()?,
+            num(8..10)? as u8,
+        )
+        .ok()?;
+        let seconds = (i64::from(date.to_julian_day()) - 2_440_588) * 86_400
+            + num(11..13)? * 3600
+            + num(14..16)? * 60
+            + num(17..19)?;
+        let fraction = at.get(20..b.len() - 1)?;
+        let scale = 10i64.checked_pow(6u32.checked_sub(fraction.len() as u32)?)?;
+        let micros = fraction.parse::<i64>().ok()? * scale;
+        return Some(i128::from(seconds) * 1_000_000 + i128::from(micros));
+    }
     let at =
         time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
     Some(at.unix_timestamp_nanos() / 1000)
@@ -150,7 +174,10 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     let stream = tcp.connect(plan.relay).await?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{}/ws?access_token={}", plan.relay, socket.token);
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024);
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
     for feed in &socket.feeds {
         let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
         ws.send(Message::text(subscribe)).await?;
@@ -183,20 +210,17 @@ async fn read(mut ws: Socket, stats: Shared) {
             continue;
         };
         let arrived = now_micros();
-        let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
+        let Some((id, at)) = event_fields(&text) else {
             continue;
         };
-        if frame.kind != "event" {
-            continue;
-        }
-        let latency = micros_of(frame.at).map(|at| (arrived - at).max(1) as u64);
+        let latency = micros_of(at).map(|at| (arrived - at).max(1) as u64);
         let mut stats = lock(&stats);
         stats.deliveries += 1;
-        if frame.id <= last_id {
+        if id <= last_id {
             stats.out_of_order += 1;
         }
-        last_id = frame.id;
-        *stats.per_event.entry(frame.id).or_default() += 1;
+        last_id = id;
+        *stats.per_event.entry(id).or_default() += 1;
         if let Some(latency) = latency {
             stats.latency.saturating_record(latency);
         }
@@ -254,4 +278,24 @@ pub async fn run() -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_an_event_frames_id_and_time() {
+        let frame = r#"{"type":"event","feed":"appointments","op":"INSERT","id":1042,"cursor":"1042","row":{"id":"x","at":"no"},"at":"2026-11-21T10:37:02.520020Z"}"#;
+        let (id, at) = event_fields(frame).unwrap();
+        assert_eq!((id, at), (1042, "2026-11-21T10:37:02.520020Z"));
+        let full = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .unix_timestamp_nanos()
+            / 1000;
+        assert_eq!(micros_of(at), Some(full));
+        assert_eq!(micros_of("2026-11-21T10:37:02.5Z"), Some(full - 20_020));
+        assert_eq!(micros_of("2026-11-21T10:37:02Z"), Some(full - 520_020));
+        assert!(event_fields(r#"{"type":"pong"}"#).is_none());
+    }
 }

@@ -47,12 +47,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // RUST_LOG filters globally, so that disabled levels cost nothing (the `log` records of the
+    // WebSocket library are not even formatted); `never_secret` filters what is written.
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_filter(filter)
-                .with_filter(filter_fn(never_secret)),
-        )
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_filter(filter_fn(never_secret)))
         .init();
 
     let runtime = match tokio::runtime::Runtime::new() {

@@ -33,6 +33,8 @@ use crate::upgrade::Socket;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a subscribe-time check, or one page of a replay, may wait for the database.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most frames one write to a socket carries.
+const BATCH_FRAMES: usize = 64;
 /// Events read from the log per replay query.
 const REPLAY_PAGE: i64 = 2000;
 
@@ -540,8 +542,9 @@ async fn write(
 ) {
     // The cursor of the last event frame written, named when the socket is cut as slow.
     let mut last_cursor: Option<Cursor> = None;
+    let mut batch = Vec::new();
     let reason = loop {
-        let frame = tokio::select! {
+        let first = tokio::select! {
             biased;
             reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
             frame = outbox.recv() => match frame {
@@ -549,14 +552,28 @@ async fn write(
                 None => break None,
             },
         };
-        let message = text(&frame.frame);
+        // Whatever else is already queued goes out with it, in one write.
+        batch.clear();
+        batch.push(first);
+        while batch.len() < BATCH_FRAMES {
+            match outbox.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        let send = async {
+            for frame in &batch {
+                sink.feed(text(&frame.frame)).await?;
+            }
+            sink.flush().await
+        };
         tokio::select! {
             biased;
             reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
-            sent = sink.send(message) => if sent.is_err() { return },
+            sent = send => if sent.is_err() { return },
         }
-        if frame.cursor.is_some() {
-            last_cursor = frame.cursor;
+        if let Some(cursor) = batch.iter().rev().find_map(|frame| frame.cursor) {
+            last_cursor = Some(cursor);
         }
     };
     // Replies queued before the close (the error that explains it) go out first, within the

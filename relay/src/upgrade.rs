@@ -20,6 +20,9 @@ pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 /// Bytes read from a socket at a time; the buffer grows to hold a larger frame when one comes.
 const READ_BUFFER_BYTES: usize = 4096;
 
+/// Bytes gathered before a write happens even without a flush.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 /// A request that is not a WebSocket upgrade (answered 426).
 #[derive(Debug)]
 pub struct NotAnUpgrade;
@@ -61,12 +64,13 @@ pub fn upgrade() -> impl Filter<Extract = (Upgrade,), Error = Rejection> + Clone
         )
 }
 
-/// The socket settings: small buffers, frames written as they are sent, and the configured
-/// limit on what a client may send.
+/// The socket settings: a small read buffer, frames gathered until the session flushes them
+/// (so a burst of frames for one socket is one write), and the configured limit on what a client
+/// may send.
 pub fn config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes))
 }
