@@ -97,7 +97,9 @@ impl Outbound {
 #[derive(Debug, Clone)]
 pub struct Link {
     /// The socket's bounded outbound queue, drained by its writer.
-    tx: mpsc::Sender<Outbound>,
+    /// Frames are boxed so that the queue's first block, allocated with the socket, is small:
+    /// most sockets are idle most of the time.
+    tx: mpsc::Sender<Box<Outbound>>,
     /// Set once when the socket must close; the session's reader and writer both watch it.
     cut: Arc<watch::Sender<Option<Close>>>,
 }
@@ -105,7 +107,7 @@ pub struct Link {
 impl Link {
     /// Queues a reply without waiting; false when the queue is full or the socket is gone.
     pub fn try_send(&self, frame: Bytes) -> bool {
-        self.tx.try_send(Outbound::reply(frame)).is_ok()
+        self.tx.try_send(Box::new(Outbound::reply(frame))).is_ok()
     }
 
     /// Queues a frame for a replay, waiting until the queue has room for it and half its capacity
@@ -116,7 +118,7 @@ impl Link {
         match self.tx.reserve_many(headroom + 1).await {
             Ok(mut permits) => {
                 if let Some(permit) = permits.next() {
-                    permit.send(outbound);
+                    permit.send(Box::new(outbound));
                 }
                 true
             }
@@ -141,7 +143,7 @@ impl Link {
 pub struct Connection {
     pub id: SocketId,
     /// Frames to write to the socket, in order.
-    pub outbox: mpsc::Receiver<Outbound>,
+    pub outbox: mpsc::Receiver<Box<Outbound>>,
     /// Becomes `Some` when the socket must close.
     pub closed: watch::Receiver<Option<Close>>,
     /// For the session's own replies, which share the queue so that order is kept.
@@ -676,7 +678,7 @@ impl Hub {
                     }
                     return;
                 }
-                match member.link.tx.try_send(outbound) {
+                match member.link.tx.try_send(Box::new(outbound)) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(member.socket),
                     // The session ended and is about to disconnect.

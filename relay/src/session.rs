@@ -160,7 +160,9 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
                 link.close(token_expired());
                 break;
             }
-            outcome = reader.handle(&text) => outcome,
+            // Boxed: a frame's work (a replay, above all) is large, and an idle socket should
+            // not carry room for it.
+            outcome = Box::pin(reader.handle(&text)) => outcome,
         };
         match outcome {
             Outcome::Continue => {}
@@ -537,7 +539,7 @@ fn text(frame: &Bytes) -> Message {
 /// Writes queued frames until the queue ends or the socket is told to close, then closes it.
 async fn write(
     mut sink: SplitSink<Socket, Message>,
-    mut outbox: mpsc::Receiver<Outbound>,
+    mut outbox: mpsc::Receiver<Box<Outbound>>,
     mut closed: watch::Receiver<Option<Close>>,
 ) {
     // The cursor of the last event frame written, named when the socket is cut as slow.

@@ -18,7 +18,8 @@ use warp::{Filter, Rejection};
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Bytes read from a socket at a time; the buffer grows to hold a larger frame when one comes.
-const READ_BUFFER_BYTES: usize = 4096;
+/// Most client frames (subscribe, ping) are about a hundred bytes.
+const READ_BUFFER_BYTES: usize = 256;
 
 /// Bytes gathered before a write happens even without a flush.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
