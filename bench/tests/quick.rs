@@ -1,0 +1,43 @@
+//! The benchmark's `--quick` run, so the tool never rots: a fresh database, a real relay process,
+//! a few hundred real sockets from two client processes, every phase. Figures are reported, not
+//! asserted; what must hold is that the run completes, accounts for every delivery with nothing
+//! lost or extra, and writes its three results.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn a_quick_run_completes_and_loses_nothing() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_relay-bench"));
+    // `cargo test --workspace` builds the relay binary beside this one.
+    let relay = bench.with_file_name("relay");
+    let out = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
+    let status = Command::new(bench)
+        .args(["--quick", "--relay-bin"])
+        .arg(&relay)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run relay-bench");
+    assert!(status.success(), "relay-bench --quick failed: {status}");
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let phases = results["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 2, "{results}");
+    for phase in phases {
+        let accounting = &phase["accounting"];
+        assert!(accounting["events"].as_u64().unwrap() > 0, "{phase}");
+        assert_eq!(accounting["lost"], 0, "{phase}");
+        assert_eq!(accounting["extra"], 0, "{phase}");
+        assert_eq!(accounting["expected"], accounting["received"], "{phase}");
+        assert_eq!(phase["out_of_order"], 0, "{phase}");
+    }
+    assert_eq!(results["replay"]["events"], 1000);
+    assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("| phase |"));
+    let _ = std::fs::remove_dir_all(&out);
+}
