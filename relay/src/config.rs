@@ -48,6 +48,13 @@ pub struct Cli {
     )]
     pub rust_log: String,
 
+    /// Threads of the async runtime. By default half the cores, at least one: on a machine
+    /// shared with Postgres (or the clients) fewer threads hand work back and forth less; see
+    /// BENCHMARKS.md.
+    #[arg(long = "relay-worker-threads", env = "RELAY_WORKER_THREADS", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub relay_worker_threads: Option<u32>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -333,6 +340,16 @@ impl Config {
                     .collect(),
             },
         }
+    }
+}
+
+impl Cli {
+    /// The runtime's thread count: the setting, or half the cores, at least one.
+    pub fn worker_threads(&self) -> usize {
+        self.relay_worker_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            |n| n as usize,
+        )
     }
 }
 

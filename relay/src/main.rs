@@ -54,7 +54,11 @@ fn main() -> ExitCode {
         .with(tracing_subscriber::fmt::layer().with_filter(filter_fn(never_secret)))
         .init();
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.worker_threads())
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -388,23 +388,36 @@ impl Reader {
         let hub = &self.context.hub;
         let mut after = cursor;
         let mut replayed = 0u64;
-        loop {
-            while after < upto {
+        // Reads one page of the log; spawned, so that the next page is read while this one is
+        // sent.
+        let fetch = |after: Cursor, upto: Cursor| {
+            let pool = self.context.pool.clone();
+            tokio::spawn(async move {
                 let page = async {
-                    let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+                    let client = pool.get().await.map_err(|e| unavailable(&e))?;
                     log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
                         .await
                         .map_err(|e| unavailable(&e))
                 };
-                let page = tokio::time::timeout(LOOKUP_TIMEOUT, page)
+                tokio::time::timeout(LOOKUP_TIMEOUT, page)
                     .await
-                    .map_err(|e| unavailable(&e))??;
+                    .map_err(|e| unavailable(&e))?
+            })
+        };
+        loop {
+            let mut pending = (after < upto).then(|| fetch(after, upto));
+            while let Some(reading) = pending.take() {
+                let page = reading.await.map_err(|e| unavailable(&e))??;
                 if !page.is_complete_after(after) {
                     return Err(expired(cursor));
                 }
                 let full = page.events.len() as i64 == REPLAY_PAGE;
+                let next = match page.events.last() {
+                    Some((last, _)) if full => *last,
+                    _ => upto,
+                };
+                pending = (next < upto).then(|| fetch(next, upto));
                 for (id, event) in page.events {
-                    after = id;
                     let event = match event {
                         Ok(event) => event,
                         Err(cause) => {
@@ -424,9 +437,7 @@ impl Reader {
                     }
                     replayed += 1;
                 }
-                if !full {
-                    after = upto;
-                }
+                after = next;
             }
             match hub.drain_replay(self.id, feed, || protocol::live(reference, feed)) {
                 Drained::Frames(frames) => {
