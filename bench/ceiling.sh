@@ -20,8 +20,13 @@ psql -q "$pg/$db" <<'SQL'
 insert into profiles (id, role) values
     ('00000000-0000-4000-8000-00000000d001', 'dentist'),
     ('00000000-0000-4000-8000-00000000b001', 'patient');
-create table plain (like appointments including defaults);
-create table notified (like appointments including defaults);
+-- The same columns, keys, indexes, checks and foreign keys as appointments; only the triggers differ.
+create table plain (like appointments including all);
+create table notified (like appointments including all);
+alter table plain add foreign key (patient_id) references profiles,
+                  add foreign key (dentist_id) references profiles;
+alter table notified add foreign key (patient_id) references profiles,
+                     add foreign key (dentist_id) references profiles;
 create function notify_row() returns trigger language plpgsql as $$
 begin
     perform pg_notify('ceiling', row_to_json(new)::text);
@@ -36,7 +41,7 @@ insert into $table (id, patient_id, dentist_id, starts_at, ends_at)
 values (gen_random_uuid(), '00000000-0000-4000-8000-00000000b001',
         '00000000-0000-4000-8000-00000000d001', now(), now() + interval '1 hour');
 SQL
-    tps=$(pgbench -h 127.0.0.1 -U postgres -n -f "$work/$table.sql" -c "$clients" -j 2 -T "$seconds" "$db" 2>/dev/null \
+    tps=$(pgbench -n -f "$work/$table.sql" -c "$clients" -j 2 -T "$seconds" "$pg/$db" \
         | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
     printf '%-14s %8.0f commits/s\n' "$table" "$tps"
 done

@@ -48,16 +48,19 @@ pub struct Phase {
     pub seconds: f64,
     pub events_per_second: f64,
     pub deliveries_per_second: f64,
-    /// Committed events per second as a share of Postgres' ceiling.
+    /// Commits per second as a share of Postgres' ceiling (commits per second without the relay).
     pub ratio_to_ceiling: f64,
     pub accounting: Accounting,
     /// Share of the expected deliveries that had arrived when the writers stopped.
     pub delivered_within_run: f64,
     pub out_of_order: u64,
+    /// Sockets that had closed by the end of the phase (the relay cut them, or they failed).
+    pub closed_sockets: u64,
     pub latency_ms: Percentiles,
-    /// The relay's CPU time over the phase, as a share of one core.
+    /// The relay's CPU time over the phase (writing and draining), as a share of one core.
     pub relay_cpu_cores: f64,
-    /// Cores the relay used per 100,000 deliveries per second.
+    /// CPU seconds the relay spent per 100,000 deliveries: the cores it needs per 100,000
+    /// deliveries per second.
     pub relay_cores_per_100k_deliveries: f64,
     #[serde(skip)]
     pub curve: Vec<(f64, f64)>,

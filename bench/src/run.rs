@@ -62,7 +62,10 @@ impl Clients {
     }
 
     async fn receive<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, Error> {
-        match self.stdout.next_line().await? {
+        let line = tokio::time::timeout(Duration::from_secs(120), self.stdout.next_line())
+            .await
+            .map_err(|_| "a client process did not answer within 2 minutes")?;
+        match line? {
             Some(line) => Ok(serde_json::from_str(&line)?),
             None => Err("a client process exited early".into()),
         }
@@ -294,21 +297,45 @@ async fn log_position(client: &Client) -> Result<Cursor, Error> {
     Ok(relay::log::position(client).await?)
 }
 
-/// Waits until the sockets have received every expected delivery, or nothing more arrives for a
-/// while: the phase's stragglers.
-async fn drain(clients: &mut [Clients], expected: u64) -> Result<Vec<Report>, Error> {
+/// Waits until the sockets have received every expected delivery of the phase, or nothing
+/// more arrives for two seconds.
+async fn drain(
+    clients: &mut [Clients],
+    expected: &HashMap<i64, u64>,
+) -> Result<Vec<Report>, Error> {
+    let want: u64 = expected.values().sum();
     let mut last = 0;
     let mut quiet = 0;
     loop {
         let reports = collect(clients).await?;
-        let received: u64 = reports.iter().map(|r| r.deliveries).sum();
-        if received >= expected || (received == last && quiet >= 10) {
+        let received = expect::account(expected, &merged(&reports)).received;
+        if received >= want || (received == last && quiet >= 10) {
             return Ok(reports);
         }
         quiet = if received == last { quiet + 1 } else { 0 };
         last = received;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Deliveries per event, over every client process.
+fn merged(reports: &[Report]) -> HashMap<i64, u64> {
+    let mut per_event: HashMap<i64, u64> = HashMap::new();
+    for report in reports {
+        for (id, count) in &report.per_event {
+            *per_event.entry(*id).or_default() += u64::from(*count);
+        }
+    }
+    per_event
+}
+
+/// Sends a command to every client process and waits until each has carried it out.
+async fn command(clients: &mut [Clients], command: worker::Command) -> Result<(), Error> {
+    broadcast(clients, command).await?;
+    for process in clients {
+        let _: worker::Done = process.receive().await?;
+    }
+    Ok(())
 }
 
 struct Context<'a> {
@@ -327,37 +354,33 @@ async fn phase(
     name: &str,
     rate: Rate,
 ) -> Result<(Vec<writer::Writer>, Phase), Error> {
-    broadcast(clients, worker::Command::Reset).await?;
+    command(clients, worker::Command::Reset).await?;
     let before = log_position(context.db).await?;
+    let start = Instant::now();
     let cpu_before = system::cpu_time(context.relay_pid).unwrap_or_default();
     let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
-    broadcast(clients, worker::Command::Mark).await?;
-    let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
+    command(clients, worker::Command::Mark).await?;
     let after = log_position(context.db).await?;
 
-    // Expected deliveries, event by event, from the log and the subscriptions.
-    let mut per_event: HashMap<i64, u64> = HashMap::new();
-    let nothing = HashMap::new();
-    let expected = expect::account(context.db, context.audience, before, after, &nothing).await?;
-    let reports = drain(clients, expected.expected).await?;
+    // Expected deliveries, event by event, from the log and the subscriptions; then what came.
+    let expected = expect::expected(context.db, context.audience, before, after).await?;
+    let reports = drain(clients, &expected).await?;
+    // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
+    let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
+    let elapsed = start.elapsed().as_secs_f64();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let (mut at_mark, mut out_of_order) = (0, 0);
+    let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
     for report in &reports {
         for (value, count) in &report.latency_us {
             latency.record_n(*value, *count)?;
         }
-        for (id, count) in &report.per_event {
-            *per_event.entry(*id).or_default() += u64::from(*count);
-        }
         at_mark += report.deliveries_at_mark;
         out_of_order += report.out_of_order;
+        closed += report.closed;
     }
-    let accounting =
-        expect::account(context.db, context.audience, before, after, &per_event).await?;
+    let accounting = expect::account(&expected, &merged(&reports));
     let seconds = written.seconds;
-    let deliveries_per_second = accounting.expected as f64 / seconds;
-    let cores = cpu.as_secs_f64() / seconds;
-    let events_per_second = written.commits as f64 / seconds;
+    let commits_per_second = written.commits as f64 / seconds;
     let phase = Phase {
         name: name.to_string(),
         target_per_second: match rate {
@@ -365,15 +388,17 @@ async fn phase(
             Rate::Max => None,
         },
         seconds,
-        events_per_second,
-        deliveries_per_second,
-        ratio_to_ceiling: events_per_second / context.ceiling.max(1e-9),
+        events_per_second: accounting.events as f64 / seconds,
+        deliveries_per_second: accounting.received as f64 / seconds,
+        ratio_to_ceiling: commits_per_second / context.ceiling.max(1e-9),
         accounting,
         delivered_within_run: at_mark as f64 / (accounting.expected.max(1)) as f64,
         out_of_order,
+        closed_sockets: closed,
         latency_ms: Percentiles::of(&latency),
-        relay_cpu_cores: cores,
-        relay_cores_per_100k_deliveries: cores / (deliveries_per_second / 100_000.0).max(1e-9),
+        relay_cpu_cores: cpu.as_secs_f64() / elapsed,
+        relay_cores_per_100k_deliveries: cpu.as_secs_f64() * 100_000.0
+            / (accounting.received.max(1)) as f64,
         curve: report::curve(&latency),
     };
     Ok((writers, phase))
@@ -434,7 +459,8 @@ async fn replay(
     )))
     .await?;
     let (mut events, mut first) = (0, None);
-    while let Some(Ok(message)) = ws.next().await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, ws.next()).await {
         let Message::Text(text) = message else {
             continue;
         };
@@ -443,6 +469,8 @@ async fn replay(
             first.get_or_insert_with(|| start.elapsed());
         } else if text.contains(r#""type":"live""#) {
             break;
+        } else if text.contains(r#""type":"error""#) {
+            return Err(format!("the resumed subscription failed: {text}").into());
         }
     }
     let all = start.elapsed();

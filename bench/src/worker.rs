@@ -45,6 +45,12 @@ pub struct Ready {
     pub seconds: f64,
 }
 
+/// The answer to `reset` and `mark`, once done.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Done {
+    pub done: bool,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Command {
@@ -62,7 +68,7 @@ pub struct Report {
     pub deliveries_at_mark: u64,
     /// Frames whose event id was not above the socket's previous one: repeated or out of order.
     pub out_of_order: u64,
-    /// Sockets that closed.
+    /// Sockets that closed (none should, before the run ends).
     pub closed: u64,
     /// Commit-to-arrival latency in microseconds: (value, count) pairs.
     pub latency_us: Vec<(u64, u64)>,
@@ -266,10 +272,20 @@ pub async fn run() -> Result<(), Error> {
 
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str::<Command>(&line)? {
-            Command::Reset => *lock(&stats) = Stats::new(),
+            Command::Reset => {
+                let closed = lock(&stats).closed;
+                *lock(&stats) = Stats {
+                    closed,
+                    ..Stats::new()
+                };
+                say(&mut out, &Done { done: true }).await?;
+            }
             Command::Mark => {
-                let mut stats = lock(&stats);
-                stats.at_mark = stats.deliveries;
+                {
+                    let mut stats = lock(&stats);
+                    stats.at_mark = stats.deliveries;
+                }
+                say(&mut out, &Done { done: true }).await?;
             }
             Command::Report => {
                 let report = lock(&stats).report();

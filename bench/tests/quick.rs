@@ -32,6 +32,7 @@ fn a_quick_run_completes_and_loses_nothing() {
         assert_eq!(accounting["extra"], 0, "{phase}");
         assert_eq!(accounting["expected"], accounting["received"], "{phase}");
         assert_eq!(phase["out_of_order"], 0, "{phase}");
+        assert_eq!(phase["closed_sockets"], 0, "{phase}");
     }
     assert_eq!(results["replay"]["events"], 1000);
     assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);

@@ -48,9 +48,8 @@ pub struct Cli {
     )]
     pub rust_log: String,
 
-    /// Threads of the async runtime. By default half the cores, at least one: on a machine
-    /// shared with Postgres (or the clients) fewer threads hand work back and forth less; see
-    /// BENCHMARKS.md.
+    /// Threads of the async runtime; by default one per core. On a small machine shared with
+    /// Postgres, fewer threads hand work back and forth less (see BENCHMARKS.md).
     #[arg(long = "relay-worker-threads", env = "RELAY_WORKER_THREADS", global = true,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub relay_worker_threads: Option<u32>,
@@ -344,10 +343,10 @@ impl Config {
 }
 
 impl Cli {
-    /// The runtime's thread count: the setting, or half the cores, at least one.
+    /// The runtime's thread count: the setting, or one per core.
     pub fn worker_threads(&self) -> usize {
         self.relay_worker_threads.map_or_else(
-            || std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
             |n| n as usize,
         )
     }

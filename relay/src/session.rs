@@ -5,6 +5,7 @@
 //! blocks a write) can still be cut at once: the writer races every write against the socket's
 //! close signal. A malformed frame gets an `error` frame and the socket stays open.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -392,7 +393,7 @@ impl Reader {
         // sent.
         let fetch = |after: Cursor, upto: Cursor| {
             let pool = self.context.pool.clone();
-            tokio::spawn(async move {
+            let read = async move {
                 let page = async {
                     let client = pool.get().await.map_err(|e| unavailable(&e))?;
                     log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
@@ -402,7 +403,8 @@ impl Reader {
                 tokio::time::timeout(LOOKUP_TIMEOUT, page)
                     .await
                     .map_err(|e| unavailable(&e))?
-            })
+            };
+            tokio::spawn(read.in_current_span())
         };
         loop {
             let mut pending = (after < upto).then(|| fetch(after, upto));
@@ -555,7 +557,9 @@ async fn write(
 ) {
     // The cursor of the last event frame written, named when the socket is cut as slow.
     let mut last_cursor: Option<Cursor> = None;
-    let mut batch = Vec::new();
+    // Frames taken from the queue and not yet handed to the socket: a close that interrupts a
+    // batch must not lose the rest of it.
+    let mut batch: VecDeque<Box<Outbound>> = VecDeque::new();
     let reason = loop {
         let first = tokio::select! {
             biased;
@@ -566,17 +570,19 @@ async fn write(
             },
         };
         // Whatever else is already queued goes out with it, in one write.
-        batch.clear();
-        batch.push(first);
+        batch.push_back(first);
         while batch.len() < BATCH_FRAMES {
             match outbox.try_recv() {
-                Ok(frame) => batch.push(frame),
+                Ok(frame) => batch.push_back(frame),
                 Err(_) => break,
             }
         }
+        let mut batch_cursor = None;
         let send = async {
-            for frame in &batch {
+            while let Some(frame) = batch.front() {
                 sink.feed(text(&frame.frame)).await?;
+                batch_cursor = frame.cursor.or(batch_cursor);
+                batch.pop_front();
             }
             sink.flush().await
         };
@@ -585,9 +591,8 @@ async fn write(
             reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
             sent = send => if sent.is_err() { return },
         }
-        if let Some(cursor) = batch.iter().rev().find_map(|frame| frame.cursor) {
-            last_cursor = Some(cursor);
-        }
+        // Written: the cursor the close reason of a slow consumer may name.
+        last_cursor = batch_cursor.or(last_cursor);
     };
     // Replies queued before the close (the error that explains it) go out first, within the
     // close timeout; a slow consumer's backlog and frames after a token's expiry do not.
@@ -596,11 +601,15 @@ async fn write(
         .is_some_and(|r| r.code != close::SLOW_CONSUMER && r.code != close::TOKEN_EXPIRED);
     if flush {
         let pending = async {
-            while let Ok(frame) = outbox.try_recv() {
-                if sink.send(text(&frame.frame)).await.is_err() {
+            let rest = batch
+                .drain(..)
+                .chain(std::iter::from_fn(|| outbox.try_recv().ok()));
+            for frame in rest {
+                if sink.feed(text(&frame.frame)).await.is_err() {
                     return;
                 }
             }
+            let _ = sink.flush().await;
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, pending).await;
     }
