@@ -550,12 +550,7 @@ async fn sigterm_closes_every_socket_with_going_away_and_exits() {
     for _ in 0..3 {
         sockets.push(common::Ws::subscribed(addr, admin, &["appointments"]).await);
     }
-    let pid = relay.child.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    relay.terminate();
     for ws in &mut sockets {
         match ws.next_message().await {
             Some(Message::Close(Some(frame))) => {

@@ -704,12 +704,7 @@ async fn tokens_never_reach_the_logs_even_at_trace_level() {
     assert_eq!(status, 200);
     ws.stream.close(None).await.expect("close");
 
-    let pid = relay.child.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    relay.terminate();
     let output = tokio::time::timeout(PATIENCE, relay.output.take().expect("captured"))
         .await
         .expect("the relay did not exit")

@@ -588,6 +588,18 @@ impl RelayProcess {
     }
 }
 
+impl RelayProcess {
+    /// Sends SIGTERM, as an orchestrator stopping the relay would.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("the relay is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+}
+
 /// An address no one listens on, for a relay process to bind.
 pub fn free_address() -> SocketAddr {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
