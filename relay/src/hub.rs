@@ -27,6 +27,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
+use tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::authz::{self, Feed, Perceived, Principal, Reach, Role};
@@ -77,20 +78,28 @@ pub struct Counters {
     pub listen_reconnects: AtomicU64,
 }
 
-/// A frame queued for a socket, with the cursor of the event it carries (none for replies).
+/// A frame queued for a socket, with the cursor of the event it carries (none for replies). The
+/// frame is text checked once when it is queued; every socket it goes to shares its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outbound {
-    pub frame: Bytes,
+    pub frame: Utf8Bytes,
     pub cursor: Option<Cursor>,
 }
 
 impl Outbound {
     pub fn reply(frame: Bytes) -> Outbound {
         Outbound {
-            frame,
+            frame: text(frame),
             cursor: None,
         }
     }
+}
+
+/// A rendered frame as WebSocket text. Frames are rendered from serde_json output, so they are
+/// always UTF-8; the check costs one pass, and the lossy fallback is never taken.
+pub fn text(frame: Bytes) -> Utf8Bytes {
+    Utf8Bytes::try_from(frame.clone())
+        .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(&frame).into_owned()))
 }
 
 /// The hub's handle on one socket: its queue and its close signal.
@@ -641,7 +650,7 @@ impl Hub {
             .events_received
             .fetch_add(1, Ordering::Relaxed);
         // Rendered on first use: None = not yet rendered, Some(None) = nothing to send.
-        let mut frames: [[Option<Option<Bytes>>; 2]; 3] = Default::default();
+        let mut frames: [[Option<Option<Utf8Bytes>>; 2]; 3] = Default::default();
         let mut delivered = 0;
         let mut slow = Vec::new();
         let cursor = Cursor(event.id);
@@ -656,7 +665,7 @@ impl Hub {
                     return;
                 };
                 let Some(frame) = frames[perceived.index()][projection.index()]
-                    .get_or_insert_with(|| event.frame(perceived, projection))
+                    .get_or_insert_with(|| event.frame(perceived, projection).map(text))
                     .clone()
                 else {
                     return;
@@ -829,7 +838,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             connection.outbox.try_recv().unwrap().frame,
-            Bytes::from_static(b"ack")
+            Utf8Bytes::from_static("ack")
         );
         connection
     }
@@ -935,7 +944,7 @@ mod tests {
             None,
             Some((Uuid::new_v4(), Uuid::new_v4())),
         ));
-        let frames: Vec<Bytes> = admins
+        let frames: Vec<Utf8Bytes> = admins
             .iter_mut()
             .map(|c| c.outbox.try_recv().unwrap().frame)
             .collect();
@@ -1086,7 +1095,7 @@ mod tests {
 
     fn received_raw(connection: &mut Connection) -> Vec<Bytes> {
         std::iter::from_fn(|| connection.outbox.try_recv().ok())
-            .map(|o| o.frame)
+            .map(|o| Bytes::from(o.frame))
             .collect()
     }
 
@@ -1168,7 +1177,7 @@ mod tests {
         hub.dispatch(&insert(13, &dentist));
         let live: Vec<_> = std::iter::from_fn(|| c.outbox.try_recv().ok()).collect();
         assert_eq!(live.len(), 2);
-        assert_eq!(live[0].frame, Bytes::from_static(b"live"));
+        assert_eq!(live[0].frame, Utf8Bytes::from_static("live"));
         assert_eq!(live[1].cursor, Some(Cursor(13)));
         hub.disconnect(c.id);
         assert!(matches!(

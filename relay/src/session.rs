@@ -21,7 +21,7 @@ use tungstenite::{Message, Utf8Bytes};
 use crate::authz::{self, Feed, Owners, Principal, Reach};
 use crate::config::Limits;
 use crate::hub::{
-    Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
+    self, Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
 };
 use crate::limits::{FrameRate, Ticket};
 use crate::log;
@@ -431,7 +431,7 @@ impl Reader {
                         continue;
                     };
                     let outbound = Outbound {
-                        frame,
+                        frame: hub::text(frame),
                         cursor: Some(id),
                     };
                     if !self.link.send_replayed(outbound).await {
@@ -539,16 +539,6 @@ fn expired(cursor: Cursor) -> (ErrorCode, String) {
     )
 }
 
-/// A text message sharing the frame's bytes: a frame rendered once for many sockets is not
-/// copied for each.
-fn text(frame: &Bytes) -> Message {
-    // Frames are rendered from serde_json output, so they are always UTF-8.
-    match Utf8Bytes::try_from(frame.clone()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::text(String::from_utf8_lossy(frame).into_owned()),
-    }
-}
-
 /// Writes queued frames until the queue ends or the socket is told to close, then closes it.
 async fn write(
     mut sink: SplitSink<Socket, Message>,
@@ -580,7 +570,7 @@ async fn write(
         let mut batch_cursor = None;
         let send = async {
             while let Some(frame) = batch.front() {
-                sink.feed(text(&frame.frame)).await?;
+                sink.feed(Message::Text(frame.frame.clone())).await?;
                 batch_cursor = frame.cursor.or(batch_cursor);
                 batch.pop_front();
             }
@@ -605,7 +595,7 @@ async fn write(
                 .drain(..)
                 .chain(std::iter::from_fn(|| outbox.try_recv().ok()));
             for frame in rest {
-                if sink.feed(text(&frame.frame)).await.is_err() {
+                if sink.feed(Message::Text(frame.frame)).await.is_err() {
                     return;
                 }
             }
