@@ -181,6 +181,31 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
         }
     }
     drop(leave);
+    // When the client's own input closed the socket (too fast, too big, malformed, another
+    // identity), more of it may be in flight: keep reading and discarding it until the client
+    // answers the close frame, or for at most the close timeout. Closing with input unread would
+    // turn the close into a TCP reset, and the client could lose the close frame and its code.
+    let code = closed.borrow().as_ref().map(|reason| reason.code);
+    let provoked = matches!(
+        code,
+        Some(
+            close::RATE_LIMITED
+                | close::MESSAGE_TOO_BIG
+                | close::PROTOCOL_ERROR
+                | close::INVALID_PAYLOAD
+                | close::IDENTITY_CHANGED
+        )
+    );
+    if provoked {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     let _ = writer.await;
     tracing::debug!("disconnected");
 }
