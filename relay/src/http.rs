@@ -1,4 +1,5 @@
-//! HTTP routes: the WebSocket upgrade and the small JSON API (health, status, stats).
+//! HTTP routes: the WebSocket upgrade and the small JSON API (health, status, stats, and a
+//! consultation's message history).
 //!
 //! Tokens are verified before a socket is upgraded; every refusal is JSON
 //! `{"error": "<code>", "message": "..."}` with the right status, produced in one place
@@ -15,9 +16,13 @@ use warp::http::StatusCode;
 use warp::reject::Reject;
 use warp::{Filter, Rejection, Reply};
 
+use uuid::Uuid;
+
 use crate::authz::{Principal, Role};
+use crate::consult::{self, Before};
 use crate::limits::{Admission, Refusal};
 use crate::listener::Health;
+use crate::protocol::ErrorCode;
 use crate::session::{self, SessionContext};
 use crate::token::{TokenError, Verified};
 use crate::upgrade::{self, NotAnUpgrade, Upgrade};
@@ -115,6 +120,29 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             }))
         });
 
+    let history = warp::path!("api" / "consultations" / String / "messages")
+        .and(warp::get())
+        .and(with_principal.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(
+            |session: String, state: AppState, principal: Principal, query: HashMap<String, String>| async move {
+                let (session_id, limit, before) = history_request(&session, &query)?;
+                let pool = &state.session.pool;
+                consult::history(pool, &principal, session_id, limit, before)
+                    .await
+                    .map(|history| warp::reply::json(&history))
+                    .map_err(|refusal| {
+                        let status = match refusal.code {
+                            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                            _ => StatusCode::SERVICE_UNAVAILABLE,
+                        };
+                        refused(status, refusal.code.as_str(), refusal.message)
+                    })
+            },
+        );
+
     let stats = warp::path!("api" / "realtime" / "stats")
         .and(warp::get())
         .and(with_principal)
@@ -132,7 +160,41 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             Ok(warp::reply::json(&body))
         });
 
-    ws.or(health).or(status).or(stats).recover(recover)
+    ws.or(health)
+        .or(status)
+        .or(history)
+        .or(stats)
+        .recover(recover)
+}
+
+/// The session, page size and page end of a history request; 400 for anything malformed.
+fn history_request(
+    session: &str,
+    query: &HashMap<String, String>,
+) -> Result<(Uuid, i64, Option<Before>), Rejection> {
+    let bad = |message: String| refused(StatusCode::BAD_REQUEST, "bad_request", message);
+    let session_id = Uuid::parse_str(session)
+        .map_err(|_| bad(format!("{session:?} is not a session id (a uuid)")))?;
+    if let Some(name) = query.keys().find(|name| !["limit", "before"].contains(&name.as_str())) {
+        return Err(bad(format!(
+            "unknown parameter `{name}`: the history takes limit and before"
+        )));
+    }
+    let limit = match query.get("limit") {
+        None => consult::DEFAULT_PAGE,
+        Some(limit) => limit
+            .parse()
+            .ok()
+            .filter(|n| (1..=consult::MAX_PAGE).contains(n))
+            .ok_or_else(|| bad(format!("limit must be 1 to {}", consult::MAX_PAGE)))?,
+    };
+    let before = match query.get("before") {
+        None => None,
+        Some(before) => Some(before.parse().map_err(|()| {
+            bad("before must be a message id or the next_before of a previous page".into())
+        })?),
+    };
+    Ok((session_id, limit, before))
 }
 
 /// Refuses an upgrade from a browser page whose origin is not in `RELAY_ALLOWED_ORIGINS`, so a

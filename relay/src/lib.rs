@@ -27,6 +27,7 @@
 
 pub mod authz;
 pub mod config;
+pub mod consult;
 pub mod dev;
 pub mod event;
 pub mod http;
@@ -35,6 +36,7 @@ pub mod limits;
 pub mod listener;
 pub mod log;
 pub mod migrate;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -26,6 +26,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use crate::event::{self, Payload};
 use crate::hub::{Close, Hub};
 use crate::log;
+use crate::presence::{self, Presence};
 use crate::protocol::{close, Cursor};
 
 /// Whether the relay is currently receiving events; read by the health endpoint.
@@ -93,6 +94,8 @@ pub struct Listener {
     pub pool: Pool,
     pub hub: Arc<Hub>,
     pub health: Arc<Health>,
+    /// Learns the other instances' presence from the notifications on [`presence::CHANNEL`].
+    pub presence: Arc<Presence>,
 }
 
 impl Listener {
@@ -138,6 +141,17 @@ impl Listener {
         if let Err(e) = caught_up {
             driver.abort();
             return (e, false);
+        }
+        // Presence is registered on this connection, so it lives exactly as long as the LISTEN.
+        match timed(presence::register(&client)).await {
+            Ok((instance, others)) => {
+                tracing::debug!(instance, "registered for presence");
+                self.presence.registered(instance, others);
+            }
+            Err(e) => {
+                driver.abort();
+                return (e, false);
+            }
         }
         if reconnect {
             self.hub
@@ -191,7 +205,7 @@ impl Listener {
             for (id, event) in page.events {
                 match event {
                     Ok(event) => {
-                        self.hub.dispatch(&event);
+                        self.dispatch(&event);
                     }
                     Err(cause) => {
                         self.hub.skip_malformed(&cause);
@@ -203,6 +217,13 @@ impl Listener {
                 return Ok(());
             }
         }
+    }
+
+    /// Hands an event to the hub, and to presence (which follows sessions changing hands).
+    fn dispatch(&self, event: &event::Event) -> usize {
+        let delivered = self.hub.dispatch(event);
+        self.presence.observe(event);
+        delivered
     }
 
     /// A pooled connection, within the query timeout: a listener that cannot get one reconnects
@@ -230,6 +251,10 @@ impl Listener {
                         }
                         heartbeat.reset();
                     }
+                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == presence::CHANNEL => {
+                        self.presence.notified(n.payload());
+                        heartbeat.reset();
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return e.into(),
                     None => return ListenError::Closed,
@@ -253,7 +278,7 @@ impl Listener {
         let position = self.hub.position().unwrap_or_default();
         match Payload::decode(payload) {
             Ok(Payload::Inline(event)) if position.0.checked_add(1) == Some(event.id) => {
-                let delivered = self.hub.dispatch(&event);
+                let delivered = self.dispatch(&event);
                 tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
             }
@@ -307,9 +332,13 @@ async fn connect(
             }
         }
     });
-    // The channel name is a fixed lowercase identifier; it needs no quoting.
+    // The channel names are fixed lowercase identifiers; they need no quoting.
     client
-        .batch_execute(&format!("LISTEN {}", event::CHANNEL))
+        .batch_execute(&format!(
+            "LISTEN {}; LISTEN {}",
+            event::CHANNEL,
+            presence::CHANNEL
+        ))
         .await?;
     Ok((client, rx, driver))
 }

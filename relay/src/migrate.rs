@@ -30,9 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("sql/001_schema.sql"),
     migration!("sql/002_auth.sql"),
     migration!("sql/003_row_level_security.sql"),
+    migration!("sql/004_consultations.sql"),
     migration!("triggers/001_event_log.sql"),
     migration!("triggers/002_capture.sql"),
     migration!("triggers/003_commit_order.sql"),
+    migration!("triggers/004_presence.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -82,6 +82,14 @@ pub enum ClientFrame {
         reference: Option<String>,
         token: RawToken,
     },
+    /// Sends a message to a consultation session, as the socket's user.
+    Send {
+        reference: Option<String>,
+        session_id: Uuid,
+        body: String,
+        /// Chosen by the client once per message: a retry with the same one creates nothing new.
+        client_id: Uuid,
+    },
 }
 
 /// Narrows a subscription; never widens what authorization allows.
@@ -121,6 +129,14 @@ pub enum ErrorCode {
     InvalidSignature,
     /// An `auth` frame's token names another user or role; the socket is closed (4003).
     IdentityChanged,
+    /// A `send` names a session that does not exist.
+    NotFound,
+    /// A `send` to a session that has ended.
+    SessionEnded,
+    /// A `send` whose body is empty or longer than 4000 characters after trimming.
+    InvalidBody,
+    /// A `send` whose `client_id` was already used for another message.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -137,6 +153,10 @@ impl ErrorCode {
             ErrorCode::TokenNotYetValid => "token_not_yet_valid",
             ErrorCode::InvalidSignature => "invalid_signature",
             ErrorCode::IdentityChanged => "identity_changed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::SessionEnded => "session_ended",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::Conflict => "conflict",
         }
     }
 }
@@ -226,11 +246,25 @@ impl ClientFrame {
                     ))
                 }
             },
+            "send" => {
+                let session_id = take_uuid(&mut object, "session_id", &reference)?;
+                let client_id = take_uuid(&mut object, "client_id", &reference)?;
+                let body = match object.remove("body") {
+                    Some(Value::String(body)) => body,
+                    _ => return Err(bad(reference, "a send frame needs `body`, a string".into())),
+                };
+                ClientFrame::Send {
+                    reference: reference.clone(),
+                    session_id,
+                    body,
+                    client_id,
+                }
+            }
             other => {
                 return Err(bad(
                     reference,
                     format!(
-                        "unknown type {other:?}: expected subscribe, unsubscribe, ping or auth"
+                        "unknown type {other:?}: expected subscribe, unsubscribe, ping, auth or send"
                     ),
                 ))
             }
@@ -271,6 +305,25 @@ fn take_feed(
             "missing field `feed`",
         )),
     }
+}
+
+/// A required uuid field of a frame.
+fn take_uuid(
+    object: &mut Map<String, Value>,
+    field: &str,
+    reference: &Option<String>,
+) -> Result<Uuid, FrameError> {
+    match object.remove(field) {
+        Some(Value::String(s)) => Uuid::parse_str(&s).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        FrameError::new(
+            reference.clone(),
+            ErrorCode::BadRequest,
+            format!("`{field}` must be a uuid string"),
+        )
+    })
 }
 
 fn take_since(
@@ -358,8 +411,7 @@ impl<'a> Reply<'a> {
     }
 
     fn render(&self) -> Bytes {
-        // A struct of strings always serializes.
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        render(self)
     }
 }
 
@@ -401,6 +453,56 @@ pub fn authenticated(reference: Option<&str>, expires_at: std::time::SystemTime)
         ..Reply::new("authenticated", reference)
     }
     .render()
+}
+
+/// The answer to a `send`: the message's id. A retry with the same `client_id` gets the same id.
+pub fn sent(reference: Option<&str>, id: Uuid, client_id: Uuid) -> Bytes {
+    #[derive(Serialize)]
+    struct Sent<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        id: Uuid,
+        client_id: Uuid,
+    }
+    render(&Sent {
+        kind: "sent",
+        reference,
+        id,
+        client_id,
+    })
+}
+
+/// Someone connected to a consultation session: its user and role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Member {
+    pub user_id: Uuid,
+    pub role: crate::authz::Role,
+}
+
+/// Who joined and who left a session. The first one a subscriber gets lists everyone connected
+/// when it subscribed, in `joined`.
+pub fn presence(session_id: Uuid, joined: &[Member], left: &[Member]) -> Bytes {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        session_id: Uuid,
+        joined: &'a [Member],
+        left: &'a [Member],
+    }
+    render(&Presence {
+        kind: "presence",
+        session_id,
+        joined,
+        left,
+    })
+}
+
+fn render(frame: &impl Serialize) -> Bytes {
+    // Structs of strings and uuids always serialize.
+    Bytes::from(serde_json::to_vec(frame).unwrap_or_default())
 }
 
 pub fn pong(reference: Option<&str>) -> Bytes {

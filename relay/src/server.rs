@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::{Close, Hub};
 use crate::limits::Admission;
+use crate::presence::Presence;
 use crate::listener::{Health, Listener};
 use crate::session::SessionContext;
 use crate::token::{KeyError, Verifier};
@@ -46,6 +47,8 @@ pub struct Relay {
     live: Arc<watch::Sender<usize>>,
     server: JoinHandle<()>,
     listener: JoinHandle<()>,
+    /// Writes this instance's presence; on shutdown, forgets it.
+    presence_writer: JoinHandle<()>,
     config: Config,
 }
 
@@ -79,15 +82,18 @@ impl Relay {
         let (stop, stopped) = watch::channel(false);
         let live = Arc::new(watch::Sender::new(0usize));
 
+        let presence = Presence::new(hub.clone());
         let listener = tokio::spawn(
             Listener {
                 database: config.database.clone(),
                 pool: pool.clone(),
                 hub: hub.clone(),
                 health: health.clone(),
+                presence: presence.clone(),
             }
             .run(stopped.clone()),
         );
+        let presence_writer = tokio::spawn(presence.clone().run(pool.clone(), stopped.clone()));
         tokio::spawn(crate::log::prune_periodically(
             pool.clone(),
             config.retention,
@@ -100,6 +106,7 @@ impl Relay {
                 live: live.clone(),
                 verifier,
                 limits: Arc::new(config.limits.clone()),
+                presence,
             },
             health: health.clone(),
             admission: Admission::new(
@@ -125,6 +132,7 @@ impl Relay {
             live,
             server,
             listener,
+            presence_writer,
             config,
         })
     }
@@ -159,6 +167,8 @@ impl Relay {
             );
         }
         let _ = tokio::time::timeout(grace, self.server).await;
+        // Others learn at once that this instance's users left, rather than at their next sweep.
+        let _ = tokio::time::timeout(grace, self.presence_writer).await;
         self.listener.abort();
         tracing::info!("stopped");
     }

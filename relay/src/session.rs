@@ -20,11 +20,13 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::authz::{self, Feed, Owners, Principal, Reach};
 use crate::config::Limits;
+use crate::consult;
 use crate::hub::{
     self, Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
 };
 use crate::limits::{FrameRate, Ticket};
 use crate::log;
+use crate::presence::Presence;
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::{RawToken, Verified, Verifier};
 use crate::upgrade::Socket;
@@ -50,6 +52,8 @@ pub struct SessionContext {
     /// Verifies the fresh tokens of `auth` frames.
     pub verifier: Arc<Verifier>,
     pub limits: Arc<Limits>,
+    /// Who is connected to which consultation session.
+    pub presence: Arc<Presence>,
 }
 
 /// Serves one upgraded socket until either side closes it, or its token expires. The ticket
@@ -97,6 +101,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     // However serving ends, even by a panic, the hub forgets the socket and its writer stops.
     let leave = Leave {
         hub: context.hub.clone(),
+        presence: context.presence.clone(),
         id,
         link: link.clone(),
     };
@@ -214,12 +219,14 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
 /// session ends.
 struct Leave {
     hub: Arc<Hub>,
+    presence: Arc<Presence>,
     id: SocketId,
     link: Link,
 }
 
 impl Drop for Leave {
     fn drop(&mut self) {
+        self.presence.leave(self.id);
         self.hub.disconnect(self.id);
         self.link.close(Close {
             code: close::NORMAL,
@@ -280,6 +287,26 @@ impl Reader {
             Ok(ClientFrame::Unsubscribe { reference, feed }) => {
                 let ack = protocol::unsubscribed(reference.as_deref(), feed);
                 self.context.hub.unsubscribe(self.id, feed, Some(ack));
+                if feed == Feed::ConsultationMessages {
+                    self.context.presence.leave(self.id);
+                }
+            }
+            Ok(ClientFrame::Send {
+                reference,
+                session_id,
+                body,
+                client_id,
+            }) => {
+                let pool = &self.context.pool;
+                let reply = match consult::send(pool, &self.principal, session_id, &body, client_id)
+                    .await
+                {
+                    Ok(id) => protocol::sent(reference.as_deref(), id, client_id),
+                    Err(refusal) => {
+                        protocol::error(reference.as_deref(), refusal.code, &refusal.message)
+                    }
+                };
+                self.reply(reply);
             }
             Ok(ClientFrame::Subscribe {
                 reference,
@@ -369,6 +396,15 @@ impl Reader {
                 return;
             }
         };
+        // A subscription to one session's messages joins its presence; any other subscription
+        // to the feed replaces it, and leaves.
+        if feed == Feed::ConsultationMessages {
+            let presence = &self.context.presence;
+            match filter.session_id {
+                Some(session) => presence.join(self.id, self.link.clone(), self.principal, session),
+                None => presence.leave(self.id),
+            }
+        }
         if let Some(cursor) = since {
             let view = View {
                 principal: self.principal,
@@ -378,6 +414,9 @@ impl Reader {
             if let Err((code, message)) = replayed {
                 // The subscription cannot be completed: end it, and say why.
                 self.context.hub.unsubscribe(self.id, feed, None);
+                if feed == Feed::ConsultationMessages {
+                    self.context.presence.leave(self.id);
+                }
                 self.reply(protocol::error(reference, code, &message));
             }
         }

@@ -1,0 +1,663 @@
+//! Presence: who is connected to which consultation session, on every relay instance of the
+//! database, with the database as the bus (`triggers/004_presence.sql`).
+//!
+//! A socket joins a session's presence when it subscribes to `consultation_messages` filtered on
+//! that session, and leaves when it unsubscribes, subscribes to something else, or closes. A user
+//! is present while at least one of their sockets, on any instance, is joined. Every joined socket
+//! gets `presence` frames: the current list when it joins, then who joined and who left.
+//!
+//! This instance writes its own sockets' presence to `relay.presence` (one row per session and
+//! user), and learns the other instances' through the LISTEN connection's notifications
+//! ([`Presence::notified`]). Its own changes take effect here at once; the notifications they cause
+//! come back and are ignored. Writing is done by [`Presence::run`], which sends the latest state of
+//! each changed (session, user) pair in order, and retries after a failure: a change is never lost,
+//! only coalesced.
+//!
+//! Presence follows authorization: when a session changes hands, sockets of users who can no longer
+//! read it leave its presence ([`Presence::observe`]), so they learn nothing more about it.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{watch, Notify};
+use uuid::Uuid;
+
+use crate::authz::{self, Feed, Principal, Role};
+use crate::event::Event;
+use crate::hub::{Close, Hub, Link, SocketId};
+use crate::protocol::{self, Member};
+
+/// The notification channel of presence changes.
+pub const CHANNEL: &str = "relay_presence";
+/// How often the instance removes the presence of instances whose LISTEN connection is gone.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a presence write may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The wait before a failed presence write is tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// This instance's presence state, shared by the sessions, the listener and the writer.
+pub struct Presence {
+    state: Mutex<State>,
+    /// Wakes the writer when there is something to write.
+    dirty: Notify,
+    hub: Arc<Hub>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The instance number this process is registered under, once registered.
+    instance: Option<i64>,
+    /// Every number this process has been registered under: notifications naming them are echoes
+    /// of its own writes.
+    own: HashSet<i64>,
+    /// An earlier registration whose rows must be forgotten once the current one holds them.
+    previous: Option<i64>,
+    /// Set by a new registration: the writer must write every local row under the new number.
+    full_write: bool,
+    /// The sockets joined here: the session, who they are, and their link.
+    sockets: HashMap<SocketId, Joined>,
+    /// Per session: who is present anywhere, and which local sockets watch it.
+    rooms: HashMap<Uuid, Room>,
+    /// Local (session, user) pairs whose presence changed since the last write: role, present.
+    pending: HashMap<(Uuid, Uuid), (Role, bool)>,
+}
+
+struct Joined {
+    session: Uuid,
+    principal: Principal,
+}
+
+#[derive(Default)]
+struct Room {
+    watchers: HashMap<SocketId, Link>,
+    members: HashMap<Uuid, Entry>,
+}
+
+struct Entry {
+    role: Role,
+    /// Local sockets of this user joined to the room.
+    local: usize,
+    /// Other instances where this user is joined to the room.
+    remote: BTreeSet<i64>,
+}
+
+impl Entry {
+    fn present(&self) -> bool {
+        self.local > 0 || !self.remote.is_empty()
+    }
+}
+
+impl Room {
+    fn present(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .members
+            .iter()
+            .filter(|(_, entry)| entry.present())
+            .map(|(user_id, entry)| Member {
+                user_id: *user_id,
+                role: entry.role,
+            })
+            .collect();
+        members.sort();
+        members
+    }
+
+    fn is_empty(&self) -> bool {
+        self.watchers.is_empty() && self.members.is_empty()
+    }
+}
+
+/// Frames to queue once the state's lock is released, and sockets to cut for a full queue.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<(SocketId, Link, Bytes)>,
+}
+
+impl Outbox {
+    /// One frame to every watcher of a room but `except`.
+    fn broadcast(&mut self, session: Uuid, room: &Room, except: Option<SocketId>, frame: Bytes) {
+        for (socket, link) in &room.watchers {
+            if Some(*socket) != except {
+                self.frames.push((*socket, link.clone(), frame.clone()));
+            }
+        }
+        let _ = session;
+    }
+}
+
+/// A presence notification from another instance.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Notice {
+    instance: i64,
+    #[serde(default)]
+    gone: bool,
+    session_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    role: Option<Role>,
+    present: Option<bool>,
+}
+
+impl Presence {
+    pub fn new(hub: Arc<Hub>) -> Arc<Presence> {
+        Arc::new(Presence {
+            state: Mutex::new(State::default()),
+            dirty: Notify::new(),
+            hub,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues the frames; a socket whose queue is full is cut as a slow consumer.
+    fn deliver(&self, outbox: Outbox) {
+        for (socket, link, frame) in outbox.frames {
+            if !link.try_send(frame) {
+                self.hub.cut(socket, Close::slow_consumer());
+            }
+        }
+    }
+
+    /// Joins a socket to a session's presence (leaving any session it was joined to). The socket
+    /// gets the current list; the others watching the session learn that its user joined, if the
+    /// user was not present already.
+    pub fn join(&self, socket: SocketId, link: Link, principal: Principal, session: Uuid) {
+        let mut outbox = Outbox::default();
+        {
+            let mut state = self.lock();
+            state.leave(socket, &mut outbox);
+            let member = Member {
+                user_id: principal.user_id,
+                role: principal.role,
+            };
+            let room = state.rooms.entry(session).or_default();
+            let entry = room.members.entry(member.user_id).or_insert(Entry {
+                role: member.role,
+                local: 0,
+                remote: BTreeSet::new(),
+            });
+            let was_present = entry.present();
+            entry.role = member.role;
+            entry.local += 1;
+            let first_here = entry.local == 1;
+            if !was_present {
+                let frame = protocol::presence(session, &[member], &[]);
+                outbox.broadcast(session, room, None, frame);
+            }
+            outbox.frames.push((
+                socket,
+                link.clone(),
+                protocol::presence(session, &room.present(), &[]),
+            ));
+            room.watchers.insert(socket, link);
+            state.sockets.insert(socket, Joined { session, principal });
+            if first_here {
+                state
+                    .pending
+                    .insert((session, member.user_id), (member.role, true));
+                self.dirty.notify_one();
+            }
+        }
+        self.deliver(outbox);
+    }
+
+    /// Takes a socket out of the presence of the session it joined, if any.
+    pub fn leave(&self, socket: SocketId) {
+        let mut outbox = Outbox::default();
+        let wrote = self.lock().leave(socket, &mut outbox);
+        if wrote {
+            self.dirty.notify_one();
+        }
+        self.deliver(outbox);
+    }
+
+    /// Sees every event: when a session changes hands or is deleted, the sockets of users who can
+    /// no longer read it leave its presence.
+    pub fn observe(&self, event: &Event) {
+        if event.feed != Feed::ConsultationSessions {
+            return;
+        }
+        let Some(session) = event
+            .new
+            .as_ref()
+            .or(event.old.as_ref())
+            .and_then(|version| version.row.get("id"))
+            .and_then(|id| id.as_str())
+            .and_then(|id| Uuid::parse_str(id).ok())
+        else {
+            return;
+        };
+        let owners = event.new.as_ref().map(|version| version.owners);
+        let evicted: Vec<SocketId> = {
+            let state = self.lock();
+            let Some(room) = state.rooms.get(&session) else {
+                return;
+            };
+            room.watchers
+                .keys()
+                .filter(|socket| {
+                    let Some(joined) = state.sockets.get(socket) else {
+                        return false;
+                    };
+                    match &owners {
+                        Some(owners) => {
+                            !authz::may_see(&joined.principal, Feed::ConsultationMessages, owners)
+                        }
+                        None => joined.principal.role != Role::Admin,
+                    }
+                })
+                .copied()
+                .collect()
+        };
+        for socket in evicted {
+            self.leave(socket);
+        }
+    }
+
+    /// Handles a notification on [`CHANNEL`]. Echoes of this instance's own writes are ignored.
+    pub fn notified(&self, payload: &str) {
+        let notice: Notice = match serde_json::from_str(payload) {
+            Ok(notice) => notice,
+            Err(cause) => {
+                tracing::warn!(%cause, "undecodable presence notification; ignored");
+                return;
+            }
+        };
+        let mut outbox = Outbox::default();
+        {
+            let mut state = self.lock();
+            if state.own.contains(&notice.instance) {
+                return;
+            }
+            if notice.gone {
+                state.forget_instance(notice.instance, &mut outbox);
+            } else if let (Some(session), Some(user_id), Some(role), Some(present)) =
+                (notice.session_id, notice.user_id, notice.role, notice.present)
+            {
+                state.set_remote(
+                    notice.instance,
+                    session,
+                    Member { user_id, role },
+                    present,
+                    &mut outbox,
+                );
+            } else {
+                tracing::warn!("presence notification without session, user, role and present; ignored");
+            }
+        }
+        self.deliver(outbox);
+    }
+
+    /// This process is registered as `instance` (on a new LISTEN connection), and the rows of the
+    /// other instances are `rows`: instance, session, member. Replaces what was known of the
+    /// others (notifications were missed while the connection was down) and has the writer put
+    /// every local row under the new number.
+    pub fn registered(&self, instance: i64, rows: Vec<(i64, Uuid, Member)>) {
+        let mut outbox = Outbox::default();
+        {
+            let mut state = self.lock();
+            if let Some(previous) = state.instance.replace(instance) {
+                // If an earlier one was never forgotten, the database's sweep removes it.
+                state.previous = Some(previous);
+            }
+            state.own.insert(instance);
+            state.full_write = true;
+            state.replace_remote(rows, &mut outbox);
+        }
+        self.dirty.notify_one();
+        self.deliver(outbox);
+    }
+
+    /// Who is present in a session, as this instance knows it.
+    pub fn members(&self, session: Uuid) -> Vec<Member> {
+        self.lock()
+            .rooms
+            .get(&session)
+            .map(Room::present)
+            .unwrap_or_default()
+    }
+
+    /// Writes this instance's presence changes to the database as they happen, and sweeps the
+    /// presence of instances that are gone, until `shutdown`; then forgets this instance.
+    pub async fn run(self: Arc<Self>, pool: Pool, mut shutdown: watch::Receiver<bool>) {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = false;
+        loop {
+            if retry {
+                retry = false;
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_DELAY) => self.dirty.notify_one(),
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+            tokio::select! {
+                _ = self.dirty.notified() => {
+                    if let Err(cause) = self.write(&pool).await {
+                        tracing::warn!(%cause, retry_in = ?RETRY_DELAY, "presence write failed");
+                        retry = true;
+                    }
+                }
+                _ = sweep.tick() => {
+                    if let Err(cause) = sweep_once(&pool).await {
+                        tracing::warn!(%cause, "presence sweep failed");
+                    }
+                }
+                _ = stopped(&mut shutdown) => break,
+            }
+        }
+        let instance = self.lock().instance;
+        if let Some(instance) = instance {
+            let forget = async {
+                let client = pool.get().await?;
+                client
+                    .execute("select relay.presence_forget($1)", &[&instance])
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            match tokio::time::timeout(QUERY_TIMEOUT, forget).await {
+                Ok(Ok(())) => tracing::debug!(instance, "presence forgotten"),
+                Ok(Err(cause)) => tracing::warn!(%cause, "could not forget this instance's presence"),
+                Err(_) => tracing::warn!("could not forget this instance's presence in time"),
+            }
+        }
+    }
+
+    /// Writes what changed since the last write. On failure the changes are put back (unless newer
+    /// ones replaced them) for the next attempt.
+    async fn write(&self, pool: &Pool) -> Result<(), WriteError> {
+        let (instance, changes, previous, full) = {
+            let mut state = self.lock();
+            let Some(instance) = state.instance else {
+                return Ok(()); // Written once registered.
+            };
+            let full = std::mem::take(&mut state.full_write);
+            let changes: Vec<((Uuid, Uuid), (Role, bool))> = if full {
+                state.pending.clear();
+                state.local_rows()
+            } else {
+                state.pending.drain().collect()
+            };
+            (instance, changes, state.previous.take(), full)
+        };
+        if changes.is_empty() && previous.is_none() {
+            return Ok(());
+        }
+        let written = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            apply(pool, instance, &changes, previous),
+        )
+        .await
+        .map_err(|_| WriteError::Timeout)
+        .and_then(|outcome| outcome);
+        if let Err(e) = written {
+            let mut state = self.lock();
+            if full {
+                state.full_write = true;
+            } else {
+                for (key, value) in changes {
+                    state.pending.entry(key).or_insert(value);
+                }
+            }
+            if state.previous.is_none() {
+                state.previous = previous;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("{0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no connection from the pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("no answer from the database within {QUERY_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Waits for shutdown, holding nothing across the wait's end.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Writes changes under `instance`, then forgets `previous`, in one transaction: the others see
+/// the new rows before the old ones go, so no one seems to leave and come back.
+async fn apply(
+    pool: &Pool,
+    instance: i64,
+    changes: &[((Uuid, Uuid), (Role, bool))],
+    previous: Option<i64>,
+) -> Result<(), WriteError> {
+    let rows: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|((session, user), (role, present))| {
+            json!({"session_id": session, "user_id": user, "role": role, "present": present})
+        })
+        .collect();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let registered: bool = tx
+        .query_one(
+            "select relay.presence_apply($1, $2)",
+            &[&instance, &serde_json::Value::Array(rows)],
+        )
+        .await?
+        .get(0);
+    if let Some(previous) = previous {
+        tx.execute("select relay.presence_forget($1)", &[&previous])
+            .await?;
+    }
+    tx.commit().await?;
+    if !registered {
+        // Only when this instance's LISTEN connection is gone: it registers anew on reconnect.
+        tracing::debug!(instance, "presence not written: the instance is not registered");
+    }
+    Ok(())
+}
+
+/// Removes the presence of instances whose LISTEN connection is gone. Never on a LISTEN
+/// connection: there the instance's own lock would look free.
+async fn sweep_once(pool: &Pool) -> Result<(), WriteError> {
+    let client = tokio::time::timeout(QUERY_TIMEOUT, pool.get())
+        .await
+        .map_err(|_| WriteError::Timeout)??;
+    let swept: i32 = tokio::time::timeout(
+        QUERY_TIMEOUT,
+        client.query_one("select relay.presence_sweep()", &[]),
+    )
+    .await
+    .map_err(|_| WriteError::Timeout)??
+    .get(0);
+    if swept > 0 {
+        tracing::info!(swept, "removed the presence of relay instances that are gone");
+    }
+    Ok(())
+}
+
+/// Registers this relay as a presence instance on its LISTEN connection, and reads the other
+/// instances' rows.
+pub async fn register(
+    listen: &tokio_postgres::Client,
+) -> Result<(i64, Vec<(i64, Uuid, Member)>), tokio_postgres::Error> {
+    let instance: i64 = listen
+        .query_one("select relay.presence_register()", &[])
+        .await?
+        .get(0);
+    let rows = listen
+        .query(
+            "select instance, session_id, user_id, role from relay.presence where instance <> $1",
+            &[&instance],
+        )
+        .await?;
+    let rows = rows
+        .into_iter()
+        .filter_map(|row| {
+            let role: String = row.get(3);
+            let role = role.parse().ok()?;
+            Some((
+                row.get(0),
+                row.get(1),
+                Member {
+                    user_id: row.get(2),
+                    role,
+                },
+            ))
+        })
+        .collect();
+    Ok((instance, rows))
+}
+
+impl State {
+    /// Takes a socket out of its room. Returns whether there is something new to write.
+    fn leave(&mut self, socket: SocketId, outbox: &mut Outbox) -> bool {
+        let Some(joined) = self.sockets.remove(&socket) else {
+            return false;
+        };
+        let session = joined.session;
+        let user = joined.principal.user_id;
+        let Some(room) = self.rooms.get_mut(&session) else {
+            return false;
+        };
+        room.watchers.remove(&socket);
+        let mut wrote = false;
+        if let Some(entry) = room.members.get_mut(&user) {
+            entry.local = entry.local.saturating_sub(1);
+            if entry.local == 0 {
+                self.pending.insert((session, user), (entry.role, false));
+                wrote = true;
+            }
+            if !entry.present() {
+                let member = Member {
+                    user_id: user,
+                    role: entry.role,
+                };
+                room.members.remove(&user);
+                outbox.broadcast(session, room, None, protocol::presence(session, &[], &[member]));
+            }
+        }
+        if room.is_empty() {
+            self.rooms.remove(&session);
+        }
+        wrote
+    }
+
+    fn set_remote(
+        &mut self,
+        instance: i64,
+        session: Uuid,
+        member: Member,
+        present: bool,
+        outbox: &mut Outbox,
+    ) {
+        let room = self.rooms.entry(session).or_default();
+        if present {
+            let entry = room.members.entry(member.user_id).or_insert(Entry {
+                role: member.role,
+                local: 0,
+                remote: BTreeSet::new(),
+            });
+            let was_present = entry.present();
+            entry.remote.insert(instance);
+            if !was_present {
+                entry.role = member.role;
+                outbox.broadcast(session, room, None, protocol::presence(session, &[member], &[]));
+            }
+        } else if let Some(entry) = room.members.get_mut(&member.user_id) {
+            entry.remote.remove(&instance);
+            if !entry.present() {
+                let member = Member {
+                    user_id: member.user_id,
+                    role: entry.role,
+                };
+                room.members.remove(&member.user_id);
+                outbox.broadcast(session, room, None, protocol::presence(session, &[], &[member]));
+            }
+        }
+        if room.is_empty() {
+            self.rooms.remove(&session);
+        }
+    }
+
+    /// Another instance is gone: everyone only it had leaves.
+    fn forget_instance(&mut self, instance: i64, outbox: &mut Outbox) {
+        self.rooms.retain(|session, room| {
+            let mut left = Vec::new();
+            room.members.retain(|user_id, entry| {
+                if entry.remote.remove(&instance) && !entry.present() {
+                    left.push(Member {
+                        user_id: *user_id,
+                        role: entry.role,
+                    });
+                    return false;
+                }
+                true
+            });
+            if !left.is_empty() {
+                left.sort();
+                outbox.broadcast(*session, room, None, protocol::presence(*session, &[], &left));
+            }
+            !room.is_empty()
+        });
+    }
+
+    /// Replaces everything known of other instances with `rows`, telling watchers the difference.
+    fn replace_remote(&mut self, rows: Vec<(i64, Uuid, Member)>, outbox: &mut Outbox) {
+        let before: HashMap<Uuid, Vec<Member>> = self
+            .rooms
+            .iter()
+            .map(|(session, room)| (*session, room.present()))
+            .collect();
+        for room in self.rooms.values_mut() {
+            for entry in room.members.values_mut() {
+                entry.remote.clear();
+            }
+        }
+        for (instance, session, member) in rows {
+            if self.own.contains(&instance) {
+                continue;
+            }
+            let room = self.rooms.entry(session).or_default();
+            let entry = room.members.entry(member.user_id).or_insert(Entry {
+                role: member.role,
+                local: 0,
+                remote: BTreeSet::new(),
+            });
+            entry.remote.insert(instance);
+        }
+        self.rooms.retain(|session, room| {
+            room.members.retain(|_, entry| entry.present());
+            let now = room.present();
+            let was = before.get(session).cloned().unwrap_or_default();
+            let joined: Vec<Member> = now.iter().filter(|m| !was.contains(m)).copied().collect();
+            let left: Vec<Member> = was.iter().filter(|m| !now.contains(m)).copied().collect();
+            if !joined.is_empty() || !left.is_empty() {
+                outbox.broadcast(*session, room, None, protocol::presence(*session, &joined, &left));
+            }
+            !room.is_empty()
+        });
+    }
+
+    /// Every (session, user) joined here, as rows to write.
+    fn local_rows(&self) -> Vec<((Uuid, Uuid), (Role, bool))> {
+        self.rooms
+            .iter()
+            .flat_map(|(session, room)| {
+                room.members
+                    .iter()
+                    .filter(|(_, entry)| entry.local > 0)
+                    .map(|(user, entry)| ((*session, *user), (entry.role, true)))
+            })
+            .collect()
+    }
+}
