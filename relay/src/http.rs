@@ -125,7 +125,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(with_principal.clone())
         .and(warp::query::<HashMap<String, String>>())
         .and_then(
-            |session: String, state: AppState, principal: Principal, query: HashMap<String, String>| async move {
+            |session: String,
+             state: AppState,
+             principal: Principal,
+             query: HashMap<String, String>| async move {
                 let (session_id, limit, before) = history_request(&session, &query)?;
                 let pool = &state.session.pool;
                 consult::history(pool, &principal, session_id, limit, before)
@@ -175,7 +178,10 @@ fn history_request(
     let bad = |message: String| refused(StatusCode::BAD_REQUEST, "bad_request", message);
     let session_id = Uuid::parse_str(session)
         .map_err(|_| bad(format!("{session:?} is not a session id (a uuid)")))?;
-    if let Some(name) = query.keys().find(|name| !["limit", "before"].contains(&name.as_str())) {
+    if let Some(name) = query
+        .keys()
+        .find(|name| !["limit", "before"].contains(&name.as_str()))
+    {
         return Err(bad(format!(
             "unknown parameter `{name}`: the history takes limit and before"
         )));

@@ -68,6 +68,9 @@ struct State {
     pending: HashMap<(Uuid, Uuid), (Role, bool)>,
 }
 
+/// A change to write: a (session, user) pair, and its latest state here (role, present).
+type Change = ((Uuid, Uuid), (Role, bool));
+
 struct Joined {
     session: Uuid,
     principal: Principal,
@@ -120,14 +123,11 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// One frame to every watcher of a room but `except`.
-    fn broadcast(&mut self, session: Uuid, room: &Room, except: Option<SocketId>, frame: Bytes) {
+    /// One frame to every watcher of a room.
+    fn broadcast(&mut self, room: &Room, frame: Bytes) {
         for (socket, link) in &room.watchers {
-            if Some(*socket) != except {
-                self.frames.push((*socket, link.clone(), frame.clone()));
-            }
+            self.frames.push((*socket, link.clone(), frame.clone()));
         }
-        let _ = session;
     }
 }
 
@@ -190,7 +190,7 @@ impl Presence {
             let first_here = entry.local == 1;
             if !was_present {
                 let frame = protocol::presence(session, &[member], &[]);
-                outbox.broadcast(session, room, None, frame);
+                outbox.broadcast(room, frame);
             }
             outbox.frames.push((
                 socket,
@@ -279,9 +279,12 @@ impl Presence {
             }
             if notice.gone {
                 state.forget_instance(notice.instance, &mut outbox);
-            } else if let (Some(session), Some(user_id), Some(role), Some(present)) =
-                (notice.session_id, notice.user_id, notice.role, notice.present)
-            {
+            } else if let (Some(session), Some(user_id), Some(role), Some(present)) = (
+                notice.session_id,
+                notice.user_id,
+                notice.role,
+                notice.present,
+            ) {
                 state.set_remote(
                     notice.instance,
                     session,
@@ -290,7 +293,9 @@ impl Presence {
                     &mut outbox,
                 );
             } else {
-                tracing::warn!("presence notification without session, user, role and present; ignored");
+                tracing::warn!(
+                    "presence notification without session, user, role and present; ignored"
+                );
             }
         }
         self.deliver(outbox);
@@ -365,7 +370,9 @@ impl Presence {
             };
             match tokio::time::timeout(QUERY_TIMEOUT, forget).await {
                 Ok(Ok(())) => tracing::debug!(instance, "presence forgotten"),
-                Ok(Err(cause)) => tracing::warn!(%cause, "could not forget this instance's presence"),
+                Ok(Err(cause)) => {
+                    tracing::warn!(%cause, "could not forget this instance's presence")
+                }
                 Err(_) => tracing::warn!("could not forget this instance's presence in time"),
             }
         }
@@ -380,7 +387,7 @@ impl Presence {
                 return Ok(()); // Written once registered.
             };
             let full = std::mem::take(&mut state.full_write);
-            let changes: Vec<((Uuid, Uuid), (Role, bool))> = if full {
+            let changes: Vec<Change> = if full {
                 state.pending.clear();
                 state.local_rows()
             } else {
@@ -391,13 +398,11 @@ impl Presence {
         if changes.is_empty() && previous.is_none() {
             return Ok(());
         }
-        let written = tokio::time::timeout(
-            QUERY_TIMEOUT,
-            apply(pool, instance, &changes, previous),
-        )
-        .await
-        .map_err(|_| WriteError::Timeout)
-        .and_then(|outcome| outcome);
+        let written =
+            tokio::time::timeout(QUERY_TIMEOUT, apply(pool, instance, &changes, previous))
+                .await
+                .map_err(|_| WriteError::Timeout)
+                .and_then(|outcome| outcome);
         if let Err(e) = written {
             let mut state = self.lock();
             if full {
@@ -436,7 +441,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 async fn apply(
     pool: &Pool,
     instance: i64,
-    changes: &[((Uuid, Uuid), (Role, bool))],
+    changes: &[Change],
     previous: Option<i64>,
 ) -> Result<(), WriteError> {
     let rows: Vec<serde_json::Value> = changes
@@ -461,7 +466,10 @@ async fn apply(
     tx.commit().await?;
     if !registered {
         // Only when this instance's LISTEN connection is gone: it registers anew on reconnect.
-        tracing::debug!(instance, "presence not written: the instance is not registered");
+        tracing::debug!(
+            instance,
+            "presence not written: the instance is not registered"
+        );
     }
     Ok(())
 }
@@ -480,7 +488,10 @@ async fn sweep_once(pool: &Pool) -> Result<(), WriteError> {
     .map_err(|_| WriteError::Timeout)??
     .get(0);
     if swept > 0 {
-        tracing::info!(swept, "removed the presence of relay instances that are gone");
+        tracing::info!(
+            swept,
+            "removed the presence of relay instances that are gone"
+        );
     }
     Ok(())
 }
@@ -543,7 +554,7 @@ impl State {
                     role: entry.role,
                 };
                 room.members.remove(&user);
-                outbox.broadcast(session, room, None, protocol::presence(session, &[], &[member]));
+                outbox.broadcast(room, protocol::presence(session, &[], &[member]));
             }
         }
         if room.is_empty() {
@@ -571,7 +582,7 @@ impl State {
             entry.remote.insert(instance);
             if !was_present {
                 entry.role = member.role;
-                outbox.broadcast(session, room, None, protocol::presence(session, &[member], &[]));
+                outbox.broadcast(room, protocol::presence(session, &[member], &[]));
             }
         } else if let Some(entry) = room.members.get_mut(&member.user_id) {
             entry.remote.remove(&instance);
@@ -581,7 +592,7 @@ impl State {
                     role: entry.role,
                 };
                 room.members.remove(&member.user_id);
-                outbox.broadcast(session, room, None, protocol::presence(session, &[], &[member]));
+                outbox.broadcast(room, protocol::presence(session, &[], &[member]));
             }
         }
         if room.is_empty() {
@@ -605,7 +616,7 @@ impl State {
             });
             if !left.is_empty() {
                 left.sort();
-                outbox.broadcast(*session, room, None, protocol::presence(*session, &[], &left));
+                outbox.broadcast(room, protocol::presence(*session, &[], &left));
             }
             !room.is_empty()
         });
@@ -642,14 +653,14 @@ impl State {
             let joined: Vec<Member> = now.iter().filter(|m| !was.contains(m)).copied().collect();
             let left: Vec<Member> = was.iter().filter(|m| !now.contains(m)).copied().collect();
             if !joined.is_empty() || !left.is_empty() {
-                outbox.broadcast(*session, room, None, protocol::presence(*session, &joined, &left));
+                outbox.broadcast(room, protocol::presence(*session, &joined, &left));
             }
             !room.is_empty()
         });
     }
 
     /// Every (session, user) joined here, as rows to write.
-    fn local_rows(&self) -> Vec<((Uuid, Uuid), (Role, bool))> {
+    fn local_rows(&self) -> Vec<Change> {
         self.rooms
             .iter()
             .flat_map(|(session, room)| {
@@ -659,5 +670,250 @@ impl State {
                     .map(|(user, entry)| ((*session, *user), (entry.role, true)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Payload;
+    use crate::hub::Connection;
+    use serde_json::Value;
+
+    fn principal(role: Role) -> Principal {
+        Principal {
+            user_id: Uuid::new_v4(),
+            role,
+        }
+    }
+
+    /// Every frame queued for a connection, as JSON.
+    fn received(connection: &mut Connection) -> Vec<Value> {
+        let mut frames = Vec::new();
+        while let Ok(outbound) = connection.outbox.try_recv() {
+            frames.push(serde_json::from_str(outbound.frame.as_str()).unwrap());
+        }
+        frames
+    }
+
+    fn frame(session: Uuid, joined: &[&Principal], left: &[&Principal]) -> Value {
+        let list = |who: &[&Principal]| {
+            let mut members: Vec<Member> = who
+                .iter()
+                .map(|w| Member {
+                    user_id: w.user_id,
+                    role: w.role,
+                })
+                .collect();
+            members.sort();
+            serde_json::to_value(members).unwrap()
+        };
+        json!({"type": "presence", "session_id": session, "joined": list(joined), "left": list(left)})
+    }
+
+    fn pending(presence: &Presence) -> HashMap<(Uuid, Uuid), (Role, bool)> {
+        presence.lock().pending.clone()
+    }
+
+    fn session_event(session: Uuid, patient: Uuid, dentist: Uuid) -> Event {
+        let row = json!({"id": session, "patient_id": patient, "dentist_id": dentist,
+                         "status": "active"});
+        let payload = json!({"id": 1, "table": "consultation_sessions", "op": "UPDATE",
+                             "at": "t", "new": row, "old": row});
+        match Payload::decode(&payload.to_string()).unwrap() {
+            Payload::Inline(event) => event,
+            Payload::Fetch { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn joining_lists_who_is_there_and_tells_the_others_once_per_user() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let mut p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, session);
+        assert_eq!(received(&mut p), [frame(session, &[&patient], &[])]);
+        assert_eq!(
+            pending(&presence),
+            HashMap::from([((session, patient.user_id), (Role::Patient, true))])
+        );
+
+        let mut d = hub.connect(dentist);
+        presence.join(d.id, d.link.clone(), dentist, session);
+        assert_eq!(
+            received(&mut d),
+            [frame(session, &[&patient, &dentist], &[])]
+        );
+        assert_eq!(received(&mut p), [frame(session, &[&dentist], &[])]);
+
+        // A second socket of the dentist: listed to itself, news to no one.
+        let mut d2 = hub.connect(dentist);
+        presence.join(d2.id, d2.link.clone(), dentist, session);
+        assert_eq!(
+            received(&mut d2),
+            [frame(session, &[&patient, &dentist], &[])]
+        );
+        assert!(received(&mut p).is_empty());
+        presence.leave(d2.id);
+        assert!(received(&mut p).is_empty(), "the dentist is still here");
+        presence.leave(d.id);
+        assert_eq!(received(&mut p), [frame(session, &[], &[&dentist])]);
+        assert_eq!(
+            pending(&presence).get(&(session, dentist.user_id)),
+            Some(&(Role::Dentist, false))
+        );
+        // Leaving twice, or without having joined, does nothing.
+        presence.leave(d.id);
+        presence.leave(12345);
+        assert!(received(&mut p).is_empty());
+        assert_eq!(presence.members(session).len(), 1);
+    }
+
+    #[test]
+    fn joining_another_session_leaves_the_first() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let mut p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, first);
+        let d = hub.connect(dentist);
+        presence.join(d.id, d.link.clone(), dentist, first);
+        received(&mut p);
+        presence.join(d.id, d.link.clone(), dentist, second);
+        assert_eq!(received(&mut p), [frame(first, &[], &[&dentist])]);
+        assert_eq!(presence.members(second).len(), 1);
+    }
+
+    #[test]
+    fn other_instances_count_until_they_leave_or_are_gone_and_echoes_are_ignored() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        presence.registered(1, Vec::new());
+        let session = Uuid::new_v4();
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let mut p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, session);
+        received(&mut p);
+        let notice = |instance: i64, who: &Principal, present: bool| {
+            json!({"instance": instance, "session_id": session, "user_id": who.user_id,
+                   "role": who.role, "present": present})
+            .to_string()
+        };
+
+        // The echo of this instance's own write changes nothing.
+        presence.notified(&notice(1, &patient, false));
+        assert!(received(&mut p).is_empty());
+        assert_eq!(presence.members(session).len(), 1);
+
+        presence.notified(&notice(2, &dentist, true));
+        assert_eq!(received(&mut p), [frame(session, &[&dentist], &[])]);
+        presence.notified(&notice(3, &dentist, true));
+        presence.notified(&notice(2, &dentist, false));
+        assert!(received(&mut p).is_empty(), "still present on instance 3");
+        presence.notified(&json!({"instance": 3, "gone": true}).to_string());
+        assert_eq!(received(&mut p), [frame(session, &[], &[&dentist])]);
+
+        // Garbage is ignored.
+        for bad in ["", "{}", "[1]", r#"{"instance": 2, "session_id": "x"}"#] {
+            presence.notified(bad);
+        }
+        assert!(received(&mut p).is_empty());
+    }
+
+    #[test]
+    fn a_new_registration_replaces_what_was_known_and_rewrites_every_local_row() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        presence.registered(1, Vec::new());
+        let session = Uuid::new_v4();
+        let (patient, dentist, admin) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Admin),
+        );
+        let mut p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, session);
+        presence.notified(
+            &json!({"instance": 2, "session_id": session, "user_id": dentist.user_id,
+                    "role": "dentist", "present": true})
+            .to_string(),
+        );
+        received(&mut p);
+        presence.lock().pending.clear();
+
+        // While disconnected the dentist left and an admin joined elsewhere.
+        let admin_member = Member {
+            user_id: admin.user_id,
+            role: Role::Admin,
+        };
+        presence.registered(5, vec![(4, session, admin_member)]);
+        assert_eq!(received(&mut p), [frame(session, &[&admin], &[&dentist])]);
+        let state = presence.lock();
+        assert_eq!(state.instance, Some(5));
+        assert_eq!(
+            state.previous,
+            Some(1),
+            "the old rows are forgotten after the rewrite"
+        );
+        assert!(state.full_write);
+        assert_eq!(
+            state.local_rows(),
+            vec![((session, patient.user_id), (Role::Patient, true))]
+        );
+        assert!(state.own.contains(&1) && state.own.contains(&5));
+    }
+
+    #[test]
+    fn a_hand_over_takes_the_old_dentist_out_of_presence() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist, new_dentist, admin) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Dentist),
+            principal(Role::Admin),
+        );
+        let mut p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, session);
+        let mut d = hub.connect(dentist);
+        presence.join(d.id, d.link.clone(), dentist, session);
+        let a = hub.connect(admin);
+        presence.join(a.id, a.link.clone(), admin, session);
+        received(&mut p);
+        received(&mut d);
+
+        presence.observe(&session_event(
+            session,
+            patient.user_id,
+            new_dentist.user_id,
+        ));
+        assert_eq!(received(&mut p), [frame(session, &[], &[&dentist])]);
+        assert!(
+            received(&mut d).is_empty(),
+            "the old dentist hears nothing more"
+        );
+        let left = presence.members(session);
+        assert_eq!(left.len(), 2, "the patient and the admin stay: {left:?}");
+    }
+
+    #[test]
+    fn a_full_queue_cuts_the_socket_not_the_others() {
+        let hub = Hub::new(1);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let p = hub.connect(patient);
+        presence.join(p.id, p.link.clone(), patient, session); // fills its queue of one
+        let mut d = hub.connect(dentist);
+        presence.join(d.id, d.link.clone(), dentist, session);
+        assert_eq!(received(&mut d).len(), 1);
+        assert_eq!(
+            p.closed.borrow().as_ref().map(|c| c.code),
+            Some(crate::protocol::close::SLOW_CONSUMER)
+        );
     }
 }

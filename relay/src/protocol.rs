@@ -264,8 +264,8 @@ impl ClientFrame {
                 return Err(bad(
                     reference,
                     format!(
-                        "unknown type {other:?}: expected subscribe, unsubscribe, ping, auth or send"
-                    ),
+                    "unknown type {other:?}: expected subscribe, unsubscribe, ping, auth or send"
+                ),
                 ))
             }
         };

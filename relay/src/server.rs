@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::{Close, Hub};
 use crate::limits::Admission;
-use crate::presence::Presence;
 use crate::listener::{Health, Listener};
+use crate::presence::Presence;
 use crate::session::SessionContext;
 use crate::token::{KeyError, Verifier};
 
