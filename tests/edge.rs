@@ -464,8 +464,8 @@ async fn the_listen_connection_comes_back_after_being_killed() {
         .client
         .query_one(
             "select count(pg_terminate_backend(pid)) from pg_stat_activity
-             where datname = current_database() and query ilike 'LISTEN%'",
-            &[],
+             where datname = current_database() and application_name = $1",
+            &[&relay::listener::APPLICATION_NAME],
         )
         .await
         .unwrap()

@@ -208,6 +208,13 @@ async fn consultations_follow_their_session() {
         ),
         "{ack}"
     );
+    // A subscription to one session's messages joins its presence: the list comes first.
+    let presence = p.recv().await;
+    assert_eq!(
+        presence,
+        json!({"type": "presence", "session_id": session,
+               "joined": [{"user_id": patient.user_id, "role": "patient"}], "left": []})
+    );
     p.subscribe("availability").await;
 
     let say = |sender: Uuid, body: &str| {
