@@ -19,7 +19,8 @@ use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use crate::authz::{self, Feed, Owners, Principal};
-use crate::protocol::{Cursor, ErrorCode};
+use crate::log;
+use crate::protocol::ErrorCode;
 
 /// How long a send or a history read may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,12 +177,10 @@ pub async fn history(
             .map_err(|e| Refusal::unavailable(&e))?;
         let unavailable = |e: tokio_postgres::Error| Refusal::unavailable(&e);
         // The first query takes the snapshot every later one reads.
+        let position = log::position(&*tx).await.map_err(unavailable)?;
         let session = tx
             .query_opt(
-                "select patient_id, dentist_id, \
-                   (select greatest(coalesce((select max(id) from relay.events), 0), \
-                                    (select pruned_through from relay.log_horizon))) \
-                 from public.consultation_sessions where id = $1",
+                "select patient_id, dentist_id from public.consultation_sessions where id = $1",
                 &[&session_id],
             )
             .await
@@ -202,7 +201,6 @@ pub async fn history(
                 format!("the messages of session {session_id} are not yours to read"),
             ));
         }
-        let position: i64 = session.get(2);
         let key = match before {
             None => None,
             Some(Before::Key(micros, id)) => Some((micros, id)),
@@ -255,7 +253,7 @@ pub async fn history(
         Ok(History {
             session_id,
             messages: page.iter().map(|row| row.get(0)).collect(),
-            cursor: Cursor(position).to_string(),
+            cursor: position.to_string(),
             next_before,
         })
     };

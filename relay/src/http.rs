@@ -1,5 +1,5 @@
-//! HTTP routes: the WebSocket upgrade and the small JSON API (health, status, stats, and a
-//! consultation's message history).
+//! HTTP routes: the WebSocket upgrade, Prometheus metrics, and the small JSON API (health, status,
+//! stats, and a consultation's message history).
 //!
 //! Tokens are verified before a socket is upgraded; every refusal is JSON
 //! `{"error": "<code>", "message": "..."}` with the right status, produced in one place
@@ -22,16 +22,26 @@ use crate::authz::{Principal, Role};
 use crate::consult::{self, Before};
 use crate::limits::{Admission, Refusal};
 use crate::listener::Health;
+use crate::log;
+use crate::metrics::{self, Metrics, Scrape};
 use crate::protocol::ErrorCode;
 use crate::session::{self, SessionContext};
 use crate::token::{TokenError, Verified};
 use crate::upgrade::{self, NotAnUpgrade, Upgrade};
+
+/// How long a scrape of `/metrics` waits for the event log's newest id; without it, the lag is
+/// left out of that scrape.
+const SCRAPE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The path of the health check, for load balancers and orchestrators.
+pub const HEALTH_PATH: &str = "/api/realtime/health";
 
 /// Everything the routes need, cloned into each request.
 #[derive(Clone)]
 pub struct AppState {
     pub session: SessionContext,
     pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
     /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
     pub admission: Arc<Admission>,
 }
@@ -105,6 +115,27 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             warp::reply::with_status(warp::reply::json(&body), status)
         });
 
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|state: AppState| async move {
+            let newest = async {
+                let client = state.session.pool.get().await.ok()?;
+                log::position(&**client).await.ok()
+            };
+            let newest = tokio::time::timeout(SCRAPE_QUERY_TIMEOUT, newest)
+                .await
+                .ok()
+                .flatten();
+            let scrape = Scrape {
+                listening: state.health.is_listening(),
+                newest_event: newest.map(|cursor| cursor.0),
+                presence_members: state.session.presence.member_count(),
+            };
+            let text = metrics::render(&state.session.hub, &state.metrics, &scrape);
+            warp::reply::with_header(text, "content-type", prometheus::TEXT_FORMAT)
+        });
+
     let with_principal = authenticated(with_state.clone(), TokenIn::Header)
         .map(|state: AppState, verified: Verified| (state, verified.principal))
         .untuple_one();
@@ -164,6 +195,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         });
 
     ws.or(health)
+        .or(metrics)
         .or(status)
         .or(history)
         .or(stats)

@@ -74,6 +74,8 @@ pub struct Counters {
     pub events_malformed: AtomicU64,
     /// Event frames sent by replays of resumed subscriptions.
     pub replayed: AtomicU64,
+    /// Replays of resumed subscriptions that completed.
+    pub replays: AtomicU64,
     /// Times the LISTEN connection was re-established after a loss.
     pub listen_reconnects: AtomicU64,
 }

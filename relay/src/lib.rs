@@ -35,6 +35,7 @@ pub mod hub;
 pub mod limits;
 pub mod listener;
 pub mod log;
+pub mod metrics;
 pub mod migrate;
 pub mod presence;
 pub mod protocol;

@@ -26,6 +26,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use crate::event::{self, Payload};
 use crate::hub::{Close, Hub};
 use crate::log;
+use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
 use crate::protocol::{close, Cursor};
 
@@ -96,6 +97,8 @@ pub struct Listener {
     pub health: Arc<Health>,
     /// Learns the other instances' presence from the notifications on [`presence::CHANNEL`].
     pub presence: Arc<Presence>,
+    /// Times each event from commit to dispatch.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Listener {
@@ -222,6 +225,7 @@ impl Listener {
     /// Hands an event to the hub, and to presence (which follows sessions changing hands).
     fn dispatch(&self, event: &event::Event) -> usize {
         let delivered = self.hub.dispatch(event);
+        self.metrics.dispatched(&event.at, std::time::SystemTime::now());
         self.presence.observe(event);
         delivered
     }

@@ -330,6 +330,11 @@ impl Presence {
             .unwrap_or_default()
     }
 
+    /// How many (session, user) pairs are present, as this instance knows them.
+    pub fn member_count(&self) -> usize {
+        self.lock().rooms.values().map(|room| room.members.len()).sum()
+    }
+
     /// Writes this instance's presence changes to the database as they happen, and sweeps the
     /// presence of instances that are gone, until `shutdown`; then forgets this instance.
     pub async fn run(self: Arc<Self>, pool: Pool, mut shutdown: watch::Receiver<bool>) {

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::{Close, Hub};
 use crate::limits::Admission;
+use crate::metrics::Metrics;
 use crate::listener::{Health, Listener};
 use crate::presence::Presence;
 use crate::session::SessionContext;
@@ -83,6 +84,7 @@ impl Relay {
         let live = Arc::new(watch::Sender::new(0usize));
 
         let presence = Presence::new(hub.clone());
+        let metrics = Arc::new(Metrics::default());
         let listener = tokio::spawn(
             Listener {
                 database: config.database.clone(),
@@ -90,6 +92,7 @@ impl Relay {
                 hub: hub.clone(),
                 health: health.clone(),
                 presence: presence.clone(),
+                metrics: metrics.clone(),
             }
             .run(stopped.clone()),
         );
@@ -109,6 +112,7 @@ impl Relay {
                 presence,
             },
             health: health.clone(),
+            metrics,
             admission: Admission::new(
                 config.limits.max_sockets,
                 config.limits.max_sockets_per_user,

@@ -519,9 +519,13 @@ impl Reader {
                 Drained::Live | Drained::Gone => break,
             }
         }
-        hub.counters()
+        let counters = hub.counters();
+        counters
             .replayed
             .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .replays
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(%feed, %cursor, %upto, replayed, "replayed, now live");
         Ok(())
     }
