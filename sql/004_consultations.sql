@@ -29,6 +29,9 @@
 alter table public.consultation_messages add column if not exists client_id uuid;
 create unique index if not exists consultation_messages_sender_client_id_idx
     on public.consultation_messages (sender_id, client_id);
+-- A session's history, newest first, page by page (read backwards).
+create index if not exists consultation_messages_history_idx
+    on public.consultation_messages (session_id, created_at, id);
 
 -- A session's duration, derived: from its start to its end, NULL until it has both.
 alter table public.consultation_sessions
@@ -46,7 +49,10 @@ as $$
 declare
     caller uuid := auth.uid();
     caller_role text := auth.role();
-    trimmed text := regexp_replace(send_consultation_message.body, '^\s+|\s+$', '', 'g');
+    -- Whitespace as Unicode (and JavaScript's trim) counts it, whatever the database's locale.
+    trimmed text := regexp_replace(send_consultation_message.body,
+        '^[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+|'
+        '[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$', '', 'g');
     target public.consultation_sessions;
     message public.consultation_messages;
 begin

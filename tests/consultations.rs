@@ -229,7 +229,13 @@ async fn every_send_rule_has_its_error_code_and_writes_nothing() {
         let reply = send(&mut ws, session, "hi", Uuid::new_v4(), "2", &mut events).await;
         assert_eq!(error_code(&reply), "forbidden", "{:?}: {reply}", who.role);
     }
-    for body in ["", "   \n\t ", &"x".repeat(4001)] {
+    for body in [
+        "",
+        "   \n\t ",
+        "\u{a0}\u{3000}\u{feff}",
+        &"x".repeat(4001),
+        "a\0b",
+    ] {
         let reply = send(&mut p, session, body, Uuid::new_v4(), "3", &mut events).await;
         assert_eq!(error_code(&reply), "invalid_body", "{reply}");
     }
@@ -463,6 +469,13 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
         50,
         "a full first page"
     );
+    assert!(pages.len() >= 3);
+    for page in &pages[1..] {
+        assert!(
+            page.get("cursor").is_none(),
+            "only the first page has a cursor: {page}"
+        );
+    }
     // Newest first: created_at never rises down the list.
     let times: Vec<&str> = pages
         .iter()
@@ -590,10 +603,17 @@ async fn history_is_authorized_like_the_feed_and_refuses_bad_requests() {
     assert_eq!(history(addr, &dentist, session, "").await.0, 403);
     assert_eq!(history(addr, &new_dentist, session, "").await.0, 200);
 
+    // Only admins learn that a session does not exist; to others it looks like someone else's.
     let (status, body) = history(addr, &admin, Uuid::new_v4(), "").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (404, Some("not_found")),
+        "{body}"
+    );
+    let (status, body) = history(addr, &stranger, Uuid::new_v4(), "").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
         "{body}"
     );
     for query in [
@@ -643,7 +663,7 @@ async fn presence(
     ws: &mut Ws,
     session: Uuid,
 ) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
-    let frame = ws.recv().await;
+    let frame = ws.recv_frame().await;
     assert_eq!(frame["type"], "presence", "{frame}");
     assert_eq!(frame["session_id"], json!(session), "{frame}");
     let set = |list: &Value| -> BTreeSet<(String, String)> {
@@ -659,6 +679,18 @@ async fn presence(
             .collect()
     };
     (set(&frame["joined"]), set(&frame["left"]))
+}
+
+/// Reads presence frames, applying each to what the socket knows, until it knows exactly `want`:
+/// across instances, a socket's list may be sent before news from the other instance arrives,
+/// and the news then follows as its own frame.
+async fn presence_until(ws: &mut Ws, session: Uuid, want: BTreeSet<(String, String)>) {
+    let mut known = BTreeSet::new();
+    while known != want {
+        let (joined, left) = presence(ws, session).await;
+        known.extend(joined);
+        known.retain(|m| !left.contains(m));
+    }
 }
 
 fn member(who: &Principal) -> (String, String) {
@@ -677,7 +709,7 @@ async fn join(addr: SocketAddr, who: Principal, session: Uuid) -> Ws {
                    "filter": {"session_id": session}}),
     )
     .await;
-    let ack = ws.recv().await;
+    let ack = ws.recv_frame().await;
     assert_eq!(ack["type"], "subscribed", "{ack}");
     ws
 }
@@ -702,10 +734,7 @@ async fn presence_is_right_across_two_relay_instances() {
     // The dentist comes online on instance two: they get the list, and the patient learns that the
     // doctor is now available, across instances.
     let mut d = join(two.local_addr(), dentist, session).await;
-    assert_eq!(
-        presence(&mut d, session).await,
-        (members(&[&patient, &dentist]), nobody.clone())
-    );
+    presence_until(&mut d, session, members(&[&patient, &dentist])).await;
     assert_eq!(
         presence(&mut p, session).await,
         (members(&[&dentist]), nobody.clone())
@@ -718,7 +747,7 @@ async fn presence_is_right_across_two_relay_instances() {
                   "filter": {"session_id": session}}),
     )
     .await;
-    assert_eq!(error_code(&s.recv().await), "forbidden");
+    assert_eq!(error_code(&s.recv_frame().await), "forbidden");
 
     // A second socket of the dentist changes nothing; closing it changes nothing either.
     let mut d2 = join(one.local_addr(), dentist, session).await;
@@ -773,7 +802,7 @@ async fn presence_is_right_across_two_relay_instances() {
     );
     // The one frame the patient got for all this was the dentist's: nothing else is pending.
     p.send(json!({"type": "ping", "ref": "end"})).await;
-    assert_eq!(p.recv().await, json!({"type": "pong", "ref": "end"}));
+    assert_eq!(p.recv_frame().await, json!({"type": "pong", "ref": "end"}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,5 +869,63 @@ async fn presence_follows_a_hand_over() {
         (members(&[&new_dentist]), nobody)
     );
     d.send(json!({"type": "ping", "ref": "still here"})).await;
-    assert_eq!(d.recv().await, json!({"type": "pong", "ref": "still here"}));
+    assert_eq!(
+        d.recv_frame().await,
+        json!({"type": "pong", "ref": "still here"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfiltered_subscription_follows_its_open_sessions() {
+    let db = TestDb::new().await;
+    let one = db.start().await;
+    let two = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let waiting = db.open_session(&patient, &dentist).await;
+    let ended = db.open_session(&patient, &dentist).await;
+    db.exec(&format!(
+        "update consultation_sessions set status = 'ended' where id = '{ended}'"
+    ))
+    .await;
+    let nobody = BTreeSet::new();
+
+    // The patient waits in the waiting session, on instance one.
+    let mut p = join(one.local_addr(), patient, waiting).await;
+    assert_eq!(
+        presence(&mut p, waiting).await,
+        (members(&[&patient]), nobody.clone())
+    );
+
+    // The dentist comes online on instance two, subscribed to all their messages: present in
+    // every open session of theirs (not the ended one), and the patient hears of it.
+    let mut d = Ws::connect(two.local_addr(), dentist).await;
+    d.subscribe("consultation_messages").await;
+    presence_until(&mut d, waiting, members(&[&patient, &dentist])).await;
+    assert_eq!(
+        presence(&mut p, waiting).await,
+        (members(&[&dentist]), nobody.clone())
+    );
+
+    // A session opened for them later is joined as it opens.
+    let later = db.open_session(&patient, &dentist).await;
+    assert_eq!(
+        presence(&mut d, later).await,
+        (members(&[&dentist]), nobody.clone())
+    );
+
+    // The waiting session ends: the dentist's socket leaves it, and the patient sees them go.
+    db.exec(&format!(
+        "update consultation_sessions set status = 'ended' where id = '{waiting}'"
+    ))
+    .await;
+    assert_eq!(
+        presence(&mut p, waiting).await,
+        (nobody.clone(), members(&[&dentist]))
+    );
+    // Nothing more for the dentist about that session: the next frame is a pong.
+    d.send(json!({"type": "ping", "ref": "after"})).await;
+    assert_eq!(
+        d.recv_frame().await,
+        json!({"type": "pong", "ref": "after"})
+    );
 }

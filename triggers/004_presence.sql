@@ -120,6 +120,12 @@ declare
     swept integer := 0;
 begin
     for number in select instance from relay.presence_instances order by instance loop
+        -- The lock would be granted to the connection that holds it: never sweep oneself.
+        continue when exists (
+            select 1 from pg_locks l
+            where l.locktype = 'advisory' and l.pid = pg_backend_pid() and l.objsubid = 2
+              and l.classid = 1919249506::oid
+              and l.objid = relay.presence_lock_key(number)::oid);
         if pg_try_advisory_xact_lock(1919249506, relay.presence_lock_key(number)) then
             perform relay.presence_forget(number);
             swept := swept + 1;

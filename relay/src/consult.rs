@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
-use crate::authz::{self, Feed, Owners, Principal};
+use crate::authz::{self, Feed, Owners, Principal, Role};
 use crate::log;
 use crate::protocol::ErrorCode;
 
@@ -61,6 +61,8 @@ pub fn code_of(sqlstate: &str) -> Option<ErrorCode> {
         "RL410" => ErrorCode::SessionEnded,
         "RL422" => ErrorCode::InvalidBody,
         "RL409" => ErrorCode::Conflict,
+        // Characters the database cannot store (NUL, invalid encoding).
+        "22021" | "22P05" => ErrorCode::InvalidBody,
         _ => return None,
     })
 }
@@ -89,6 +91,13 @@ pub async fn send(
     body: &str,
     client_id: Uuid,
 ) -> Result<Uuid, Refusal> {
+    if body.contains('\0') {
+        // Postgres text cannot hold NUL; say so rather than fail in the database.
+        return Err(Refusal::new(
+            ErrorCode::InvalidBody,
+            "a message body may not contain NUL characters",
+        ));
+    }
     let work = async {
         let mut client = pool.get().await.map_err(|e| Refusal::unavailable(&e))?;
         let tx = client
@@ -150,9 +159,11 @@ pub struct History {
     pub session_id: Uuid,
     /// Rows as the `consultation_messages` feed carries them.
     pub messages: Vec<Value>,
-    /// Subscribe to `consultation_messages` with this `since` (and the session filter) to get
-    /// every change after this history, live.
-    pub cursor: String,
+    /// The first page only (no `before`): subscribe to `consultation_messages` with this `since`
+    /// (and the session filter) to get every change after this page, live. Later pages have
+    /// none: the first page's cursor is the one that meets the live feed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
     /// Pass as `before` for the next, older page; null on the last page.
     pub next_before: Option<String>,
 }
@@ -185,21 +196,26 @@ pub async fn history(
             )
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| {
-                Refusal::new(
+            .map(|row| Owners {
+                patient_id: row.get(0),
+                dentist_id: row.get(1),
+            });
+        // As for a subscription's filter, a session that does not exist and one that is someone
+        // else's look the same; only admins, who may read every session, learn which it is.
+        match session {
+            Some(owners) if authz::may_see(principal, Feed::ConsultationMessages, &owners) => {}
+            None if principal.role == Role::Admin => {
+                return Err(Refusal::new(
                     ErrorCode::NotFound,
                     format!("session {session_id} does not exist"),
-                )
-            })?;
-        let owners = Owners {
-            patient_id: session.get(0),
-            dentist_id: session.get(1),
-        };
-        if !authz::may_see(principal, Feed::ConsultationMessages, &owners) {
-            return Err(Refusal::new(
-                ErrorCode::Forbidden,
-                format!("the messages of session {session_id} are not yours to read"),
-            ));
+                ))
+            }
+            _ => {
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!("session {session_id} is not one of yours"),
+                ))
+            }
         }
         let key = match before {
             None => None,
@@ -253,7 +269,7 @@ pub async fn history(
         Ok(History {
             session_id,
             messages: page.iter().map(|row| row.get(0)).collect(),
-            cursor: position.to_string(),
+            cursor: before.is_none().then(|| position.to_string()),
             next_before,
         })
     };

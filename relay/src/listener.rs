@@ -135,17 +135,9 @@ impl Listener {
             Ok(Err(e)) => return (e, false),
             Err(_) => return (ListenError::Timeout(QUERY_TIMEOUT), false),
         };
-        // LISTEN came first, so whatever commits from now on is notified; what committed before
-        // is in the log.
-        let caught_up = match self.hub.position() {
-            None => self.start().await,
-            Some(_) => self.catch_up().await,
-        };
-        if let Err(e) = caught_up {
-            driver.abort();
-            return (e, false);
-        }
         // Presence is registered on this connection, so it lives exactly as long as the LISTEN.
+        // Before catching up: the connection's notifications are not read until then, and a
+        // query behind a full buffer of them would never be answered.
         match timed(presence::register(&client)).await {
             Ok((instance, others)) => {
                 tracing::debug!(instance, "registered for presence");
@@ -156,6 +148,17 @@ impl Listener {
                 return (e, false);
             }
         }
+        // LISTEN came first, so whatever commits from now on is notified; what committed before
+        // is in the log.
+        let caught_up = match self.hub.position() {
+            None => self.start().await,
+            Some(_) => self.catch_up().await,
+        };
+        if let Err(e) = caught_up {
+            driver.abort();
+            return (e, false);
+        }
+
         if reconnect {
             self.hub
                 .counters()
@@ -171,8 +174,21 @@ impl Listener {
 
     /// The first connection: the relay starts live from the log's newest event.
     async fn start(&self) -> Result<(), ListenError> {
-        let client = self.pooled().await?;
-        let position = timed(log::position(&**client)).await?;
+        let mut client = self.pooled().await?;
+        // The open consultation sessions presence follows, as of that very position; events
+        // after it keep them current.
+        let tx = timed(
+            client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )
+        .await?;
+        let position = timed(log::position(&*tx)).await?;
+        let open = timed(presence::open_sessions(&*tx)).await?;
+        timed(tx.commit()).await?;
+        self.presence.open_sessions_loaded(open);
         self.hub.start_at(position);
         Ok(())
     }
@@ -225,7 +241,8 @@ impl Listener {
     /// Hands an event to the hub, and to presence (which follows sessions changing hands).
     fn dispatch(&self, event: &event::Event) -> usize {
         let delivered = self.hub.dispatch(event);
-        self.metrics.dispatched(&event.at, std::time::SystemTime::now());
+        self.metrics
+            .dispatched(&event.at, std::time::SystemTime::now());
         self.presence.observe(event);
         delivered
     }
@@ -336,10 +353,13 @@ async fn connect(
             }
         }
     });
-    // The channel names are fixed lowercase identifiers; they need no quoting.
+    // The channel names are fixed lowercase identifiers; they need no quoting. The keepalives
+    // make the server notice within about a minute when this relay's host vanishes without
+    // closing the connection, so its presence does not outlive it by the system default of hours.
     client
         .batch_execute(&format!(
-            "LISTEN {}; LISTEN {}",
+            "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+             SET tcp_keepalives_count = 3; LISTEN {}; LISTEN {}",
             event::CHANNEL,
             presence::CHANNEL
         ))

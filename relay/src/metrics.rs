@@ -67,9 +67,8 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
     let registry = Registry::new();
     let snapshot = hub.snapshot();
     let counters = hub.counters();
-    let load = |counter: &std::sync::atomic::AtomicU64| {
-        counter.load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
 
     let gauge = |name: &str, help: &str, value: i64| {
         let gauge = IntGauge::new(name, help).expect("valid gauge");
@@ -88,7 +87,10 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
         snapshot.connected_sockets as i64,
     );
     let subscriptions = IntGaugeVec::new(
-        Opts::new("relay_subscriptions", "Subscriptions held, by feed and role"),
+        Opts::new(
+            "relay_subscriptions",
+            "Subscriptions held, by feed and role",
+        ),
         &["feed", "role"],
     )
     .expect("valid gauge");
@@ -215,7 +217,10 @@ mod tests {
             "relay_commit_to_send_seconds_bucket{le=\"0.005\"} 1",
             "relay_commit_to_send_seconds_bucket{le=\"0.002\"} 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

@@ -27,7 +27,7 @@ use serde_json::json;
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
-use crate::authz::{self, Feed, Principal, Role};
+use crate::authz::{self, Feed, Owners, Principal, Role};
 use crate::event::Event;
 use crate::hub::{Close, Hub, Link, SocketId};
 use crate::protocol::{self, Member};
@@ -60,8 +60,15 @@ struct State {
     previous: Option<i64>,
     /// Set by a new registration: the writer must write every local row under the new number.
     full_write: bool,
-    /// The sockets joined here: the session, who they are, and their link.
-    sockets: HashMap<SocketId, Joined>,
+    /// The local sockets that watch presence: who they are, and what they joined.
+    sockets: HashMap<SocketId, Watcher>,
+    /// Sockets that follow all their user's open sessions, by user.
+    followers: HashMap<Uuid, HashSet<SocketId>>,
+    /// Every open (waiting or active) session and its participants, as of the last event
+    /// dispatched: loaded when the relay starts, then kept by [`Presence::observe`].
+    open: HashMap<Uuid, Owners>,
+    /// The open sessions of each participant.
+    open_by_user: HashMap<Uuid, HashSet<Uuid>>,
     /// Per session: who is present anywhere, and which local sockets watch it.
     rooms: HashMap<Uuid, Room>,
     /// Local (session, user) pairs whose presence changed since the last write: role, present.
@@ -71,9 +78,22 @@ struct State {
 /// A change to write: a (session, user) pair, and its latest state here (role, present).
 type Change = ((Uuid, Uuid), (Role, bool));
 
-struct Joined {
-    session: Uuid,
+/// What a socket's `consultation_messages` subscription makes it join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The one session its filter names.
+    Session(Uuid),
+    /// Every open (waiting or active) session of its user, as they open and end: a patient's or
+    /// dentist's subscription without a filter.
+    OwnOpenSessions,
+}
+
+struct Watcher {
     principal: Principal,
+    link: Link,
+    /// Follows its user's open sessions (rather than one session).
+    follows: bool,
+    sessions: HashSet<Uuid>,
 }
 
 #[derive(Default)]
@@ -166,61 +186,86 @@ impl Presence {
         }
     }
 
-    /// Joins a socket to a session's presence (leaving any session it was joined to). The socket
-    /// gets the current list; the others watching the session learn that its user joined, if the
-    /// user was not present already.
-    pub fn join(&self, socket: SocketId, link: Link, principal: Principal, session: Uuid) {
+    /// Sets what a socket watches, for a new `consultation_messages` subscription: the sessions
+    /// of `scope` (for [`Scope::OwnOpenSessions`], the user's open sessions as of the last event
+    /// dispatched). It leaves the sessions it watched that are not among them and joins the new
+    /// ones. For each session it watches the socket gets the current list; the others watching a
+    /// session learn that its user joined, if the user was not present already.
+    pub fn watch(&self, socket: SocketId, link: Link, principal: Principal, scope: Scope) {
         let mut outbox = Outbox::default();
-        {
+        let wrote = {
             let mut state = self.lock();
-            state.leave(socket, &mut outbox);
-            let member = Member {
-                user_id: principal.user_id,
-                role: principal.role,
-            };
-            let room = state.rooms.entry(session).or_default();
-            let entry = room.members.entry(member.user_id).or_insert(Entry {
-                role: member.role,
-                local: 0,
-                remote: BTreeSet::new(),
+            let follows = scope == Scope::OwnOpenSessions;
+            let watcher = state.sockets.entry(socket).or_insert_with(|| Watcher {
+                principal,
+                link,
+                follows,
+                sessions: HashSet::new(),
             });
-            let was_present = entry.present();
-            entry.role = member.role;
-            entry.local += 1;
-            let first_here = entry.local == 1;
-            if !was_present {
-                let frame = protocol::presence(session, &[member], &[]);
-                outbox.broadcast(room, frame);
+            watcher.follows = follows;
+            let followers = state.followers.entry(principal.user_id).or_default();
+            if follows {
+                followers.insert(socket);
+            } else {
+                followers.remove(&socket);
+                if followers.is_empty() {
+                    state.followers.remove(&principal.user_id);
+                }
             }
-            outbox.frames.push((
-                socket,
-                link.clone(),
-                protocol::presence(session, &room.present(), &[]),
-            ));
-            room.watchers.insert(socket, link);
-            state.sockets.insert(socket, Joined { session, principal });
-            if first_here {
-                state
-                    .pending
-                    .insert((session, member.user_id), (member.role, true));
-                self.dirty.notify_one();
-            }
-        }
-        self.deliver(outbox);
-    }
-
-    /// Takes a socket out of the presence of the session it joined, if any.
-    pub fn leave(&self, socket: SocketId) {
-        let mut outbox = Outbox::default();
-        let wrote = self.lock().leave(socket, &mut outbox);
+            let target = match scope {
+                Scope::Session(session) => HashSet::from([session]),
+                Scope::OwnOpenSessions => state.open_sessions_of(&principal),
+            };
+            state.set_sessions(socket, target, true, &mut outbox)
+        };
         if wrote {
             self.dirty.notify_one();
         }
         self.deliver(outbox);
     }
 
-    /// Sees every event: when a session changes hands or is deleted, the sockets of users who can
-    /// no longer read it leave its presence.
+    /// Replaces what is known of open sessions (`id`, participants), read in the snapshot of the
+    /// position the relay starts from; sockets that follow their open sessions are set to them.
+    pub fn open_sessions_loaded(&self, sessions: Vec<(Uuid, Owners)>) {
+        let mut outbox = Outbox::default();
+        let wrote = {
+            let mut state = self.lock();
+            state.open.clear();
+            state.open_by_user.clear();
+            for (session, owners) in sessions {
+                state.set_open(session, Some(owners));
+            }
+            let following: Vec<SocketId> = state.followers.values().flatten().copied().collect();
+            let mut wrote = false;
+            for socket in following {
+                if let Some(principal) = state.sockets.get(&socket).map(|w| w.principal) {
+                    let target = state.open_sessions_of(&principal);
+                    wrote |= state.set_sessions(socket, target, false, &mut outbox);
+                }
+            }
+            wrote
+        };
+        if wrote {
+            self.dirty.notify_one();
+        }
+        self.deliver(outbox);
+    }
+
+    /// Takes a socket out of every session it watches.
+    pub fn leave(&self, socket: SocketId) {
+        let mut outbox = Outbox::default();
+        let wrote = self.lock().forget_socket(socket, &mut outbox);
+        if wrote {
+            self.dirty.notify_one();
+        }
+        self.deliver(outbox);
+    }
+
+    /// Sees every event, and follows sessions' changes:
+    /// - a socket whose user can no longer read a session (handed over, deleted) leaves it;
+    /// - a session that ends is left by the sockets that follow their user's open sessions;
+    /// - a session that opens (or is handed to someone) is joined by its participants' sockets
+    ///   that follow their open sessions.
     pub fn observe(&self, event: &Event) {
         if event.feed != Feed::ConsultationSessions {
             return;
@@ -235,31 +280,78 @@ impl Presence {
         else {
             return;
         };
-        let owners = event.new.as_ref().map(|version| version.owners);
-        let evicted: Vec<SocketId> = {
-            let state = self.lock();
-            let Some(room) = state.rooms.get(&session) else {
-                return;
-            };
-            room.watchers
-                .keys()
-                .filter(|socket| {
-                    let Some(joined) = state.sockets.get(socket) else {
-                        return false;
-                    };
-                    match &owners {
-                        Some(owners) => {
-                            !authz::may_see(&joined.principal, Feed::ConsultationMessages, owners)
-                        }
-                        None => joined.principal.role != Role::Admin,
-                    }
+        let now = event.new.as_ref().map(|version| {
+            let open = matches!(
+                version.row.get("status").and_then(|s| s.as_str()),
+                Some("waiting" | "active")
+            );
+            (version.owners, open)
+        });
+        let mut outbox = Outbox::default();
+        let wrote = {
+            let mut state = self.lock();
+            state.set_open(
+                session,
+                now.filter(|(_, open)| *open).map(|(owners, _)| owners),
+            );
+            let mut wrote = false;
+            // Who leaves.
+            let leaving: Vec<SocketId> = state
+                .rooms
+                .get(&session)
+                .map(|room| {
+                    room.watchers
+                        .keys()
+                        .filter(|socket| {
+                            let Some(watcher) = state.sockets.get(socket) else {
+                                return false;
+                            };
+                            match &now {
+                                Some((owners, open)) => {
+                                    !authz::may_see(
+                                        &watcher.principal,
+                                        Feed::ConsultationMessages,
+                                        owners,
+                                    ) || (watcher.follows && !open)
+                                }
+                                None => watcher.principal.role != Role::Admin,
+                            }
+                        })
+                        .copied()
+                        .collect()
                 })
-                .copied()
-                .collect()
+                .unwrap_or_default();
+            for socket in leaving {
+                wrote |= state.leave_room(socket, session, &mut outbox);
+            }
+            // Who joins.
+            if let Some((owners, true)) = now {
+                let joining: Vec<SocketId> = owners
+                    .user_ids()
+                    .filter_map(|user| state.followers.get(&user))
+                    .flatten()
+                    .filter(|socket| {
+                        state.sockets.get(socket).is_some_and(|watcher| {
+                            !watcher.sessions.contains(&session)
+                                && authz::may_see(
+                                    &watcher.principal,
+                                    Feed::ConsultationMessages,
+                                    &owners,
+                                )
+                        })
+                    })
+                    .copied()
+                    .collect();
+                for socket in joining {
+                    wrote |= state.join_room(socket, session, &mut outbox);
+                }
+            }
+            wrote
         };
-        for socket in evicted {
-            self.leave(socket);
+        if wrote {
+            self.dirty.notify_one();
         }
+        self.deliver(outbox);
     }
 
     /// Handles a notification on [`CHANNEL`]. Echoes of this instance's own writes are ignored.
@@ -332,7 +424,11 @@ impl Presence {
 
     /// How many (session, user) pairs are present, as this instance knows them.
     pub fn member_count(&self) -> usize {
-        self.lock().rooms.values().map(|room| room.members.len()).sum()
+        self.lock()
+            .rooms
+            .values()
+            .map(|room| room.members.len())
+            .sum()
     }
 
     /// Writes this instance's presence changes to the database as they happen, and sweeps the
@@ -501,6 +597,29 @@ async fn sweep_once(pool: &Pool) -> Result<(), WriteError> {
     Ok(())
 }
 
+/// Every open (waiting or active) consultation session and its participants.
+pub async fn open_sessions(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<(Uuid, Owners)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "select id, patient_id, dentist_id from public.consultation_sessions \
+             where status in ('waiting', 'active')",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let owners = Owners {
+                patient_id: row.get(1),
+                dentist_id: row.get(2),
+            };
+            (row.get(0), owners)
+        })
+        .collect())
+}
+
 /// Registers this relay as a presence instance on its LISTEN connection, and reads the other
 /// instances' rows.
 pub async fn register(
@@ -535,13 +654,124 @@ pub async fn register(
 }
 
 impl State {
-    /// Takes a socket out of its room. Returns whether there is something new to write.
-    fn leave(&mut self, socket: SocketId, outbox: &mut Outbox) -> bool {
-        let Some(joined) = self.sockets.remove(&socket) else {
+    /// Records a session as open with these participants, or as not open.
+    fn set_open(&mut self, session: Uuid, owners: Option<Owners>) {
+        if let Some(before) = self.open.remove(&session) {
+            for user in before.user_ids() {
+                if let Some(sessions) = self.open_by_user.get_mut(&user) {
+                    sessions.remove(&session);
+                    if sessions.is_empty() {
+                        self.open_by_user.remove(&user);
+                    }
+                }
+            }
+        }
+        if let Some(owners) = owners {
+            for user in owners.user_ids() {
+                self.open_by_user.entry(user).or_default().insert(session);
+            }
+            self.open.insert(session, owners);
+        }
+    }
+
+    /// The open sessions whose messages this user may read.
+    fn open_sessions_of(&self, principal: &Principal) -> HashSet<Uuid> {
+        self.open_by_user
+            .get(&principal.user_id)
+            .into_iter()
+            .flatten()
+            .filter(|session| {
+                self.open.get(session).is_some_and(|owners| {
+                    authz::may_see(principal, Feed::ConsultationMessages, owners)
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Makes a socket watch exactly `target`, leaving and joining as needed; with `resend`, the
+    /// sessions it already watched send it their list again. Returns whether there is something
+    /// new to write.
+    fn set_sessions(
+        &mut self,
+        socket: SocketId,
+        target: HashSet<Uuid>,
+        resend: bool,
+        outbox: &mut Outbox,
+    ) -> bool {
+        let Some(watcher) = self.sockets.get(&socket) else {
             return false;
         };
-        let session = joined.session;
-        let user = joined.principal.user_id;
+        let current = watcher.sessions.clone();
+        let link = watcher.link.clone();
+        let mut wrote = false;
+        for session in current.difference(&target) {
+            wrote |= self.leave_room(socket, *session, outbox);
+        }
+        for session in &target {
+            if current.contains(session) {
+                if resend {
+                    if let Some(room) = self.rooms.get(session) {
+                        let list = protocol::presence(*session, &room.present(), &[]);
+                        outbox.frames.push((socket, link.clone(), list));
+                    }
+                }
+            } else {
+                wrote |= self.join_room(socket, *session, outbox);
+            }
+        }
+        wrote
+    }
+
+    /// Joins a watching socket to a session: it gets the list, and the others learn of its user
+    /// if they were not present. Returns whether there is something new to write.
+    fn join_room(&mut self, socket: SocketId, session: Uuid, outbox: &mut Outbox) -> bool {
+        let Some(watcher) = self.sockets.get_mut(&socket) else {
+            return false;
+        };
+        if !watcher.sessions.insert(session) {
+            return false;
+        }
+        let member = Member {
+            user_id: watcher.principal.user_id,
+            role: watcher.principal.role,
+        };
+        let link = watcher.link.clone();
+        let room = self.rooms.entry(session).or_default();
+        let entry = room.members.entry(member.user_id).or_insert(Entry {
+            role: member.role,
+            local: 0,
+            remote: BTreeSet::new(),
+        });
+        let was_present = entry.present();
+        entry.role = member.role;
+        entry.local += 1;
+        let first_here = entry.local == 1;
+        if !was_present {
+            outbox.broadcast(room, protocol::presence(session, &[member], &[]));
+        }
+        outbox.frames.push((
+            socket,
+            link.clone(),
+            protocol::presence(session, &room.present(), &[]),
+        ));
+        room.watchers.insert(socket, link);
+        if first_here {
+            self.pending
+                .insert((session, member.user_id), (member.role, true));
+        }
+        first_here
+    }
+
+    /// Takes a socket out of one session. Returns whether there is something new to write.
+    fn leave_room(&mut self, socket: SocketId, session: Uuid, outbox: &mut Outbox) -> bool {
+        let Some(watcher) = self.sockets.get_mut(&socket) else {
+            return false;
+        };
+        if !watcher.sessions.remove(&session) {
+            return false;
+        }
+        let user = watcher.principal.user_id;
         let Some(room) = self.rooms.get_mut(&session) else {
             return false;
         };
@@ -564,6 +794,27 @@ impl State {
         }
         if room.is_empty() {
             self.rooms.remove(&session);
+        }
+        wrote
+    }
+
+    /// Takes a socket out of every session and forgets it.
+    fn forget_socket(&mut self, socket: SocketId, outbox: &mut Outbox) -> bool {
+        let Some(watcher) = self.sockets.get(&socket) else {
+            return false;
+        };
+        let sessions: Vec<Uuid> = watcher.sessions.iter().copied().collect();
+        let user = watcher.principal.user_id;
+        let mut wrote = false;
+        for session in sessions {
+            wrote |= self.leave_room(socket, session, outbox);
+        }
+        self.sockets.remove(&socket);
+        if let Some(followers) = self.followers.get_mut(&user) {
+            followers.remove(&socket);
+            if followers.is_empty() {
+                self.followers.remove(&user);
+            }
         }
         wrote
     }
@@ -738,7 +989,7 @@ mod tests {
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
         let mut p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, session);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         assert_eq!(received(&mut p), [frame(session, &[&patient], &[])]);
         assert_eq!(
             pending(&presence),
@@ -746,7 +997,7 @@ mod tests {
         );
 
         let mut d = hub.connect(dentist);
-        presence.join(d.id, d.link.clone(), dentist, session);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         assert_eq!(
             received(&mut d),
             [frame(session, &[&patient, &dentist], &[])]
@@ -755,7 +1006,7 @@ mod tests {
 
         // A second socket of the dentist: listed to itself, news to no one.
         let mut d2 = hub.connect(dentist);
-        presence.join(d2.id, d2.link.clone(), dentist, session);
+        presence.watch(d2.id, d2.link.clone(), dentist, Scope::Session(session));
         assert_eq!(
             received(&mut d2),
             [frame(session, &[&patient, &dentist], &[])]
@@ -783,11 +1034,11 @@ mod tests {
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
         let mut p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, first);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(first));
         let d = hub.connect(dentist);
-        presence.join(d.id, d.link.clone(), dentist, first);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(first));
         received(&mut p);
-        presence.join(d.id, d.link.clone(), dentist, second);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(second));
         assert_eq!(received(&mut p), [frame(first, &[], &[&dentist])]);
         assert_eq!(presence.members(second).len(), 1);
     }
@@ -800,7 +1051,7 @@ mod tests {
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
         let mut p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, session);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         received(&mut p);
         let notice = |instance: i64, who: &Principal, present: bool| {
             json!({"instance": instance, "session_id": session, "user_id": who.user_id,
@@ -840,7 +1091,7 @@ mod tests {
             principal(Role::Admin),
         );
         let mut p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, session);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         presence.notified(
             &json!({"instance": 2, "session_id": session, "user_id": dentist.user_id,
                     "role": "dentist", "present": true})
@@ -883,11 +1134,11 @@ mod tests {
             principal(Role::Admin),
         );
         let mut p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, session);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         let mut d = hub.connect(dentist);
-        presence.join(d.id, d.link.clone(), dentist, session);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         let a = hub.connect(admin);
-        presence.join(a.id, a.link.clone(), admin, session);
+        presence.watch(a.id, a.link.clone(), admin, Scope::Session(session));
         received(&mut p);
         received(&mut d);
 
@@ -912,13 +1163,96 @@ mod tests {
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
         let p = hub.connect(patient);
-        presence.join(p.id, p.link.clone(), patient, session); // fills its queue of one
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session)); // fills its queue of one
         let mut d = hub.connect(dentist);
-        presence.join(d.id, d.link.clone(), dentist, session);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         assert_eq!(received(&mut d).len(), 1);
         assert_eq!(
             p.closed.borrow().as_ref().map(|c| c.code),
             Some(crate::protocol::close::SLOW_CONSUMER)
         );
+    }
+
+    fn open_session_event(session: Uuid, patient: Uuid, dentist: Uuid, status: &str) -> Event {
+        let row = json!({"id": session, "patient_id": patient, "dentist_id": dentist,
+                         "status": status});
+        let payload = json!({"id": 2, "table": "consultation_sessions", "op": "INSERT",
+                             "at": "t", "new": row});
+        match Payload::decode(&payload.to_string()).unwrap() {
+            Payload::Inline(event) => event,
+            Payload::Fetch { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_follower_joins_its_open_sessions_as_they_open_and_leaves_them_as_they_end() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let (patient, dentist, other) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Dentist),
+        );
+        let (open, elsewhere, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let owners = |dentist: &Principal| Owners {
+            patient_id: Some(patient.user_id),
+            dentist_id: Some(dentist.user_id),
+        };
+        presence.open_sessions_loaded(vec![(open, owners(&dentist)), (elsewhere, owners(&other))]);
+
+        let mut d = hub.connect(dentist);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::OwnOpenSessions);
+        assert_eq!(received(&mut d), [frame(open, &[&dentist], &[])]);
+
+        // A session that opens for them is joined; one for someone else is not.
+        presence.observe(&open_session_event(
+            later,
+            patient.user_id,
+            dentist.user_id,
+            "waiting",
+        ));
+        presence.observe(&open_session_event(
+            Uuid::new_v4(),
+            patient.user_id,
+            other.user_id,
+            "waiting",
+        ));
+        assert_eq!(received(&mut d), [frame(later, &[&dentist], &[])]);
+
+        // The patient joins one; then it ends: the follower leaves it, the patient stays.
+        let mut p = hub.connect(patient);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(open));
+        received(&mut p);
+        assert_eq!(received(&mut d), [frame(open, &[&patient], &[])]);
+        presence.observe(&open_session_event(
+            open,
+            patient.user_id,
+            dentist.user_id,
+            "ended",
+        ));
+        assert_eq!(received(&mut p), [frame(open, &[], &[&dentist])]);
+        assert!(received(&mut d).is_empty());
+        assert_eq!(presence.members(open).len(), 1);
+        assert_eq!(presence.members(later).len(), 1);
+    }
+
+    #[test]
+    fn subscribing_again_to_the_same_session_resends_the_list_and_tells_no_one() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let mut p = hub.connect(patient);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
+        let mut d = hub.connect(dentist);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
+        received(&mut p);
+        received(&mut d);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
+        assert_eq!(
+            received(&mut d),
+            [frame(session, &[&patient, &dentist], &[])]
+        );
+        assert!(received(&mut p).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
-use crate::authz::{self, Feed, Owners, Principal, Reach};
+use crate::authz::{self, Feed, Owners, Principal, Reach, Role};
 use crate::config::Limits;
 use crate::consult;
 use crate::hub::{
@@ -26,7 +26,7 @@ use crate::hub::{
 };
 use crate::limits::{FrameRate, Ticket};
 use crate::log;
-use crate::presence::Presence;
+use crate::presence::{Presence, Scope};
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::{RawToken, Verified, Verifier};
 use crate::upgrade::Socket;
@@ -396,14 +396,8 @@ impl Reader {
                 return;
             }
         };
-        // A subscription to one session's messages joins its presence; any other subscription
-        // to the feed replaces it, and leaves.
         if feed == Feed::ConsultationMessages {
-            let presence = &self.context.presence;
-            match filter.session_id {
-                Some(session) => presence.join(self.id, self.link.clone(), self.principal, session),
-                None => presence.leave(self.id),
-            }
+            self.watch_presence(filter).await;
         }
         if let Some(cursor) = since {
             let view = View {
@@ -419,6 +413,60 @@ impl Reader {
                 }
                 self.reply(protocol::error(reference, code, &message));
             }
+        }
+    }
+
+    /// A `consultation_messages` subscription watches presence: of the session its filter names,
+    /// or, unfiltered, of every open session of its patient or dentist (admins watch presence only
+    /// of a session they name). What it watched before is replaced.
+    async fn watch_presence(&self, filter: Filter) {
+        let presence = &self.context.presence;
+        let (link, principal) = (self.link.clone(), self.principal);
+        let Some(session) = filter.session_id else {
+            if principal.role == Role::Admin {
+                presence.leave(self.id);
+            } else {
+                presence.watch(self.id, link, principal, Scope::OwnOpenSessions);
+            }
+            return;
+        };
+        presence.watch(self.id, link, principal, Scope::Session(session));
+        if principal.role == Role::Admin {
+            return;
+        }
+        // Read the session's participants again now that presence follows the socket: a
+        // hand-over committed after the subscription was authorized, and dispatched before the
+        // watch began, went unseen by presence; one dispatched later is seen.
+        let read = async {
+            let client = self.context.pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .query_opt(
+                    "select patient_id, dentist_id from public.consultation_sessions where id = $1",
+                    &[&session],
+                )
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let row = match tokio::time::timeout(LOOKUP_TIMEOUT, read).await {
+            Ok(Ok(row)) => row,
+            Ok(Err(cause)) => {
+                tracing::warn!(%cause, "could not check the session presence follows; left it");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("could not check the session presence follows in time; left it");
+                None
+            }
+        };
+        let still = row.is_some_and(|row| {
+            let owners = Owners {
+                patient_id: row.get(0),
+                dentist_id: row.get(1),
+            };
+            authz::may_see(&principal, Feed::ConsultationMessages, &owners)
+        });
+        if !still {
+            presence.leave(self.id);
         }
     }
 

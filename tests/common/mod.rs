@@ -239,8 +239,20 @@ impl Ws {
             .map(|m| m.expect("socket error"))
     }
 
-    /// The next text frame, as JSON.
+    /// The next text frame, as JSON, passing over `presence` frames: a patient's or dentist's
+    /// `consultation_messages` subscription also reports who is connected to their open sessions,
+    /// which tests of other things do not look at. Presence tests use [`Ws::recv_frame`].
     pub async fn recv(&mut self) -> Value {
+        loop {
+            let frame = self.recv_frame().await;
+            if frame["type"] != "presence" {
+                return frame;
+            }
+        }
+    }
+
+    /// The next text frame of any type, as JSON.
+    pub async fn recv_frame(&mut self) -> Value {
         loop {
             match self.next_message().await {
                 Some(Message::Text(text)) => {
