@@ -1,8 +1,12 @@
-# The relay's image: built in one stage, run from a small one as a non-root user.
+# The relay's image, in two stages: the build stage compiles the workspace's `relay` binary; the
+# runtime stage is Debian slim with that binary, the SQL it embeds, and nothing else but curl (for
+# the health check) and CA certificates. It runs as an unprivileged user.
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
+# Every workspace member's manifest and sources, and the tests the relay's manifest names.
 COPY Cargo.toml Cargo.lock ./
 COPY relay ./relay
+COPY bench ./bench
 COPY sql ./sql
 COPY triggers ./triggers
 COPY tests ./tests
@@ -12,13 +16,15 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home relay
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 COPY --from=build /src/target/release/relay /usr/local/bin/relay
-# The SQL the binary embeds, for DBAs who apply it by hand.
+# The SQL the binary embeds, for DBAs who apply it by hand (`relay migrate` needs no files).
 COPY sql /usr/share/relay/sql
 COPY triggers /usr/share/relay/triggers
-USER relay
+USER 10001
 ENV RELAY_BIND=0.0.0.0:8080
 EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:8080/api/realtime/health || exit 1
 ENTRYPOINT ["relay"]
 CMD ["serve"]

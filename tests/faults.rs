@@ -295,6 +295,8 @@ async fn follow(
                         break Ok(false); // Drop the socket on purpose, and resume.
                     }
                 }
+                // Who is connected to the client's open consultations: not what this checks.
+                Some("presence") => {}
                 // The database was away while subscribing: try again.
                 Some("error") if frame["code"] == "unavailable" => break Ok(false),
                 _ => break Err(format!("unexpected frame {frame}")),

@@ -48,6 +48,16 @@ pub struct Cli {
     )]
     pub rust_log: String,
 
+    /// Log lines as plain text, or as one JSON object per line (for log shippers). JSON lines
+    /// carry the fields of the span they were written in, such as a socket's user and role.
+    #[arg(
+        long = "relay-log-format",
+        env = "RELAY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub relay_log_format: LogFormat,
+
     /// Threads of the async runtime; by default one per core. On a small machine shared with
     /// Postgres, fewer threads hand work back and forth less (see BENCHMARKS.md).
     #[arg(long = "relay-worker-threads", env = "RELAY_WORKER_THREADS", global = true,
@@ -56,6 +66,13 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

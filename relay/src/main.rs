@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::prelude::*;
 
-use relay::config::{Cli, Command, Config};
+use relay::config::{Cli, Command, Config, LogFormat};
 use relay::token::{Issuer, TokenConfig};
 use relay::{dev, migrate, Relay};
 
@@ -49,9 +49,17 @@ fn main() -> ExitCode {
     };
     // RUST_LOG filters globally, so that disabled levels cost nothing (the `log` records of the
     // WebSocket library are not even formatted); `never_secret` filters what is written.
+    let format = match cli.relay_log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_filter(filter_fn(never_secret)))
+        .with(format.with_filter(filter_fn(never_secret)))
         .init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
