@@ -3,12 +3,14 @@
 # the health check) and CA certificates. It runs as an unprivileged user.
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
-# Every workspace member's manifest and sources, and the tests the relay's manifest names.
+# Every workspace member's manifest and sources, the files the binary embeds (SQL, the inspector
+# page), and the tests the relay's manifest names.
 COPY Cargo.toml Cargo.lock ./
 COPY relay ./relay
 COPY bench ./bench
 COPY sql ./sql
 COPY triggers ./triggers
+COPY inspector ./inspector
 COPY tests ./tests
 RUN cargo build --release --locked -p relay
 

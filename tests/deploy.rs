@@ -284,7 +284,7 @@ fn the_image_is_multi_stage_non_root_and_carries_the_sql() {
         .step_by(2)
         .map(String::from)
         .collect();
-    needed.extend(["sql", "triggers", "tests"].map(String::from));
+    needed.extend(["sql", "triggers", "inspector", "tests"].map(String::from));
     for dir in &needed {
         assert!(
             build

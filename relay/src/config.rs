@@ -318,6 +318,18 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub retention: Duration,
     pub limits: Limits,
+    /// `relay dev` only: the demo users and their tokens, offered by the inspector page
+    /// (`GET /dev/tokens`). Empty otherwise, and the route answers `[]`.
+    pub demo_tokens: Vec<DemoToken>,
+}
+
+/// A demo user and a token for it, as `relay dev` offers them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoToken {
+    pub name: String,
+    pub role: Role,
+    pub user_id: Uuid,
+    pub token: String,
 }
 
 impl Config {
@@ -355,6 +367,7 @@ impl Config {
                     .filter(|origin| !origin.is_empty())
                     .collect(),
             },
+            demo_tokens: Vec::new(),
         }
     }
 }

@@ -160,8 +160,33 @@ pub fn psql_command(config: &tokio_postgres::Config) -> String {
 }
 
 /// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
+/// A token for every demo user, for the inspector's picker.
+pub fn demo_tokens(issuer: &Issuer) -> Vec<crate::config::DemoToken> {
+    DEMO_USERS
+        .iter()
+        .map(|(id, role, name)| crate::config::DemoToken {
+            name: name.to_string(),
+            role: *role,
+            user_id: *id,
+            token: issuer.issue(
+                &Principal {
+                    user_id: *id,
+                    role: *role,
+                },
+                DEMO_TOKEN_TTL,
+            ),
+        })
+        .collect()
+}
+
 pub fn banner(issuer: &Issuer, addr: std::net::SocketAddr, psql: &str) -> String {
     let mut out = format!("\nrelay dev: serving on http://{addr}\n");
+    let (id, role, name) = DEMO_USERS[1];
+    let token = issuer.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
+    out.push_str(&format!(
+        "\nInspector (watch the feeds live in a browser), as {role} {name}; pick another demo user \
+         on the page:\n  http://{addr}/#token={token}\n"
+    ));
     out.push_str("\nConnect as any demo user (tokens valid 24 h), then send\n");
     out.push_str("  {\"type\":\"subscribe\",\"ref\":\"1\",\"feed\":\"appointments\"}\n");
     for (id, role, name) in DEMO_USERS {

@@ -19,7 +19,9 @@ use warp::{Filter, Rejection, Reply};
 use uuid::Uuid;
 
 use crate::authz::{Principal, Role};
+use crate::config::DemoToken;
 use crate::consult::{self, Before};
+use crate::inspector;
 use crate::limits::{Admission, Refusal};
 use crate::listener::Health;
 use crate::log;
@@ -42,6 +44,8 @@ pub struct AppState {
     pub session: SessionContext,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// `relay dev`'s demo users and tokens; empty otherwise.
+    pub demo_tokens: Arc<Vec<DemoToken>>,
     /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
     pub admission: Arc<Admission>,
 }
@@ -136,6 +140,21 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             warp::reply::with_header(text, "content-type", prometheus::TEXT_FORMAT)
         });
 
+    let page = warp::path::end()
+        .and(warp::get())
+        .map(|| inspector::file(inspector::INDEX, "text/html; charset=utf-8"));
+    let script = warp::path!("inspector.js")
+        .and(warp::get())
+        .map(|| inspector::file(inspector::SCRIPT, "text/javascript; charset=utf-8"));
+    let style = warp::path!("inspector.css")
+        .and(warp::get())
+        .map(|| inspector::file(inspector::STYLE, "text/css; charset=utf-8"));
+    // The demo users' tokens for the inspector's picker: `relay dev` only; `[]` otherwise.
+    let demo_tokens = warp::path!("dev" / "tokens")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(|state: AppState| warp::reply::json(&*state.demo_tokens));
+
     let with_principal = authenticated(with_state.clone(), TokenIn::Header)
         .map(|state: AppState, verified: Verified| (state, verified.principal))
         .untuple_one();
@@ -195,6 +214,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         });
 
     ws.or(health)
+        .or(page)
+        .or(script)
+        .or(style)
+        .or(demo_tokens)
         .or(metrics)
         .or(status)
         .or(history)

@@ -32,6 +32,7 @@ pub mod dev;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod inspector;
 pub mod limits;
 pub mod listener;
 pub mod log;

@@ -142,7 +142,8 @@ async fn run(command: Command) -> Result<(), String> {
             let psql = dev::psql_command(&args.database_url);
             let issuer = Issuer::new(&args.relay_jwt_secret);
             let tokens = TokenConfig::hs256(args.relay_jwt_secret);
-            let config = Config::from_parts(args.database_url, tokens, args.tuning);
+            let mut config = Config::from_parts(args.database_url, tokens, args.tuning);
+            config.demo_tokens = dev::demo_tokens(&issuer);
             serve(config, Some((issuer, psql))).await
         }
     }

@@ -113,6 +113,7 @@ impl Relay {
             },
             health: health.clone(),
             metrics,
+            demo_tokens: Arc::new(config.demo_tokens.clone()),
             admission: Admission::new(
                 config.limits.max_sockets,
                 config.limits.max_sockets_per_user,

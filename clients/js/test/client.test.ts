@@ -1,0 +1,248 @@
+// The client against a real relay and a real Postgres: reconnects lose nothing, tokens are
+// refreshed in place, sends made offline are delivered once, and a lost reply never duplicates.
+
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import WebSocket from "ws";
+
+import {
+  connect,
+  SendError,
+  type ChangeEvent,
+  type ConnectionState,
+  type RelayClient,
+  type SocketLike,
+  type WebSocketConstructor,
+} from "../src/index.js";
+import { freePort, Relay, TestDb, token, until, type User } from "./support.js";
+
+// Node 20 has no WebSocket of its own; the client takes any that follows the standard API.
+const Socket = WebSocket as unknown as WebSocketConstructor;
+
+let db: TestDb;
+let patient: User;
+let dentist: User;
+
+beforeAll(async () => {
+  db = await TestDb.create();
+  patient = await db.user("patient");
+  dentist = await db.user("dentist");
+});
+
+afterAll(async () => {
+  await db.drop();
+});
+
+function states(client: RelayClient): ConnectionState[] {
+  const seen: ConnectionState[] = [client.state];
+  client.on("state", (state) => seen.push(state));
+  return seen;
+}
+
+async function openSession(): Promise<string> {
+  const rows = await db.query<{ id: string }>(
+    "insert into consultation_sessions (patient_id, dentist_id) values ($1, $2) returning id",
+    [patient.id, dentist.id],
+  );
+  return rows[0]!.id;
+}
+
+describe("the relay client", () => {
+  it("resumes after the relay restarts and delivers every event once, in order", async () => {
+    const port = await freePort();
+    let relay = await Relay.start(db, port);
+    const client = connect({
+      url: relay.url,
+      getToken: () => token(dentist),
+      WebSocket: Socket,
+      initialBackoffMs: 50,
+      maxBackoffMs: 500,
+    });
+    const seen = states(client);
+    const received: ChangeEvent<"appointments">[] = [];
+    const subscription = client.subscribe("appointments", {}, (event) => {
+      received.push(event);
+    });
+    await until(() => subscription.cursor !== undefined, "the subscription");
+
+    for (let i = 0; i < 10; i++) await db.book(patient, dentist);
+    await until(() => received.length === 10, "the first ten events");
+
+    // Killed outright, mid-stream; bookings go on while it is down; then it is back.
+    await relay.stop("SIGKILL");
+    await until(() => client.state === "reconnecting", "the client to notice");
+    for (let i = 0; i < 10; i++) await db.book(patient, dentist);
+    relay = await Relay.start(db, port);
+    for (let i = 0; i < 10; i++) await db.book(patient, dentist);
+    await until(() => received.length >= 30, "all thirty events");
+
+    const mine = await db.query<{ id: string }>(
+      "select id from appointments where dentist_id = $1",
+      [dentist.id],
+    );
+    const ids = received.map((event) => event.id);
+    expect(ids).toEqual([...ids].sort((a, b) => a - b));
+    expect(new Set(ids).size).toBe(ids.length);
+    expect(new Set(received.map((e) => e.row.id))).toEqual(new Set(mine.map((r) => r.id)));
+    expect(received.every((event) => event.op === "INSERT")).toBe(true);
+    expect(seen).toContain("reconnecting");
+    expect(seen.at(-1)).toBe("open");
+
+    client.close();
+    expect(client.state).toBe("closed");
+    await relay.stop();
+  });
+
+  it("refreshes its token before it expires and keeps the same socket", async () => {
+    const port = await freePort();
+    // No leeway: a token is dead the second it expires.
+    const relay = await Relay.start(db, port, { RELAY_JWT_LEEWAY: "0s" });
+    let issued = 0;
+    const client = connect({
+      url: relay.url,
+      getToken: () => {
+        issued += 1;
+        return token(dentist, "4s");
+      },
+      WebSocket: Socket,
+    });
+    const seen = states(client);
+    const refreshed: string[] = [];
+    client.on("token", (expiresAt) => refreshed.push(expiresAt));
+    const received: ChangeEvent<"appointments">[] = [];
+    const subscription = client.subscribe("appointments", {}, (event) => {
+      received.push(event);
+    });
+    await until(() => subscription.cursor !== undefined, "the subscription");
+
+    // Two refreshes take the socket past its first token's expiry.
+    await until(() => refreshed.length >= 2, "two token refreshes", 20_000);
+    const id = await db.book(patient, dentist);
+    await until(() => received.some((event) => event.row.id === id), "an event after expiry");
+    expect(issued).toBeGreaterThanOrEqual(3);
+    // One connection throughout: never reconnected.
+    expect(seen.filter((state) => state === "open")).toHaveLength(1);
+    expect(seen).not.toContain("reconnecting");
+
+    client.close();
+    await relay.stop();
+  });
+
+  it("queues a message sent while offline and delivers it once on reconnect", async () => {
+    const session = await openSession();
+    const port = await freePort();
+    let relay = await Relay.start(db, port);
+    const client = connect({
+      url: relay.url,
+      getToken: () => token(patient),
+      WebSocket: Socket,
+      initialBackoffMs: 50,
+      maxBackoffMs: 300,
+    });
+    await until(() => client.state === "open", "the connection");
+    await relay.stop();
+    await until(() => client.state === "reconnecting", "the client to go offline");
+
+    const sending = client.send(session, "sent while offline");
+    expect(client.pendingSends).toBe(1);
+    relay = await Relay.start(db, port);
+    const result = await sending;
+    expect(client.pendingSends).toBe(0);
+
+    const rows = await db.query<{ id: string; client_id: string }>(
+      "select id, client_id from consultation_messages where session_id = $1 and body = $2",
+      [session, "sent while offline"],
+    );
+    expect(rows).toEqual([{ id: result.id, client_id: result.clientId }]);
+    client.close();
+    await relay.stop();
+  });
+
+  it("retries a send whose reply was lost with the same client_id, creating nothing new", async () => {
+    const session = await openSession();
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    // A socket that loses the first `sent` reply together with its connection, as a network
+    // failure right after the relay committed would.
+    let lost = 0;
+    class LossySocket extends (WebSocket as unknown as new (url: string) => SocketLike) {
+      constructor(url: string) {
+        super(url);
+        queueMicrotask(() => {
+          const deliver = this.onmessage;
+          this.onmessage = (event) => {
+            if (lost === 0 && String(event.data).includes('"type":"sent"')) {
+              lost += 1;
+              this.close(4000, "the reply is lost");
+              return;
+            }
+            deliver?.(event);
+          };
+        });
+      }
+    }
+    const client = connect({
+      url: relay.url,
+      getToken: () => token(patient),
+      WebSocket: LossySocket as unknown as WebSocketConstructor,
+      initialBackoffMs: 50,
+      maxBackoffMs: 300,
+    });
+    const seen = states(client);
+    await until(() => client.state === "open", "the connection");
+    const result = await client.send(session, "exactly once");
+    expect(lost).toBe(1);
+    expect(seen).toContain("reconnecting");
+
+    const rows = await db.query<{ id: string }>(
+      "select id from consultation_messages where session_id = $1 and body = $2",
+      [session, "exactly once"],
+    );
+    expect(rows).toEqual([{ id: result.id }]);
+    client.close();
+    await relay.stop();
+  });
+
+  it("rejects a send the relay refuses, with its code", async () => {
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const missing = client.send(crypto.randomUUID(), "hello?");
+    await expect(missing).rejects.toBeInstanceOf(SendError);
+    await expect(missing).rejects.toMatchObject({ code: "not_found" });
+    const session = await openSession();
+    await expect(client.send(session, "   ")).rejects.toMatchObject({ code: "invalid_body" });
+    expect(client.pendingSends).toBe(0);
+    client.close();
+    await relay.stop();
+  });
+
+  it("gives up on a relay that stops answering pings, and resumes when it answers again", async () => {
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const client = connect({
+      url: relay.url,
+      token: await token(dentist),
+      WebSocket: Socket,
+      heartbeatMs: 300,
+      initialBackoffMs: 50,
+      maxBackoffMs: 300,
+    });
+    const seen = states(client);
+    const received: ChangeEvent<"appointments">[] = [];
+    const subscription = client.subscribe("appointments", {}, (event) => {
+      received.push(event);
+    });
+    await until(() => subscription.cursor !== undefined, "the subscription");
+
+    // Frozen: the TCP connection stays up, but nothing answers.
+    relay.signal("SIGSTOP");
+    await until(() => client.state === "reconnecting", "a missed pong to be noticed");
+    const id = await db.book(patient, dentist);
+    relay.signal("SIGCONT");
+    await until(() => received.some((event) => event.row.id === id), "the event, after resuming");
+    expect(seen).toContain("reconnecting");
+    expect(new Set(received.map((e) => e.id)).size).toBe(received.length);
+    client.close();
+    await relay.stop();
+  });
+});

@@ -1,0 +1,81 @@
+// The inspector page in a real headless Chromium (Debian's, driven by playwright-core): a dentist
+// watches their appointments; one booked with SQL appears, and disappears when it is moved to
+// another dentist. A screenshot is saved under test-results/.
+
+import { mkdirSync } from "node:fs";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { chromium, type Browser } from "playwright-core";
+
+import { freePort, Relay, TestDb, token, type User } from "./support.js";
+
+const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
+
+let db: TestDb;
+let relay: Relay;
+let browser: Browser;
+let patient: User;
+let dentist: User;
+let otherDentist: User;
+
+beforeAll(async () => {
+  db = await TestDb.create();
+  relay = await Relay.start(db, await freePort());
+  patient = await db.user("patient");
+  dentist = await db.user("dentist");
+  otherDentist = await db.user("dentist");
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+
+afterAll(async () => {
+  await browser?.close();
+  await relay?.stop();
+  await db?.drop();
+});
+
+describe("the inspector page", () => {
+  it("shows a dentist's appointment appear live, and disappear when it moves away", async () => {
+    const page = await browser.newPage();
+    const problems: string[] = [];
+    page.on("pageerror", (error) => problems.push(String(error)));
+    page.on("console", (message) => {
+      if (message.type() === "error") problems.push(message.text());
+    });
+    // Everything the page loads comes from the relay itself.
+    const foreign: string[] = [];
+    page.on("request", (request) => {
+      if (!request.url().startsWith(relay.http) && !request.url().startsWith("ws://127.0.0.1")) {
+        foreign.push(request.url());
+      }
+    });
+
+    await page.goto(`${relay.http}/`);
+    await expect(page.title()).resolves.toBe("Relay inspector");
+    await page.getByLabel("Access token").fill(await token(dentist));
+    await page.getByRole("button", { name: "Connect", exact: true }).click();
+    await page.locator('#state[data-state="open"]').waitFor();
+    // Subscribed: the stats table names the feed with its starting cursor.
+    await page.locator('#stats tr[data-feed="appointments"] td:nth-child(5):not(:empty)').waitFor();
+
+    const id = await db.book(patient, dentist);
+    const row = page.locator(`table[data-feed="appointments"] tr[data-row-id="${id}"]`);
+    await row.waitFor({ state: "visible" });
+    await expect(row.locator("td").allTextContents()).resolves.toContain(dentist.id);
+    await page.locator("#events tbody tr td.op-INSERT").first().waitFor();
+
+    await db.query("update appointments set dentist_id = $1 where id = $2", [otherDentist.id, id]);
+    await row.waitFor({ state: "detached" });
+    await page.locator("#events tbody tr td.op-DELETE").first().waitFor();
+    await expect(
+      page.locator('#stats tr[data-feed="appointments"] td:nth-child(2)').textContent(),
+    ).resolves.toBe("2");
+
+    mkdirSync("test-results", { recursive: true });
+    await page.screenshot({ path: "test-results/inspector.png", fullPage: true });
+    expect(problems).toEqual([]);
+    expect(foreign).toEqual([]);
+    await page.close();
+  });
+});

@@ -1,0 +1,290 @@
+// The relay inspector: connect with a token, choose feeds, and watch events arrive with their op,
+// time and row; the rows the token can see now; per-feed counts and rates; the connection state.
+// Plain JavaScript served as is by the relay (no build step, no external assets). It reconnects
+// by itself and resumes each feed from its last cursor, as a dashboard should.
+
+const FEEDS = ["appointments", "availability", "consultation_sessions", "consultation_messages"];
+const MAX_EVENTS = 500;
+const RATE_WINDOW_MS = 10_000;
+
+const $ = (selector) => document.querySelector(selector);
+const state = {
+  socket: null,
+  wanted: false,
+  token: "",
+  feeds: [],
+  filter: "",
+  attempt: 0,
+  retry: null,
+  stats: new Map(), // feed -> { count, times: [], cursor }
+  rows: new Map(), // feed -> Map(id -> row)
+};
+
+function setState(value, detail = "") {
+  const output = $("#state");
+  output.textContent = detail ? `${value} (${detail})` : value;
+  output.dataset.state = value;
+  $("#connect-button").disabled = state.wanted;
+  $("#disconnect-button").disabled = !state.wanted;
+}
+
+function say(message) {
+  $("#message").textContent = message;
+}
+
+function claims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, "=")));
+  } catch {
+    return null;
+  }
+}
+
+function statsOf(feed) {
+  if (!state.stats.has(feed)) state.stats.set(feed, { count: 0, times: [], cursor: "" });
+  return state.stats.get(feed);
+}
+
+function rowsOf(feed) {
+  if (!state.rows.has(feed)) state.rows.set(feed, new Map());
+  return state.rows.get(feed);
+}
+
+function connect() {
+  clearTimeout(state.retry);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const url = `${scheme}://${location.host}/ws?access_token=${encodeURIComponent(state.token)}`;
+  setState(state.attempt === 0 ? "connecting" : "reconnecting");
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  socket.onopen = () => {
+    state.attempt = 0;
+    setState("open");
+    say("");
+    for (const feed of state.feeds) {
+      const frame = { type: "subscribe", ref: feed, feed };
+      if (feed === "consultation_messages" && state.filter) frame.filter = { session_id: state.filter };
+      const cursor = statsOf(feed).cursor;
+      if (cursor) frame.since = cursor;
+      socket.send(JSON.stringify(frame));
+    }
+  };
+  socket.onmessage = (message) => received(JSON.parse(message.data));
+  socket.onclose = (event) => {
+    if (state.socket !== socket) return;
+    state.socket = null;
+    if (!state.wanted) {
+      setState("closed");
+      return;
+    }
+    if (event.code === 4001 || event.code === 4003) {
+      state.wanted = false;
+      setState("closed", event.code === 4001 ? "token expired" : "identity changed");
+      say(`The relay closed the socket: ${event.reason || event.code}. Paste a fresh token.`);
+      return;
+    }
+    const delay = Math.min(10_000, 250 * 2 ** state.attempt) * (0.5 + Math.random());
+    state.attempt += 1;
+    setState("reconnecting", `in ${(delay / 1000).toFixed(1)} s`);
+    state.retry = setTimeout(connect, delay);
+  };
+}
+
+function received(frame) {
+  switch (frame.type) {
+    case "subscribed": {
+      const stats = statsOf(frame.feed);
+      if (!stats.cursor) stats.cursor = frame.cursor;
+      renderStats();
+      break;
+    }
+    case "event":
+      onEvent(frame);
+      break;
+    case "error":
+      say(`${frame.ref ? `${frame.ref}: ` : ""}${frame.code}: ${frame.message}`);
+      break;
+    default:
+      break;
+  }
+}
+
+function onEvent(event) {
+  const stats = statsOf(event.feed);
+  stats.count += 1;
+  stats.times.push(Date.now());
+  stats.cursor = event.cursor;
+  const rows = rowsOf(event.feed);
+  if (event.op === "DELETE") rows.delete(event.row.id);
+  else rows.set(event.row.id, event.row);
+  addEventRow(event);
+  renderRows(event.feed);
+  renderStats();
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function addEventRow(event) {
+  const body = $("#events tbody");
+  const tr = document.createElement("tr");
+  tr.className = "fresh";
+  tr.append(
+    cell(
+      new Date(event.at).toLocaleTimeString([], {
+        hour: "2-digit",
+        minute: "2-digit",
+        second: "2-digit",
+        fractionalSecondDigits: 3,
+        hour12: false,
+      }),
+    ),
+    cell(event.feed),
+    cell(event.op, `op-${event.op}`),
+  );
+  const row = document.createElement("td");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = event.row.id;
+  const pre = document.createElement("pre");
+  pre.textContent = JSON.stringify(event.old ? { row: event.row, old: event.old } : event.row, null, 2);
+  details.append(summary, pre);
+  row.append(details);
+  tr.append(row, cell(event.cursor));
+  body.prepend(tr);
+  while (body.rows.length > MAX_EVENTS) body.deleteRow(-1);
+}
+
+function renderRows(feed) {
+  const container = $("#rows");
+  let table = container.querySelector(`table[data-feed="${feed}"]`);
+  if (!table) {
+    table = document.createElement("table");
+    table.dataset.feed = feed;
+    table.createCaption().textContent = feed;
+    table.createTHead();
+    table.createTBody();
+    container.append(table);
+  }
+  const rows = [...rowsOf(feed).values()];
+  const columns = [...new Set(rows.flatMap((row) => Object.keys(row)))];
+  const head = table.tHead;
+  head.replaceChildren();
+  const headRow = head.insertRow();
+  for (const column of columns) {
+    const th = document.createElement("th");
+    th.scope = "col";
+    th.textContent = column;
+    headRow.append(th);
+  }
+  const body = table.tBodies[0];
+  body.replaceChildren();
+  for (const row of rows) {
+    const tr = body.insertRow();
+    tr.dataset.rowId = row.id;
+    for (const column of columns) {
+      const value = row[column];
+      tr.append(cell(value === null || value === undefined ? "" : typeof value === "object" ? JSON.stringify(value) : String(value)));
+    }
+  }
+}
+
+function renderStats() {
+  const body = $("#stats tbody");
+  body.replaceChildren();
+  const now = Date.now();
+  for (const feed of state.feeds) {
+    const stats = statsOf(feed);
+    stats.times = stats.times.filter((t) => now - t <= RATE_WINDOW_MS);
+    const tr = body.insertRow();
+    tr.dataset.feed = feed;
+    tr.append(
+      cell(feed),
+      cell(String(stats.count)),
+      cell((stats.times.length / (RATE_WINDOW_MS / 1000)).toFixed(1)),
+      cell(String(rowsOf(feed).size)),
+      cell(stats.cursor),
+    );
+  }
+}
+
+function start(event) {
+  event.preventDefault();
+  const token = $("#token").value.trim();
+  const feeds = [...document.querySelectorAll('input[name="feed"]:checked')].map((input) => input.value);
+  if (!token) return say("Paste a token first.");
+  if (feeds.length === 0) return say("Choose at least one feed.");
+  const who = claims(token);
+  $("#identity").textContent = who ? `as ${who.role} ${who.sub}` : "";
+  state.token = token;
+  state.feeds = feeds.filter((feed) => FEEDS.includes(feed));
+  state.filter = $("#session-filter").value.trim();
+  state.wanted = true;
+  state.attempt = 0;
+  connect();
+  renderStats();
+}
+
+function stop() {
+  state.wanted = false;
+  clearTimeout(state.retry);
+  if (state.socket) state.socket.close(1000, "inspector closed");
+  state.socket = null;
+  setState("closed");
+}
+
+function clear() {
+  state.stats.clear();
+  state.rows.clear();
+  $("#events tbody").replaceChildren();
+  $("#rows").replaceChildren();
+  renderStats();
+}
+
+async function loadDemoUsers() {
+  try {
+    const response = await fetch("/dev/tokens");
+    if (!response.ok) return;
+    const users = await response.json();
+    if (users.length === 0) return;
+    const select = $("#demo-user");
+    for (const user of users) {
+      const option = document.createElement("option");
+      option.value = user.token;
+      option.textContent = `${user.role}: ${user.name}`;
+      select.append(option);
+    }
+    select.addEventListener("change", () => {
+      $("#token").value = select.value;
+    });
+    $("#demo").hidden = false;
+  } catch {
+    // Not `relay dev`: no demo users.
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#connect").addEventListener("submit", start);
+  $("#disconnect-button").addEventListener("click", stop);
+  $("#clear-button").addEventListener("click", clear);
+  setInterval(renderStats, 1000);
+  // A token in the fragment (never sent to the server): /#token=<jwt>&feeds=appointments,availability
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("token")) {
+    $("#token").value = params.get("token");
+    const feeds = params.get("feeds");
+    if (feeds) {
+      for (const input of document.querySelectorAll('input[name="feed"]')) {
+        input.checked = feeds.split(",").includes(input.value);
+      }
+    }
+    history.replaceState(null, "", location.pathname);
+    $("#connect").requestSubmit();
+  }
+  void loadDemoUsers();
+});
