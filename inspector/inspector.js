@@ -5,7 +5,9 @@
 
 const FEEDS = ["appointments", "availability", "consultation_sessions", "consultation_messages"];
 const MAX_EVENTS = 500;
+const MAX_ROWS = 1000;
 const RATE_WINDOW_MS = 10_000;
+const HEARTBEAT_MS = 25_000;
 
 const $ = (selector) => document.querySelector(selector);
 const state = {
@@ -18,6 +20,10 @@ const state = {
   retry: null,
   stats: new Map(), // feed -> { count, times: [], cursor }
   rows: new Map(), // feed -> Map(id -> row)
+  identity: "", // sub and role of the token the state above belongs to
+  opened: false, // whether the current socket ever opened
+  heard: true, // whether anything arrived since the last heartbeat
+  heartbeat: null,
 };
 
 function setState(value, detail = "") {
@@ -51,33 +57,57 @@ function rowsOf(feed) {
   return state.rows.get(feed);
 }
 
+function subscribe(socket, feed) {
+  const frame = { type: "subscribe", ref: feed, feed };
+  if (feed === "consultation_messages" && state.filter) frame.filter = { session_id: state.filter };
+  const cursor = statsOf(feed).cursor;
+  if (cursor) frame.since = cursor;
+  socket.send(JSON.stringify(frame));
+}
+
 function connect() {
   clearTimeout(state.retry);
+  const who = claims(state.token);
+  if (who && typeof who.exp === "number" && who.exp * 1000 <= Date.now()) {
+    state.wanted = false;
+    setState("closed", "token expired");
+    say("This token has expired. Paste a fresh one.");
+    return;
+  }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const url = `${scheme}://${location.host}/ws?access_token=${encodeURIComponent(state.token)}`;
   setState(state.attempt === 0 ? "connecting" : "reconnecting");
   const socket = new WebSocket(url);
   state.socket = socket;
+  state.opened = false;
   socket.onopen = () => {
     state.attempt = 0;
+    state.opened = true;
     setState("open");
     say("");
-    for (const feed of state.feeds) {
-      const frame = { type: "subscribe", ref: feed, feed };
-      if (feed === "consultation_messages" && state.filter) frame.filter = { session_id: state.filter };
-      const cursor = statsOf(feed).cursor;
-      if (cursor) frame.since = cursor;
-      socket.send(JSON.stringify(frame));
-    }
+    for (const feed of state.feeds) subscribe(socket, feed);
+    // A socket that stops answering is given up on, and the page reconnects.
+    state.heard = true;
+    clearInterval(state.heartbeat);
+    state.heartbeat = setInterval(() => {
+      if (!state.heard) return socket.close(4000, "no answer to the heartbeat");
+      state.heard = false;
+      socket.send(JSON.stringify({ type: "ping", ref: "heartbeat" }));
+    }, HEARTBEAT_MS);
   };
-  socket.onmessage = (message) => received(JSON.parse(message.data));
+  socket.onmessage = (message) => {
+    state.heard = true;
+    received(socket, JSON.parse(message.data));
+  };
   socket.onclose = (event) => {
     if (state.socket !== socket) return;
     state.socket = null;
+    clearInterval(state.heartbeat);
     if (!state.wanted) {
       setState("closed");
       return;
     }
+    if (!state.opened) void explainRefusal();
     if (event.code === 4001 || event.code === 4003) {
       state.wanted = false;
       setState("closed", event.code === 4001 ? "token expired" : "identity changed");
@@ -91,7 +121,24 @@ function connect() {
   };
 }
 
-function received(frame) {
+/** The upgrade was refused (the browser cannot see why): ask the HTTP API, which says. */
+async function explainRefusal() {
+  try {
+    const response = await fetch("/api/realtime/status", {
+      headers: { Authorization: `Bearer ${state.token}` },
+    });
+    if (response.ok) {
+      say("The relay refused the socket although the token is valid: is this page's origin in RELAY_ALLOWED_ORIGINS?");
+      return;
+    }
+    const body = await response.json();
+    say(`The relay refused the token: ${body.error}: ${body.message}`);
+  } catch {
+    say("The relay cannot be reached.");
+  }
+}
+
+function received(socket, frame) {
   switch (frame.type) {
     case "subscribed": {
       const stats = statsOf(frame.feed);
@@ -102,9 +149,20 @@ function received(frame) {
     case "event":
       onEvent(frame);
       break;
-    case "error":
+    case "error": {
       say(`${frame.ref ? `${frame.ref}: ` : ""}${frame.code}: ${frame.message}`);
+      const feed = FEEDS.includes(frame.ref) ? frame.ref : null;
+      if (feed && frame.code === "cursor_expired") {
+        // Too far behind to resume: start over live for that feed.
+        statsOf(feed).cursor = "";
+        rowsOf(feed).clear();
+        renderRows(feed);
+        subscribe(socket, feed);
+      } else if (feed && frame.code === "unavailable") {
+        setTimeout(() => state.socket === socket && subscribe(socket, feed), 1000);
+      }
       break;
+    }
     default:
       break;
   }
@@ -117,9 +175,9 @@ function onEvent(event) {
   stats.cursor = event.cursor;
   const rows = rowsOf(event.feed);
   if (event.op === "DELETE") rows.delete(event.row.id);
-  else rows.set(event.row.id, event.row);
+  else if (rows.has(event.row.id) || rows.size < MAX_ROWS) rows.set(event.row.id, event.row);
   addEventRow(event);
-  renderRows(event.feed);
+  updateRow(event.feed, event.row.id);
   renderStats();
 }
 
@@ -160,38 +218,55 @@ function addEventRow(event) {
   while (body.rows.length > MAX_EVENTS) body.deleteRow(-1);
 }
 
-function renderRows(feed) {
+function text(value) {
+  if (value === null || value === undefined) return "";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+/** The feed's table of visible rows; its columns are those of the first row seen. */
+function tableOf(feed, sample) {
   const container = $("#rows");
   let table = container.querySelector(`table[data-feed="${feed}"]`);
-  if (!table) {
+  if (!table && sample) {
     table = document.createElement("table");
     table.dataset.feed = feed;
-    table.createCaption().textContent = feed;
-    table.createTHead();
+    table.createCaption().textContent = `${feed} (at most ${MAX_ROWS} rows)`;
+    const headRow = table.createTHead().insertRow();
+    for (const column of Object.keys(sample)) {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = column;
+      headRow.append(th);
+    }
     table.createTBody();
     container.append(table);
   }
-  const rows = [...rowsOf(feed).values()];
-  const columns = [...new Set(rows.flatMap((row) => Object.keys(row)))];
-  const head = table.tHead;
-  head.replaceChildren();
-  const headRow = head.insertRow();
-  for (const column of columns) {
-    const th = document.createElement("th");
-    th.scope = "col";
-    th.textContent = column;
-    headRow.append(th);
+  return table;
+}
+
+/** Adds, updates or removes one row's line, leaving the others alone. */
+function updateRow(feed, id) {
+  const row = rowsOf(feed).get(id);
+  const table = tableOf(feed, row);
+  if (!table) return;
+  const existing = [...table.tBodies[0].rows].find((tr) => tr.dataset.rowId === id);
+  if (!row) {
+    existing?.remove();
+    return;
   }
-  const body = table.tBodies[0];
-  body.replaceChildren();
-  for (const row of rows) {
-    const tr = body.insertRow();
-    tr.dataset.rowId = row.id;
-    for (const column of columns) {
-      const value = row[column];
-      tr.append(cell(value === null || value === undefined ? "" : typeof value === "object" ? JSON.stringify(value) : String(value)));
-    }
-  }
+  const columns = [...table.tHead.rows[0].cells].map((th) => th.textContent);
+  const tr = document.createElement("tr");
+  tr.dataset.rowId = id;
+  tr.className = "fresh";
+  for (const column of columns) tr.append(cell(text(row[column])));
+  if (existing) existing.replaceWith(tr);
+  else table.tBodies[0].append(tr);
+}
+
+function renderRows(feed) {
+  const table = $("#rows").querySelector(`table[data-feed="${feed}"]`);
+  if (table) table.tBodies[0].replaceChildren();
+  for (const id of rowsOf(feed).keys()) updateRow(feed, id);
 }
 
 function renderStats() {
@@ -221,6 +296,10 @@ function start(event) {
   if (feeds.length === 0) return say("Choose at least one feed.");
   const who = claims(token);
   $("#identity").textContent = who ? `as ${who.role} ${who.sub}` : "";
+  // Another user's cursors and rows are not this one's.
+  const identity = who ? `${who.sub}/${who.role}` : token;
+  if (identity !== state.identity) clear();
+  state.identity = identity;
   state.token = token;
   state.feeds = feeds.filter((feed) => FEEDS.includes(feed));
   state.filter = $("#session-filter").value.trim();

@@ -8,9 +8,10 @@ pub const INDEX: &str = include_str!("../../inspector/index.html");
 pub const SCRIPT: &str = include_str!("../../inspector/inspector.js");
 pub const STYLE: &str = include_str!("../../inspector/inspector.css");
 
-/// Only this relay's own script, style and sockets: the page loads nothing from elsewhere.
+/// Only this relay's own script, style and sockets (`'self'` covers its ws: and wss: too): the
+/// page loads nothing from elsewhere.
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-    connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
     frame-ancestors 'none'";
 
 /// One of the page's files with its content type and headers.

@@ -104,9 +104,7 @@ fn one_line(error: &clap::Error) -> String {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Migrate(args) => {
-            let mut client = relay::connect(&args.database_url)
-                .await
-                .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
+            let mut client = connect_patiently(&args.database_url).await?;
             let applied = migrate::migrate(&mut client)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -145,6 +143,29 @@ async fn run(command: Command) -> Result<(), String> {
             let mut config = Config::from_parts(args.database_url, tokens, args.tuning);
             config.demo_tokens = dev::demo_tokens(&issuer);
             serve(config, Some((issuer, psql))).await
+        }
+    }
+}
+
+/// How long `relay migrate` keeps trying to reach a database that is starting.
+const MIGRATE_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Connects, retrying for a while: `relay migrate` often starts beside a database that is still
+/// starting (a compose stack, a Kubernetes job).
+async fn connect_patiently(
+    database: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, String> {
+    let deadline = tokio::time::Instant::now() + MIGRATE_CONNECT_PATIENCE;
+    let mut delay = std::time::Duration::from_millis(250);
+    loop {
+        match relay::connect(database).await {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(cause = %e, retry_in = ?delay, "cannot connect to DATABASE_URL yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(format!("cannot connect to DATABASE_URL: {e}")),
         }
     }
 }

@@ -51,6 +51,8 @@ export interface ConnectOptions {
   maxBackoffMs?: number;
   /** How long before expiry the token is refreshed (default 60 s; at most half its lifetime). */
   refreshMarginMs?: number;
+  /** How long a connection attempt may take before it is abandoned and retried (default 15 s). */
+  connectTimeoutMs?: number;
 }
 
 export interface SubscribeOptions {
@@ -95,6 +97,11 @@ interface Events {
 
 interface Entry {
   feed: Feed;
+  /** The `ref` of the subscribe in flight; until its `subscribed` arrives, events of the feed
+   * belong to the subscription it replaces and are not delivered. */
+  pending: string | undefined;
+  /** A retry of a subscribe the relay could not complete. */
+  retry: ReturnType<typeof setTimeout> | undefined;
   filter: { session_id?: string } | undefined;
   handler: (event: ChangeEvent) => void;
   /** Where to resume: the last event delivered, or where the subscription started. */
@@ -113,6 +120,10 @@ interface PendingSend {
 const OPEN = 1;
 /** Close codes after which reconnecting cannot help. */
 const FATAL_CLOSES = new Set([4003]);
+/** What a message body may be, as the relay checks it (characters after trimming). */
+const MAX_BODY_CHARACTERS = 4000;
+/** Frames per second the client sends at most: below the relay's default limit of 50. */
+const FRAMES_PER_SECOND = 40;
 
 /** Connects to the relay; the connection opens in the background. */
 export function connect(options: ConnectOptions): RelayClient {
@@ -121,7 +132,10 @@ export function connect(options: ConnectOptions): RelayClient {
 
 export class RelayClient {
   private readonly options: Required<
-    Pick<ConnectOptions, "heartbeatMs" | "initialBackoffMs" | "maxBackoffMs" | "refreshMarginMs">
+    Pick<
+      ConnectOptions,
+      "heartbeatMs" | "initialBackoffMs" | "maxBackoffMs" | "refreshMarginMs" | "connectTimeoutMs"
+    >
   > &
     ConnectOptions;
   private readonly Socket: WebSocketConstructor;
@@ -143,6 +157,14 @@ export class RelayClient {
   private refresh: ReturnType<typeof setTimeout> | undefined;
   private reconnect: ReturnType<typeof setTimeout> | undefined;
   private retrySends: ReturnType<typeof setTimeout> | undefined;
+  private connecting: ReturnType<typeof setTimeout> | undefined;
+  /** Sends to retry after the relay answered `unavailable`. */
+  private readonly toRetry = new Set<string>();
+  /** Frames waiting for their turn under the client's own rate limit. */
+  private outbox: string[] = [];
+  private budget = FRAMES_PER_SECOND;
+  private budgetAt = Date.now();
+  private pump: ReturnType<typeof setTimeout> | undefined;
   private nextRef = 0;
 
   constructor(options: ConnectOptions) {
@@ -163,6 +185,7 @@ export class RelayClient {
       initialBackoffMs: 500,
       maxBackoffMs: 15_000,
       refreshMarginMs: 60_000,
+      connectTimeoutMs: 15_000,
       ...options,
     };
     this.token = options.token;
@@ -189,8 +212,14 @@ export class RelayClient {
     options: SubscribeOptions,
     handler: (event: ChangeEvent<F>) => void,
   ): Subscription {
+    const replaced = this.entries.get(feed);
+    if (replaced) {
+      clearTimeout(replaced.retry);
+    }
     const entry: Entry = {
       feed,
+      pending: undefined,
+      retry: undefined,
       filter: options.filter,
       handler: handler as (event: ChangeEvent) => void,
       cursor: options.since,
@@ -214,9 +243,12 @@ export class RelayClient {
 
   /** Ends the subscription to a feed. */
   unsubscribe(feed: Feed): void {
-    if (!this.entries.delete(feed)) {
+    const entry = this.entries.get(feed);
+    if (!entry) {
       return;
     }
+    clearTimeout(entry.retry);
+    this.entries.delete(feed);
     this.transmit({ type: "unsubscribe", ref: this.ref("unsubscribe"), feed });
   }
 
@@ -227,7 +259,20 @@ export class RelayClient {
    * message's id; rejects with a `SendError` when the relay refuses it.
    */
   send(sessionId: string, body: string): Promise<SendResult> {
-    const clientId = globalThis.crypto.randomUUID();
+    if (this.closedByUser) {
+      return Promise.reject(new Error("the client is closed"));
+    }
+    // What the relay would refuse anyway is refused here, so that it is never retried.
+    const characters = [...body.trim()].length;
+    if (characters === 0 || characters > MAX_BODY_CHARACTERS || !wellFormed(body)) {
+      return Promise.reject(
+        new SendError(
+          "invalid_body",
+          `a message body is 1 to ${MAX_BODY_CHARACTERS} characters after trimming, of valid text`,
+        ),
+      );
+    }
+    const clientId = uuid();
     return new Promise<SendResult>((resolve, reject) => {
       this.sends.set(clientId, { sessionId, body, resolve, reject });
       this.transmitSend(clientId);
@@ -244,6 +289,9 @@ export class RelayClient {
     this.closedByUser = true;
     this.stopTimers();
     clearTimeout(this.reconnect);
+    for (const entry of this.entries.values()) {
+      clearTimeout(entry.retry);
+    }
     const socket = this.socket;
     this.socket = undefined;
     if (socket) {
@@ -275,6 +323,16 @@ export class RelayClient {
       return;
     }
     this.token = token;
+    const expiresAt = tokenExpiry(token);
+    if (!this.options.getToken && expiresAt !== undefined && expiresAt <= Date.now()) {
+      // Without getToken nothing can bring a fresh one: say so rather than retry for ever.
+      this.emit("error", {
+        code: "token_expired",
+        message: "the token has expired and there is no getToken to fetch a fresh one",
+      });
+      this.close();
+      return;
+    }
     const separator = this.options.url.includes("?") ? "&" : "?";
     const url = `${this.options.url}${separator}access_token=${encodeURIComponent(token)}`;
     let socket: SocketLike;
@@ -286,6 +344,13 @@ export class RelayClient {
       return;
     }
     this.socket = socket;
+    this.outbox = [];
+    clearTimeout(this.connecting);
+    this.connecting = setTimeout(() => {
+      if (this.socket === socket && socket.readyState !== OPEN) {
+        this.drop();
+      }
+    }, this.options.connectTimeoutMs);
     socket.onopen = () => this.opened(socket);
     socket.onmessage = (event) => this.received(event.data);
     socket.onclose = (event) => this.closed(socket, event.code, event.reason);
@@ -298,17 +363,18 @@ export class RelayClient {
     if (socket !== this.socket) {
       return;
     }
-    this.attempts = 0;
-    this.setState("open");
+    clearTimeout(this.connecting);
+    this.awaitingPong = false;
+    this.heartbeat = setInterval(() => this.beat(), this.options.heartbeatMs);
+    this.scheduleRefresh();
     for (const entry of this.entries.values()) {
       this.transmitSubscribe(entry);
     }
     for (const clientId of this.sends.keys()) {
       this.transmitSend(clientId);
     }
-    this.awaitingPong = false;
-    this.heartbeat = setInterval(() => this.beat(), this.options.heartbeatMs);
-    this.scheduleRefresh();
+    // Last: a listener may close the client.
+    this.setState("open");
   }
 
   private closed(socket: SocketLike, code: number, reason: string): void {
@@ -325,6 +391,10 @@ export class RelayClient {
       this.emit("error", { code: `closed_${code}`, message: reason });
       this.close();
       return;
+    }
+    if (code === 1002 || code === 1007 || code === 1009 || code === 4029) {
+      // Something this client sent broke a rule; worth knowing, though reconnecting may help.
+      this.emit("error", { code: `closed_${code}`, message: reason });
     }
     this.scheduleReconnect();
   }
@@ -373,13 +443,14 @@ export class RelayClient {
     if (!this.options.getToken || !this.token) {
       return;
     }
-    const expiresAt = tokenExpiry(this.token);
-    if (expiresAt === undefined) {
+    const lifetime = tokenLifetime(this.token);
+    if (lifetime === undefined) {
       return;
     }
-    const now = Date.now();
-    const margin = Math.min(this.options.refreshMarginMs, Math.max(0, expiresAt - now) / 2);
-    const delay = Math.max(0, expiresAt - margin - now);
+    // Measured from now with the token's own lifetime (exp - iat), so that a client whose clock
+    // is off does not refresh in a loop; never sooner than a second.
+    const margin = Math.min(this.options.refreshMarginMs, lifetime / 2);
+    const delay = Math.max(1_000, lifetime - margin);
     this.refresh = setTimeout(() => void this.refreshToken(), delay);
   }
 
@@ -394,6 +465,7 @@ export class RelayClient {
       this.transmit({ type: "auth", ref: this.ref("auth"), access_token: token });
     } catch (error) {
       this.emit("error", { code: "token_unavailable", message: String(error) });
+      clearTimeout(this.refresh);
       this.refresh = setTimeout(() => void this.refreshToken(), 5_000);
     }
   }
@@ -402,7 +474,10 @@ export class RelayClient {
     clearInterval(this.heartbeat);
     clearTimeout(this.refresh);
     clearTimeout(this.retrySends);
+    clearTimeout(this.connecting);
+    clearTimeout(this.pump);
     this.heartbeat = undefined;
+    this.outbox = [];
   }
 
   // --- frames ---------------------------------------------------------------------------------
@@ -414,20 +489,27 @@ export class RelayClient {
     } catch {
       return;
     }
+    // Any frame shows the connection is alive (a long replay holds up the pong).
+    this.awaitingPong = false;
     switch (frame.type) {
       case "event":
         this.deliver(frame as unknown as ChangeEvent);
         break;
       case "subscribed": {
         const entry = this.entries.get(frame.feed as Feed);
-        if (entry && entry.cursor === undefined) {
-          entry.cursor = frame.cursor as string;
-          entry.lastId = Number(frame.cursor);
+        if (entry && entry.pending === frame.ref) {
+          entry.pending = undefined;
+          if (entry.cursor === undefined) {
+            entry.cursor = frame.cursor as string;
+            entry.lastId = Number(frame.cursor);
+          }
         }
         break;
       }
       case "pong":
-        this.awaitingPong = false;
+        // A connection that answered a heartbeat is healthy: reconnects start over from the
+        // shortest delay.
+        this.attempts = 0;
         break;
       case "authenticated":
         this.emit("token", frame.expires_at as string);
@@ -450,12 +532,17 @@ export class RelayClient {
 
   private deliver(event: ChangeEvent): void {
     const entry = this.entries.get(event.feed);
-    if (!entry || event.id <= entry.lastId) {
+    // While a subscribe is in flight, the feed's events are the replaced subscription's.
+    if (!entry || entry.pending !== undefined || event.id <= entry.lastId) {
       return;
     }
     entry.lastId = event.id;
     entry.cursor = event.cursor;
-    entry.handler(event);
+    try {
+      entry.handler(event);
+    } catch (error) {
+      this.emit("error", { code: "handler_failed", message: String(error), feed: event.feed });
+    }
   }
 
   private acknowledged(clientId: string, id: string): void {
@@ -476,8 +563,17 @@ export class RelayClient {
       }
       if (error.code === "unavailable") {
         // Transient: the same client_id again shortly, so at most one message is created.
-        clearTimeout(this.retrySends);
-        this.retrySends = setTimeout(() => this.transmitSend(clientId), 1_000);
+        this.toRetry.add(clientId);
+        if (this.retrySends === undefined) {
+          this.retrySends = setTimeout(() => {
+            this.retrySends = undefined;
+            const retry = [...this.toRetry];
+            this.toRetry.clear();
+            for (const id of retry) {
+              this.transmitSend(id);
+            }
+          }, 1_000);
+        }
         return;
       }
       this.sends.delete(clientId);
@@ -485,9 +581,12 @@ export class RelayClient {
       return;
     }
     if (ref.startsWith("subscribe:")) {
-      const feed = ref.slice("subscribe:".length) as Feed;
-      const entry = this.entries.get(feed);
-      if (entry && error.code === "cursor_expired") {
+      const entry = [...this.entries.values()].find((e) => e.pending === ref);
+      if (!entry) {
+        return; // The answer to a subscribe that has since been replaced.
+      }
+      const feed = entry.feed;
+      if (error.code === "cursor_expired") {
         // The log no longer reaches back to the cursor: the app must refetch; go on live.
         entry.cursor = undefined;
         entry.lastId = 0;
@@ -495,15 +594,19 @@ export class RelayClient {
         this.transmitSubscribe(entry);
         return;
       }
-      if (entry && error.code === "unavailable") {
-        setTimeout(() => {
+      if (error.code === "unavailable") {
+        clearTimeout(entry.retry);
+        entry.retry = setTimeout(() => {
           if (this.entries.get(feed) === entry) {
             this.transmitSubscribe(entry);
           }
         }, 1_000);
         return;
       }
+      // Refused for good. A subscription this one was replacing may still be live on the
+      // relay: end it too.
       this.entries.delete(feed);
+      this.transmit({ type: "unsubscribe", ref: this.ref("unsubscribe"), feed });
       this.emit("error", { ...error, feed });
       return;
     }
@@ -511,9 +614,13 @@ export class RelayClient {
   }
 
   private transmitSubscribe(entry: Entry): void {
+    if (this.socket?.readyState !== OPEN) {
+      return; // Sent when the connection opens.
+    }
+    entry.pending = this.ref(`subscribe:${entry.feed}`);
     const frame: Record<string, unknown> = {
       type: "subscribe",
-      ref: `subscribe:${entry.feed}`,
+      ref: entry.pending,
       feed: entry.feed,
     };
     if (entry.filter && Object.keys(entry.filter).length > 0) {
@@ -539,11 +646,37 @@ export class RelayClient {
     });
   }
 
-  /** Sends a frame if the socket is open; otherwise it goes out (if still wanted) on reconnect. */
+  /**
+   * Sends a frame if the socket is open (otherwise it goes out, if still wanted, on reconnect),
+   * at most `FRAMES_PER_SECOND` a second: a burst (many sends queued offline) waits its turn
+   * instead of tripping the relay's rate limit.
+   */
   private transmit(frame: Record<string, unknown>): void {
     const socket = this.socket;
-    if (socket && socket.readyState === OPEN) {
-      socket.send(JSON.stringify(frame));
+    if (!socket || socket.readyState !== OPEN) {
+      return;
+    }
+    this.outbox.push(JSON.stringify(frame));
+    this.flush();
+  }
+
+  private flush(): void {
+    const now = Date.now();
+    this.budget = Math.min(
+      FRAMES_PER_SECOND,
+      this.budget + ((now - this.budgetAt) / 1000) * FRAMES_PER_SECOND,
+    );
+    this.budgetAt = now;
+    const socket = this.socket;
+    while (this.outbox.length > 0 && this.budget >= 1 && socket?.readyState === OPEN) {
+      socket.send(this.outbox.shift() as string);
+      this.budget -= 1;
+    }
+    if (this.outbox.length > 0 && this.pump === undefined) {
+      this.pump = setTimeout(() => {
+        this.pump = undefined;
+        this.flush();
+      }, 1000 / FRAMES_PER_SECOND);
     }
   }
 
@@ -575,22 +708,56 @@ function detach(socket: SocketLike): void {
   socket.onopen = null;
   socket.onmessage = null;
   socket.onclose = null;
-  socket.onerror = null;
+  // Closing a socket that is still connecting reports an error; it is expected, and some
+  // implementations (ws) throw an error no one listens to.
+  socket.onerror = () => {};
 }
 
-/** A JWT's `exp` in milliseconds, if it has one. */
-export function tokenExpiry(token: string): number | undefined {
+function claims(token: string): { exp?: unknown; iat?: unknown } | undefined {
   const payload = token.split(".")[1];
   if (!payload) {
     return undefined;
   }
   try {
     const base64 = payload.replace(/-/g, "+").replace(/_/g, "/");
-    const json = JSON.parse(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, "="))) as {
-      exp?: unknown;
-    };
-    return typeof json.exp === "number" ? json.exp * 1000 : undefined;
+    return JSON.parse(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, "=")));
   } catch {
     return undefined;
   }
+}
+
+/** A JWT's `exp` in milliseconds, if it has one. */
+export function tokenExpiry(token: string): number | undefined {
+  const exp = claims(token)?.exp;
+  return typeof exp === "number" ? exp * 1000 : undefined;
+}
+
+/** How long a JWT lives, in milliseconds: `exp - iat`, or until `exp` by this clock. */
+export function tokenLifetime(token: string): number | undefined {
+  const { exp, iat } = claims(token) ?? {};
+  if (typeof exp !== "number") {
+    return undefined;
+  }
+  if (typeof iat === "number") {
+    return Math.max(0, (exp - iat) * 1000);
+  }
+  return Math.max(0, exp * 1000 - Date.now());
+}
+
+/** Whether a string is valid Unicode (no lone surrogates), which the relay requires. */
+function wellFormed(text: string): boolean {
+  return !/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/.test(text);
+}
+
+/** A random (v4) uuid; `crypto.randomUUID` exists only in secure contexts. */
+function uuid(): string {
+  const crypto = globalThis.crypto;
+  if (typeof crypto.randomUUID === "function") {
+    return crypto.randomUUID();
+  }
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = ((bytes[6] as number) & 0x0f) | 0x40;
+  bytes[8] = ((bytes[8] as number) & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }

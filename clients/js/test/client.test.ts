@@ -245,4 +245,111 @@ describe("the relay client", () => {
     client.close();
     await relay.stop();
   });
+
+  it("paces a burst of sends queued offline under the relay's rate limit, each delivered once", async () => {
+    const session = await openSession();
+    const port = await freePort();
+    let relay = await Relay.start(db, port);
+    const client = connect({
+      url: relay.url,
+      getToken: () => token(patient),
+      WebSocket: Socket,
+      initialBackoffMs: 50,
+      maxBackoffMs: 300,
+    });
+    const errors: string[] = [];
+    client.on("error", (error) => errors.push(error.code));
+    await until(() => client.state === "open", "the connection");
+    await relay.stop();
+    await until(() => client.state === "reconnecting", "the client to go offline");
+
+    // More than the relay's 50 frames per second, all at once when the connection returns.
+    const sends = Array.from({ length: 80 }, (_, i) => client.send(session, `burst ${i}`));
+    relay = await Relay.start(db, port);
+    const results = await Promise.all(sends);
+    expect(new Set(results.map((r) => r.id)).size).toBe(80);
+    const rows = await db.query<{ count: string }>(
+      "select count(*) from consultation_messages where session_id = $1 and body like 'burst %'",
+      [session],
+    );
+    expect(Number(rows[0]?.count)).toBe(80);
+    expect(errors).not.toContain("closed_4029");
+    client.close();
+    await relay.stop();
+  });
+
+  it("refuses a body the relay would refuse without sending it, and anything after close", async () => {
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const session = await openSession();
+    for (const body of ["", " \n ", "x".repeat(4001), "lone \uD800 surrogate"]) {
+      await expect(client.send(session, body)).rejects.toMatchObject({ code: "invalid_body" });
+    }
+    expect(client.pendingSends).toBe(0);
+    client.close();
+    await expect(client.send(session, "after close")).rejects.toThrow("closed");
+    await relay.stop();
+  });
+
+  it("keeps delivering when a handler throws, and reports it", async () => {
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const client = connect({ url: relay.url, token: await token(dentist), WebSocket: Socket });
+    const errors: string[] = [];
+    client.on("error", (error) => errors.push(error.code));
+    const received: string[] = [];
+    const subscription = client.subscribe("appointments", {}, (event) => {
+      received.push(event.row.id);
+      if (received.length === 1) throw new Error("a bug in the dashboard");
+    });
+    await until(() => subscription.cursor !== undefined, "the subscription");
+    const first = await db.book(patient, dentist);
+    const second = await db.book(patient, dentist);
+    await until(() => received.length === 2, "both events");
+    expect(received).toEqual([first, second]);
+    expect(errors).toEqual(["handler_failed"]);
+    expect(client.state).toBe("open");
+    client.close();
+    await relay.stop();
+  });
+
+  it("gives a replaced subscription's events to nobody", async () => {
+    const first = await openSession();
+    const second = await openSession();
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const say = (session: string, body: string) =>
+      db.query(
+        "insert into consultation_messages (session_id, sender_id, body) values ($1, $2, $3)",
+        [session, patient.id, body],
+      );
+    const old: string[] = [];
+    const subscription = client.subscribe(
+      "consultation_messages",
+      { filter: { session_id: first } },
+      (event) => old.push(event.row.session_id),
+    );
+    await until(() => subscription.cursor !== undefined, "the first subscription");
+    // Messages of the first session are on their way while the subscription is replaced.
+    await Promise.all([say(first, "one"), say(first, "two")]);
+    const now: ChangeEvent<"consultation_messages">[] = [];
+    const replaced = client.subscribe(
+      "consultation_messages",
+      { filter: { session_id: second } },
+      (event) => now.push(event),
+    );
+    await until(() => replaced.cursor !== undefined, "the second subscription");
+    await say(second, "three");
+    await until(() => now.length === 1, "the second session's message");
+    await say(first, "four");
+    await say(second, "five");
+    await until(() => now.length === 2, "the next message");
+    expect(now.map((event) => event.row.body)).toEqual(["three", "five"]);
+    expect(now.every((event) => event.row.session_id === second)).toBe(true);
+    expect(old.every((session) => session === first)).toBe(true);
+    client.close();
+    await relay.stop();
+  });
 });
