@@ -971,11 +971,17 @@ mod tests {
         presence.lock().pending.clone()
     }
 
+    /// A consultation_sessions event: an UPDATE of an `active` session to these participants,
+    /// or, with `status`, an INSERT of one in that status.
     fn session_event(session: Uuid, patient: Uuid, dentist: Uuid) -> Event {
+        open_session_event(session, patient, dentist, "active")
+    }
+
+    fn open_session_event(session: Uuid, patient: Uuid, dentist: Uuid, status: &str) -> Event {
         let row = json!({"id": session, "patient_id": patient, "dentist_id": dentist,
-                         "status": "active"});
-        let payload = json!({"id": 1, "table": "consultation_sessions", "op": "UPDATE",
-                             "at": "t", "new": row, "old": row});
+                         "status": status});
+        let payload = json!({"id": 1, "table": "consultation_sessions", "op": "INSERT",
+                             "at": "t", "new": row});
         match Payload::decode(&payload.to_string()).unwrap() {
             Payload::Inline(event) => event,
             Payload::Fetch { .. } => unreachable!(),
@@ -1171,17 +1177,6 @@ mod tests {
             p.closed.borrow().as_ref().map(|c| c.code),
             Some(crate::protocol::close::SLOW_CONSUMER)
         );
-    }
-
-    fn open_session_event(session: Uuid, patient: Uuid, dentist: Uuid, status: &str) -> Event {
-        let row = json!({"id": session, "patient_id": patient, "dentist_id": dentist,
-                         "status": status});
-        let payload = json!({"id": 2, "table": "consultation_sessions", "op": "INSERT",
-                             "at": "t", "new": row});
-        match Payload::decode(&payload.to_string()).unwrap() {
-            Payload::Inline(event) => event,
-            Payload::Fetch { .. } => unreachable!(),
-        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ import WebSocket from "ws";
 import {
   connect,
   SendError,
+  type ConnectOptions,
   type ChangeEvent,
   type ConnectionState,
   type RelayClient,
@@ -31,6 +32,32 @@ beforeAll(async () => {
 afterAll(async () => {
   await db.drop();
 });
+
+/** A relay on a fresh port and a client of it for `who`, with quick reconnects. */
+async function started(
+  who: User,
+  options: Partial<ConnectOptions> = {},
+  env: Record<string, string> = {},
+): Promise<{ port: number; relay: Relay; client: RelayClient }> {
+  const port = await freePort();
+  const relay = await Relay.start(db, port, env);
+  const client = connect({
+    url: relay.url,
+    getToken: () => token(who),
+    WebSocket: Socket,
+    initialBackoffMs: 50,
+    maxBackoffMs: 300,
+    ...options,
+  });
+  return { port, relay, client };
+}
+
+/** Stops the relay and waits until the client knows it is offline. */
+async function offline(relay: Relay, client: RelayClient): Promise<void> {
+  await until(() => client.state === "open", "the connection");
+  await relay.stop();
+  await until(() => client.state === "reconnecting", "the client to go offline");
+}
 
 function states(client: RelayClient): ConnectionState[] {
   const seen: ConnectionState[] = [client.state];
@@ -129,22 +156,12 @@ describe("the relay client", () => {
 
   it("queues a message sent while offline and delivers it once on reconnect", async () => {
     const session = await openSession();
-    const port = await freePort();
-    let relay = await Relay.start(db, port);
-    const client = connect({
-      url: relay.url,
-      getToken: () => token(patient),
-      WebSocket: Socket,
-      initialBackoffMs: 50,
-      maxBackoffMs: 300,
-    });
-    await until(() => client.state === "open", "the connection");
-    await relay.stop();
-    await until(() => client.state === "reconnecting", "the client to go offline");
+    const { port, relay: first, client } = await started(patient);
+    await offline(first, client);
 
     const sending = client.send(session, "sent while offline");
     expect(client.pendingSends).toBe(1);
-    relay = await Relay.start(db, port);
+    const relay = await Relay.start(db, port);
     const result = await sending;
     expect(client.pendingSends).toBe(0);
 
@@ -203,9 +220,7 @@ describe("the relay client", () => {
   });
 
   it("rejects a send the relay refuses, with its code", async () => {
-    const port = await freePort();
-    const relay = await Relay.start(db, port);
-    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const { relay, client } = await started(patient);
     const missing = client.send(crypto.randomUUID(), "hello?");
     await expect(missing).rejects.toBeInstanceOf(SendError);
     await expect(missing).rejects.toMatchObject({ code: "not_found" });
@@ -248,24 +263,14 @@ describe("the relay client", () => {
 
   it("paces a burst of sends queued offline under the relay's rate limit, each delivered once", async () => {
     const session = await openSession();
-    const port = await freePort();
-    let relay = await Relay.start(db, port);
-    const client = connect({
-      url: relay.url,
-      getToken: () => token(patient),
-      WebSocket: Socket,
-      initialBackoffMs: 50,
-      maxBackoffMs: 300,
-    });
+    const { port, relay: first, client } = await started(patient);
     const errors: string[] = [];
     client.on("error", (error) => errors.push(error.code));
-    await until(() => client.state === "open", "the connection");
-    await relay.stop();
-    await until(() => client.state === "reconnecting", "the client to go offline");
+    await offline(first, client);
 
     // More than the relay's 50 frames per second, all at once when the connection returns.
     const sends = Array.from({ length: 80 }, (_, i) => client.send(session, `burst ${i}`));
-    relay = await Relay.start(db, port);
+    const relay = await Relay.start(db, port);
     const results = await Promise.all(sends);
     expect(new Set(results.map((r) => r.id)).size).toBe(80);
     const rows = await db.query<{ count: string }>(
@@ -279,9 +284,7 @@ describe("the relay client", () => {
   });
 
   it("refuses a body the relay would refuse without sending it, and anything after close", async () => {
-    const port = await freePort();
-    const relay = await Relay.start(db, port);
-    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const { relay, client } = await started(patient);
     const session = await openSession();
     for (const body of ["", " \n ", "x".repeat(4001), "lone \uD800 surrogate"]) {
       await expect(client.send(session, body)).rejects.toMatchObject({ code: "invalid_body" });
@@ -293,9 +296,7 @@ describe("the relay client", () => {
   });
 
   it("keeps delivering when a handler throws, and reports it", async () => {
-    const port = await freePort();
-    const relay = await Relay.start(db, port);
-    const client = connect({ url: relay.url, token: await token(dentist), WebSocket: Socket });
+    const { relay, client } = await started(dentist);
     const errors: string[] = [];
     client.on("error", (error) => errors.push(error.code));
     const received: string[] = [];
@@ -317,9 +318,7 @@ describe("the relay client", () => {
   it("gives a replaced subscription's events to nobody", async () => {
     const first = await openSession();
     const second = await openSession();
-    const port = await freePort();
-    const relay = await Relay.start(db, port);
-    const client = connect({ url: relay.url, token: await token(patient), WebSocket: Socket });
+    const { relay, client } = await started(patient);
     const say = (session: string, body: string) =>
       db.query(
         "insert into consultation_messages (session_id, sender_id, body) values ($1, $2, $3)",
