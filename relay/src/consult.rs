@@ -77,6 +77,24 @@ fn refusal_of(error: tokio_postgres::Error) -> Refusal {
     }
 }
 
+/// A consultation session's participants, or None if there is no such session. Who may read a
+/// session's messages is decided from these (`authz::may_see`), as the policies decide it.
+pub async fn owners(
+    client: &impl tokio_postgres::GenericClient,
+    session_id: Uuid,
+) -> Result<Option<Owners>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "select patient_id, dentist_id from public.consultation_sessions where id = $1",
+            &[&session_id],
+        )
+        .await?;
+    Ok(row.map(|row| Owners {
+        patient_id: row.get(0),
+        dentist_id: row.get(1),
+    }))
+}
+
 /// The claims row-level security reads for this user.
 fn claims(principal: &Principal) -> String {
     json!({"sub": principal.user_id, "role": principal.role}).to_string()
@@ -189,17 +207,7 @@ pub async fn history(
         let unavailable = |e: tokio_postgres::Error| Refusal::unavailable(&e);
         // The first query takes the snapshot every later one reads.
         let position = log::position(&*tx).await.map_err(unavailable)?;
-        let session = tx
-            .query_opt(
-                "select patient_id, dentist_id from public.consultation_sessions where id = $1",
-                &[&session_id],
-            )
-            .await
-            .map_err(unavailable)?
-            .map(|row| Owners {
-                patient_id: row.get(0),
-                dentist_id: row.get(1),
-            });
+        let session = owners(&*tx, session_id).await.map_err(unavailable)?;
         // As for a subscription's filter, a session that does not exist and one that is someone
         // else's look the same; only admins, who may read every session, learn which it is.
         match session {

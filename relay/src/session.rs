@@ -17,6 +17,7 @@ use tracing::Instrument;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
+use uuid::Uuid;
 
 use crate::authz::{self, Feed, Owners, Principal, Reach, Role};
 use crate::config::Limits;
@@ -437,37 +438,28 @@ impl Reader {
         // Read the session's participants again now that presence follows the socket: a
         // hand-over committed after the subscription was authorized, and dispatched before the
         // watch began, went unseen by presence; one dispatched later is seen.
-        let read = async {
-            let client = self.context.pool.get().await.map_err(|e| e.to_string())?;
-            client
-                .query_opt(
-                    "select patient_id, dentist_id from public.consultation_sessions where id = $1",
-                    &[&session],
-                )
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let row = match tokio::time::timeout(LOOKUP_TIMEOUT, read).await {
-            Ok(Ok(row)) => row,
-            Ok(Err(cause)) => {
-                tracing::warn!(%cause, "could not check the session presence follows; left it");
-                None
-            }
-            Err(_) => {
-                tracing::warn!("could not check the session presence follows in time; left it");
-                None
-            }
-        };
-        let still = row.is_some_and(|row| {
-            let owners = Owners {
-                patient_id: row.get(0),
-                dentist_id: row.get(1),
-            };
-            authz::may_see(&principal, Feed::ConsultationMessages, &owners)
+        // A session that cannot be read now is left: presence never outlives the right to see.
+        let still = self.session_owners(session).await.is_ok_and(|owners| {
+            owners.is_some_and(|owners| {
+                authz::may_see(&principal, Feed::ConsultationMessages, &owners)
+            })
         });
         if !still {
             presence.leave(self.id);
         }
+    }
+
+    /// A session's participants (None: no such session), within the lookup timeout.
+    async fn session_owners(&self, session: Uuid) -> Result<Option<Owners>, (ErrorCode, String)> {
+        let lookup = async {
+            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
+            consult::owners(&**client, session)
+                .await
+                .map_err(|e| unavailable(&e))
+        };
+        tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+            .await
+            .map_err(|e| unavailable(&e))?
     }
 
     /// Refuses a cursor that cannot be resumed from: older than retention, or not from this
@@ -608,24 +600,7 @@ impl Reader {
         if reach == Reach::Everything {
             return Ok(());
         }
-        let lookup = async {
-            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
-            client
-                .query_opt(
-                    "select patient_id, dentist_id from public.consultation_sessions where id = $1",
-                    &[&session_id],
-                )
-                .await
-                .map_err(|e| unavailable(&e))
-        };
-        let row = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
-            .await
-            .map_err(|e| unavailable(&e))??;
-        let owners = row.map(|row| Owners {
-            patient_id: row.get(0),
-            dentist_id: row.get(1),
-        });
-        match owners {
+        match self.session_owners(session_id).await? {
             Some(owners) if authz::may_see(&self.principal, feed, &owners) => Ok(()),
             // A session that does not exist and one that is someone else's look the same.
             _ => Err((
