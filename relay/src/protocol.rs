@@ -774,7 +774,10 @@ mod tests {
                     let token = serde_json::from_str::<Value>(text)
                         .ok()
                         .and_then(|v| v["access_token"].as_str().map(str::to_string));
-                    if let Some(token) = token.filter(|t| t.len() >= 8) {
+                    // A token is never a word of the protocol, which messages may name
+                    // ("expected subscribe, …") whatever the frame held.
+                    let secret = |t: &String| t.len() >= 8 && !WORDS.contains(&t.as_str());
+                    if let Some(token) = token.filter(secret) {
                         prop_assert!(!e.message.contains(&token));
                     }
                 }
