@@ -139,41 +139,46 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
         scrape.presence_members as i64,
     );
 
-    counter(
-        "relay_events_received_total",
-        "Events handed to the hub",
-        load(&counters.events_received),
-    );
-    counter(
-        "relay_messages_delivered_total",
-        "Event frames queued to sockets",
-        load(&counters.messages_delivered),
-    );
-    counter(
-        "relay_slow_consumers_cut_total",
-        "Sockets closed (4008) because their outbound queue was full; nothing is dropped otherwise",
-        load(&counters.slow_consumers_cut),
-    );
-    counter(
-        "relay_events_malformed_total",
-        "Notifications and event-log rows that could not be decoded",
-        load(&counters.events_malformed),
-    );
-    counter(
-        "relay_replays_total",
-        "Resumed subscriptions whose replay completed",
-        load(&counters.replays),
-    );
-    counter(
-        "relay_replayed_events_total",
-        "Event frames sent by replays",
-        load(&counters.replayed),
-    );
-    counter(
-        "relay_listen_reconnects_total",
-        "Times the LISTEN connection was re-established after a loss",
-        load(&counters.listen_reconnects),
-    );
+    let totals = [
+        (
+            "relay_events_received_total",
+            "Events handed to the hub",
+            &counters.events_received,
+        ),
+        (
+            "relay_messages_delivered_total",
+            "Event frames queued to sockets",
+            &counters.messages_delivered,
+        ),
+        (
+            "relay_slow_consumers_cut_total",
+            "Sockets closed (4008) because their outbound queue was full; nothing is dropped otherwise",
+            &counters.slow_consumers_cut,
+        ),
+        (
+            "relay_events_malformed_total",
+            "Notifications and event-log rows that could not be decoded",
+            &counters.events_malformed,
+        ),
+        (
+            "relay_replays_total",
+            "Resumed subscriptions whose replay completed",
+            &counters.replays,
+        ),
+        (
+            "relay_replayed_events_total",
+            "Event frames sent by replays",
+            &counters.replayed,
+        ),
+        (
+            "relay_listen_reconnects_total",
+            "Times the LISTEN connection was re-established after a loss",
+            &counters.listen_reconnects,
+        ),
+    ];
+    for (name, help, value) in totals {
+        counter(name, help, load(value));
+    }
     registry
         .register(Box::new(metrics.commit_to_send.clone()))
         .expect("unique metric");
