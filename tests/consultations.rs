@@ -303,14 +303,7 @@ async fn as_user(
 ) -> Result<Row, tokio_postgres::Error> {
     let client = common::connect_to(&db.url).await;
     client.batch_execute("begin").await?;
-    let claims = json!({"sub": who.user_id, "role": who.role}).to_string();
-    client
-        .execute(
-            "select set_config('request.jwt.claims', $1, true)",
-            &[&claims],
-        )
-        .await?;
-    client.execute("set local role authenticated", &[]).await?;
+    common::act_as(&client, who).await?;
     let row = client.query_one(sql, &[&session]).await;
     client
         .batch_execute(if row.is_ok() { "commit" } else { "rollback" })
@@ -418,15 +411,8 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
                 let mut ids = Vec::new();
                 for i in 0..count {
                     let who = if i % 3 == 0 { dentist } else { patient };
-                    let claims = json!({"sub": who.user_id, "role": who.role}).to_string();
                     client.batch_execute("begin").await.unwrap();
-                    client
-                        .execute(
-                            "select set_config('request.jwt.claims', $1, true)",
-                            &[&claims],
-                        )
-                        .await
-                        .unwrap();
+                    common::act_as(&client, &who).await.unwrap();
                     let row = client
                         .query_one(send_sql, &[&session, &format!("message {i}")])
                         .await

@@ -358,18 +358,8 @@ async fn row_level_security_matches_the_documented_policies() {
     let visible = |who: relay::authz::Principal, table: &'static str| {
         let client = &db.client;
         async move {
-            let claims = json!({"sub": who.user_id, "role": who.role}).to_string();
-            client
-                .batch_execute("begin; set local role authenticated")
-                .await
-                .unwrap();
-            client
-                .execute(
-                    "select set_config('request.jwt.claims', $1, true)",
-                    &[&claims],
-                )
-                .await
-                .unwrap();
+            client.batch_execute("begin").await.unwrap();
+            common::act_as(client, &who).await.unwrap();
             let n: i64 = client
                 .query_one(&format!("select count(*) from {table}"), &[])
                 .await

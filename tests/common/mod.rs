@@ -325,6 +325,23 @@ impl Ws {
     }
 }
 
+/// Makes the current transaction act as `who`, the way row-level security sees a request: the
+/// role `authenticated` and their claims in `request.jwt.claims`. Call it inside a transaction.
+pub async fn act_as(
+    client: &impl tokio_postgres::GenericClient,
+    who: &Principal,
+) -> Result<(), tokio_postgres::Error> {
+    let claims = json!({"sub": who.user_id, "role": who.role.as_str()}).to_string();
+    client.batch_execute("set local role authenticated").await?;
+    client
+        .execute(
+            "select set_config('request.jwt.claims', $1, true)",
+            &[&claims],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Waits until the relay has dispatched everything committed so far, so that a subscription made
 /// next starts after it (a live subscription starts at the relay's position, which may trail the
 /// last commit by a moment).
@@ -461,17 +478,8 @@ pub async fn rls_view(
         (_, "consultation_messages") => "public.consultation_messages",
         _ => panic!("no feed {feed}"),
     };
-    let claims = json!({"sub": who.user_id, "role": who.role.as_str()}).to_string();
     let tx = client.transaction().await.expect("begin");
-    tx.batch_execute("set local role authenticated")
-        .await
-        .expect("set role");
-    tx.execute(
-        "select set_config('request.jwt.claims', $1, true)",
-        &[&claims],
-    )
-    .await
-    .expect("claims");
+    act_as(&tx, who).await.expect("act as the user");
     let rows = tx
         .query(&format!("select to_jsonb(t) from {source} t"), &[])
         .await
