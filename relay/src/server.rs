@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -64,16 +64,34 @@ pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
     Pool::builder(manager).max_size(config.pool_size).build()
 }
 
+/// Connections waiting to be accepted; as for `TcpListener::bind`.
+const ACCEPT_BACKLOG: u32 = 1024;
+
+/// The listening socket. Its sockets send without Nagle's delay (`TCP_NODELAY`, which accepted
+/// sockets inherit from the listener): an event frame is small and must leave at once, not wait
+/// for the acknowledgement of the frame before it. With Nagle's algorithm a socket receiving a
+/// steady stream (an admin's dashboard) held frames for up to a delayed acknowledgement, tens of
+/// milliseconds.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 impl Relay {
     pub async fn start(config: Config) -> Result<Relay, StartError> {
         let verifier = Arc::new(Verifier::load(&config.tokens)?);
         let pool = pool(&config)?;
-        let tcp = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+        let tcp = listen(config.bind).map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
         let local_addr = tcp.local_addr().map_err(|source| StartError::Bind {
             addr: config.bind,
             source,
@@ -176,5 +194,22 @@ impl Relay {
         let _ = tokio::time::timeout(grace, self.presence_writer).await;
         self.listener.abort();
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_send_without_nagles_delay() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        // The client's side is the client's choice; the default keeps Nagle's algorithm.
+        assert!(!client.nodelay().unwrap());
     }
 }
