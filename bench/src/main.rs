@@ -9,6 +9,7 @@ mod cast;
 mod expect;
 mod report;
 mod run;
+mod scrape;
 mod system;
 mod worker;
 mod writer;

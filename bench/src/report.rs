@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::cast::Mode;
 use crate::expect::Accounting;
+use crate::scrape::AtMost;
 
 #[derive(Debug, Serialize)]
 pub struct Results {
@@ -57,6 +58,11 @@ pub struct Phase {
     /// Sockets that had closed by the end of the phase (the relay cut them, or they failed).
     pub closed_sockets: u64,
     pub latency_ms: Percentiles,
+    /// From commit to queued for every recipient inside the relay, from the relay's own
+    /// histogram: the part of the latency before the relay's sockets write.
+    pub relay_queued_ms: Option<AtMost>,
+    /// The share of all the machine's cores that was busy while the writers ran.
+    pub machine_busy: f64,
     /// The relay's CPU time over the phase (writing and draining), as a share of one core.
     pub relay_cpu_cores: f64,
     /// CPU seconds the relay spent per 100,000 deliveries: the cores it needs per 100,000
@@ -177,6 +183,29 @@ impl Results {
                 l.max,
                 p.relay_cpu_cores * 100.0,
                 p.relay_cores_per_100k_deliveries
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| phase | machine busy | commit → queued in the relay, p50 | p99 | commit → client, p50 | p99 |\n|---|---|---|---|---|---|"
+        );
+        for p in &self.phases {
+            let (queued_p50, queued_p99) = p.relay_queued_ms.map_or_else(
+                || ("n/a".to_string(), "n/a".to_string()),
+                |q| {
+                    (
+                        format!("≤ {:.1} ms", q.p50_ms),
+                        format!("≤ {:.1} ms", q.p99_ms),
+                    )
+                },
+            );
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} % | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms |",
+                p.name,
+                p.machine_busy * 100.0,
+                p.latency_ms.p50,
+                p.latency_ms.p99,
             );
         }
         out

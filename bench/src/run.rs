@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::cast::{Cast, Mode};
 use crate::expect::{self, Audience};
 use crate::report::{self, Memory, Percentiles, Phase, Replay, Results, Setup};
+use crate::scrape;
 use crate::worker::{self, Plan, Ready, Report, SocketPlan};
 use crate::writer::{self, Rate};
 use crate::{system, Error};
@@ -149,6 +150,14 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, 
     let status = response.get(9..12)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n")?.1.to_string();
     Some((status, body))
+}
+
+/// The relay's commit-to-queued histogram, from its `/metrics`; empty if it did not answer.
+async fn relay_histogram(relay: SocketAddr) -> scrape::Buckets {
+    match get(relay, "/metrics", None).await {
+        Some((200, body)) => scrape::Buckets::parse(&body),
+        _ => scrape::Buckets::default(),
+    }
 }
 
 /// Waits until the relay has dispatched every event up to `position`.
@@ -343,6 +352,7 @@ struct Context<'a> {
     db: &'a Client,
     audience: &'a Audience,
     relay_pid: u32,
+    relay_addr: SocketAddr,
     ceiling: f64,
 }
 
@@ -358,7 +368,11 @@ async fn phase(
     let before = log_position(context.db).await?;
     let start = Instant::now();
     let cpu_before = system::cpu_time(context.relay_pid).unwrap_or_default();
+    let machine_before = system::machine_ticks().unwrap_or_default();
+    let queued_before = relay_histogram(context.relay_addr).await;
     let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
+    let machine_busy =
+        system::busy_share(machine_before, system::machine_ticks().unwrap_or_default());
     command(clients, worker::Command::Mark).await?;
     let after = log_position(context.db).await?;
 
@@ -367,6 +381,11 @@ async fn phase(
     let reports = drain(clients, &expected).await?;
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
     let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
+    // Every event was dispatched before it arrived, so the relay's histogram holds them all.
+    let relay_queued_ms = relay_histogram(context.relay_addr)
+        .await
+        .since(&queued_before)
+        .percentiles();
     let elapsed = start.elapsed().as_secs_f64();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
@@ -396,6 +415,8 @@ async fn phase(
         out_of_order,
         closed_sockets: closed,
         latency_ms: Percentiles::of(&latency),
+        relay_queued_ms,
+        machine_busy,
         relay_cpu_cores: cpu.as_secs_f64() / elapsed,
         relay_cores_per_100k_deliveries: cpu.as_secs_f64() * 100_000.0
             / (accounting.received.max(1)) as f64,
@@ -567,6 +588,7 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         db: &db,
         audience: &audience,
         relay_pid: pid,
+        relay_addr: relay.addr,
         ceiling,
     };
     let mut phases = Vec::new();

@@ -1,4 +1,5 @@
-//! What the relay process costs, read from `/proc`: resident memory and CPU time.
+//! What the relay process costs, read from `/proc`: resident memory and CPU time; and how busy
+//! the whole machine is.
 
 use std::time::Duration;
 
@@ -21,6 +22,31 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time of the whole machine so far, in USER_HZ ticks over all cores: (busy, total). Busy is
+/// everything but idle and waiting for I/O.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle, total))
+}
+
+/// The share of all cores that was busy between two readings of [`machine_ticks`].
+pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +61,9 @@ mod tests {
         }
         assert!(cpu_time(pid).is_some());
         assert!(resident_bytes(u32::MAX).is_none());
+        let (busy, total) = machine_ticks().unwrap();
+        assert!(busy <= total && total > 0);
+        assert_eq!(busy_share((10, 100), (60, 200)), 0.5);
+        assert_eq!(busy_share((10, 100), (10, 100)), 0.0);
     }
 }

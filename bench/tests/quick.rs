@@ -33,6 +33,11 @@ fn a_quick_run_completes_and_loses_nothing() {
         assert_eq!(accounting["expected"], accounting["received"], "{phase}");
         assert_eq!(phase["out_of_order"], 0, "{phase}");
         assert_eq!(phase["closed_sockets"], 0, "{phase}");
+        // The relay's own histogram, read from its /metrics, counted the phase's events.
+        assert_eq!(
+            phase["relay_queued_ms"]["events"], accounting["events"],
+            "{phase}"
+        );
     }
     assert_eq!(results["replay"]["events"], 1000);
     assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);

@@ -1,0 +1,108 @@
+//! The relay's own view of latency: its `relay_commit_to_send_seconds` histogram, read from
+//! `/metrics` before and after a phase. The difference says how long events took from their
+//! commit to being queued for every recipient inside the relay, which splits the clients'
+//! commit-to-arrival latency into the part before the relay has the event and the part after.
+
+use serde::Serialize;
+
+const HISTOGRAM: &str = "relay_commit_to_send_seconds_bucket";
+
+/// Cumulative bucket counts: (upper bound in seconds, events at or below it), by bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets(Vec<(f64, u64)>);
+
+/// Percentiles known to a bucket: each is the upper bound of the bucket it falls in.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AtMost {
+    pub events: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Buckets {
+    /// The histogram's buckets in a Prometheus text exposition; empty if it has none.
+    pub fn parse(text: &str) -> Buckets {
+        let mut buckets: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(HISTOGRAM)?.strip_prefix("{le=\"")?;
+                let (bound, count) = rest.split_once("\"}")?;
+                let bound = match bound {
+                    "+Inf" => f64::INFINITY,
+                    b => b.parse().ok()?,
+                };
+                Some((bound, count.trim().parse().ok()?))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Buckets(buckets)
+    }
+
+    /// What was counted after `earlier`, bucket by bucket.
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|&(bound, count)| {
+                    let before = earlier
+                        .0
+                        .iter()
+                        .find(|(b, _)| *b == bound)
+                        .map_or(0, |(_, c)| *c);
+                    (bound, count.saturating_sub(before))
+                })
+                .collect(),
+        )
+    }
+
+    /// The upper bound, in milliseconds, of the bucket holding quantile `q`.
+    fn at_most(&self, q: f64) -> Option<f64> {
+        let total = self.0.last()?.1;
+        let rank = (q * total as f64).ceil() as u64;
+        self.0
+            .iter()
+            .find(|(_, count)| *count >= rank.max(1))
+            .map(|(bound, _)| bound * 1000.0)
+    }
+
+    pub fn percentiles(&self) -> Option<AtMost> {
+        let events = self.0.last()?.1;
+        if events == 0 {
+            return None;
+        }
+        Some(AtMost {
+            events,
+            p50_ms: self.at_most(0.5)?,
+            p99_ms: self.at_most(0.99)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_buckets_and_their_difference() {
+        let before = Buckets::parse(
+            "# TYPE relay_commit_to_send_seconds histogram\n\
+             relay_commit_to_send_seconds_bucket{le=\"0.001\"} 5\n\
+             relay_commit_to_send_seconds_bucket{le=\"0.0005\"} 2\n\
+             relay_commit_to_send_seconds_bucket{le=\"+Inf\"} 6\n\
+             relay_commit_to_send_seconds_count 6\n\
+             relay_events_received_total 6\n",
+        );
+        assert_eq!(
+            before,
+            Buckets(vec![(0.0005, 2), (0.001, 5), (f64::INFINITY, 6)])
+        );
+        let after = Buckets(vec![(0.0005, 52), (0.001, 104), (f64::INFINITY, 106)]);
+        let phase = after.since(&before).percentiles().unwrap();
+        // 100 events: 50 within 0.5 ms, 49 more within 1 ms, one above.
+        assert_eq!(phase.events, 100);
+        assert_eq!(phase.p50_ms, 0.5);
+        assert_eq!(phase.p99_ms, 1.0);
+        assert!(Buckets::parse("").percentiles().is_none());
+        assert!(after.since(&after).percentiles().is_none());
+    }
+}
