@@ -61,8 +61,9 @@ pub struct Phase {
     /// From commit to queued for every recipient inside the relay, from the relay's own
     /// histogram: the part of the latency before the relay's sockets write.
     pub relay_queued_ms: Option<AtMost>,
-    /// The share of all the machine's cores that was busy while the writers ran.
-    pub machine_busy: f64,
+    /// The share of all the machine's cores that was busy while the writers ran; none where
+    /// `/proc/stat` could not be read.
+    pub machine_busy: Option<f64>,
     /// The relay's CPU time over the phase (writing and draining), as a share of one core.
     pub relay_cpu_cores: f64,
     /// CPU seconds the relay spent per 100,000 deliveries: the cores it needs per 100,000
@@ -190,22 +191,24 @@ impl Results {
             "\n| phase | machine busy | commit → queued in the relay, p50 | p99 | commit → client, p50 | p99 |\n|---|---|---|---|---|---|"
         );
         for p in &self.phases {
+            let at_most = |ms: f64| {
+                if ms.is_finite() {
+                    format!("≤ {ms:.1} ms")
+                } else {
+                    "above the largest bucket".to_string()
+                }
+            };
             let (queued_p50, queued_p99) = p.relay_queued_ms.map_or_else(
                 || ("n/a".to_string(), "n/a".to_string()),
-                |q| {
-                    (
-                        format!("≤ {:.1} ms", q.p50_ms),
-                        format!("≤ {:.1} ms", q.p99_ms),
-                    )
-                },
+                |q| (at_most(q.p50_ms), at_most(q.p99_ms)),
             );
+            let busy = p
+                .machine_busy
+                .map_or_else(|| "n/a".to_string(), |b| format!("{:.0} %", b * 100.0));
             let _ = writeln!(
                 out,
-                "| {} | {:.0} % | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms |",
-                p.name,
-                p.machine_busy * 100.0,
-                p.latency_ms.p50,
-                p.latency_ms.p99,
+                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms |",
+                p.name, p.latency_ms.p50, p.latency_ms.p99,
             );
         }
         out

@@ -152,11 +152,33 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, 
     Some((status, body))
 }
 
-/// The relay's commit-to-queued histogram, from its `/metrics`; empty if it did not answer.
-async fn relay_histogram(relay: SocketAddr) -> scrape::Buckets {
+/// The relay's commit-to-queued histogram, from its `/metrics`; none if it did not answer.
+async fn relay_histogram(relay: SocketAddr) -> Option<scrape::Buckets> {
     match get(relay, "/metrics", None).await {
-        Some((200, body)) => scrape::Buckets::parse(&body),
-        _ => scrape::Buckets::default(),
+        Some((200, body)) => Some(scrape::Buckets::parse(&body)),
+        _ => None,
+    }
+}
+
+/// What the relay's histogram counted since `before`, once it holds `events` more events: the
+/// relay observes an event just after queueing its frames, so a client can hold the last event
+/// a moment before the histogram counts it. None if the relay did not answer, or never counted
+/// them all within a few seconds.
+async fn relay_queued_since(
+    relay: SocketAddr,
+    before: &scrape::Buckets,
+    events: u64,
+) -> Option<scrape::Buckets> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let since = relay_histogram(relay).await?.since(before);
+        if since.events() >= events {
+            return Some(since);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -368,11 +390,12 @@ async fn phase(
     let before = log_position(context.db).await?;
     let start = Instant::now();
     let cpu_before = system::cpu_time(context.relay_pid).unwrap_or_default();
-    let machine_before = system::machine_ticks().unwrap_or_default();
+    let machine_before = system::machine_ticks();
     let queued_before = relay_histogram(context.relay_addr).await;
     let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
-    let machine_busy =
-        system::busy_share(machine_before, system::machine_ticks().unwrap_or_default());
+    let machine_busy = machine_before
+        .zip(system::machine_ticks())
+        .map(|(before, after)| system::busy_share(before, after));
     command(clients, worker::Command::Mark).await?;
     let after = log_position(context.db).await?;
 
@@ -381,11 +404,12 @@ async fn phase(
     let reports = drain(clients, &expected).await?;
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
     let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
-    // Every event was dispatched before it arrived, so the relay's histogram holds them all.
-    let relay_queued_ms = relay_histogram(context.relay_addr)
-        .await
-        .since(&queued_before)
-        .percentiles();
+    let relay_queued_ms = match &queued_before {
+        Some(before) => relay_queued_since(context.relay_addr, before, expected.len() as u64)
+            .await
+            .and_then(|since| since.percentiles()),
+        None => None,
+    };
     let elapsed = start.elapsed().as_secs_f64();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);

@@ -11,7 +11,8 @@ const HISTOGRAM: &str = "relay_commit_to_send_seconds_bucket";
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Buckets(Vec<(f64, u64)>);
 
-/// Percentiles known to a bucket: each is the upper bound of the bucket it falls in.
+/// Percentiles known to a bucket: each is the upper bound of the bucket it falls in (infinite
+/// for the last, open bucket, which JSON shows as null).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct AtMost {
     pub events: u64,
@@ -65,8 +66,14 @@ impl Buckets {
             .map(|(bound, _)| bound * 1000.0)
     }
 
+    /// Events counted (the +Inf bucket).
+    pub fn events(&self) -> u64 {
+        self.0.last().map_or(0, |(_, count)| *count)
+    }
+
+    /// The median and the 99th percentile; `f64::INFINITY` for one above the largest bound.
     pub fn percentiles(&self) -> Option<AtMost> {
-        let events = self.0.last()?.1;
+        let events = self.events();
         if events == 0 {
             return None;
         }
@@ -102,6 +109,7 @@ mod tests {
         assert_eq!(phase.events, 100);
         assert_eq!(phase.p50_ms, 0.5);
         assert_eq!(phase.p99_ms, 1.0);
+        assert_eq!(after.since(&before).events(), 100);
         assert!(Buckets::parse("").percentiles().is_none());
         assert!(after.since(&after).percentiles().is_none());
     }

@@ -64,7 +64,9 @@ pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
     Pool::builder(manager).max_size(config.pool_size).build()
 }
 
-/// Connections waiting to be accepted; as for `TcpListener::bind`.
+/// Connections waiting to be accepted. Larger than the 128 of `TcpListener::bind`, so that the
+/// burst of reconnects after an instance goes away is queued rather than refused; the kernel caps
+/// it at `net.core.somaxconn`.
 const ACCEPT_BACKLOG: u32 = 1024;
 
 /// The listening socket. Its sockets send without Nagle's delay (`TCP_NODELAY`, which accepted
@@ -78,6 +80,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     } else {
         TcpSocket::new_v6()?
     };
+    // As `TcpListener::bind` does: a restarted relay can bind while old connections linger in
+    // TIME_WAIT. (Windows gives the option another meaning, so it is left alone there.)
+    #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
