@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/002_capture.sql"),
     migration!("triggers/003_commit_order.sql"),
     migration!("triggers/004_presence.sql"),
+    migration!("triggers/005_publish_cost.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
