@@ -10,6 +10,7 @@
 # Prints the CPU microseconds per commit of each round. Postgres must run on this machine: the
 # backend's CPU time is read from /proc.
 set -eu
+export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 commits=${1:-4000}
 rounds=${2:-3}
 pg=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}
