@@ -87,15 +87,25 @@ pub struct Accounting {
     pub extra: u64,
 }
 
-/// How many sockets each event in `(after, upto]` must reach, by event id.
+/// The events in `(after, upto]`, by id: how many sockets each must reach, and the id of the
+/// transaction that committed it.
+pub struct Expected {
+    pub deliveries: HashMap<i64, u64>,
+    pub xids: HashMap<i64, u64>,
+}
+
+/// Reads the events in `(after, upto]` from the log and works out who must receive each.
 pub async fn expected(
     client: &tokio_postgres::Client,
     audience: &Audience,
     after: Cursor,
     upto: Cursor,
-) -> Result<HashMap<i64, u64>, Error> {
+) -> Result<Expected, Error> {
     const PAGE: i64 = 10_000;
-    let mut expected = HashMap::new();
+    let mut expected = Expected {
+        deliveries: HashMap::new(),
+        xids: HashMap::new(),
+    };
     let mut from = after;
     while from < upto {
         let page = relay::log::read_range(client, from, upto, None, PAGE).await?;
@@ -103,7 +113,10 @@ pub async fn expected(
         for (id, event) in page.events {
             from = id;
             let event = event.map_err(|e| format!("event {id} in the log: {e}"))?;
-            expected.insert(id.0, audience.expected(&event));
+            expected.deliveries.insert(id.0, audience.expected(&event));
+            if let Some(xid) = event.xid.as_deref().and_then(|x| x.parse().ok()) {
+                expected.xids.insert(id.0, xid);
+            }
         }
         if !full {
             break;

@@ -57,7 +57,14 @@ pub struct Phase {
     pub out_of_order: u64,
     /// Sockets that had closed by the end of the phase (the relay cut them, or they failed).
     pub closed_sockets: u64,
+    /// From the event's `at`, taken inside the committing transaction just before its commit: an
+    /// upper bound on commit-to-client latency.
     pub latency_ms: Percentiles,
+    /// From the moment the writer saw its commit acknowledged: a lower bound, since the
+    /// acknowledgement reaches the writer after the commit.
+    pub latency_from_acknowledgement_ms: Percentiles,
+    /// Deliveries that arrived before their writer had seen the acknowledgement.
+    pub arrived_before_acknowledgement: u64,
     /// From commit to queued for every recipient inside the relay, from the relay's own
     /// histogram: the part of the latency before the relay's sockets write.
     pub relay_queued_ms: Option<AtMost>,
@@ -188,7 +195,7 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | machine busy | commit → queued in the relay, p50 | p99 | commit → client, p50 | p99 |\n|---|---|---|---|---|---|"
+            "\n| phase | machine busy | commit → queued in the relay, p50 | p99 | commit → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let at_most = |ms: f64| {
@@ -207,8 +214,14 @@ impl Results {
                 .map_or_else(|| "n/a".to_string(), |b| format!("{:.0} %", b * 100.0));
             let _ = writeln!(
                 out,
-                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms |",
-                p.name, p.latency_ms.p50, p.latency_ms.p99,
+                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} % |",
+                p.name,
+                p.latency_ms.p50,
+                p.latency_ms.p99,
+                p.latency_from_acknowledgement_ms.p50,
+                p.latency_from_acknowledgement_ms.p99,
+                p.arrived_before_acknowledgement as f64 * 100.0
+                    / p.accounting.received.max(1) as f64,
             );
         }
         out

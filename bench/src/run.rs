@@ -400,7 +400,10 @@ async fn phase(
     let after = log_position(context.db).await?;
 
     // Expected deliveries, event by event, from the log and the subscriptions; then what came.
-    let expected = expect::expected(context.db, context.audience, before, after).await?;
+    let expect::Expected {
+        deliveries: expected,
+        xids,
+    } = expect::expected(context.db, context.audience, before, after).await?;
     let reports = drain(clients, &expected).await?;
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
     let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
@@ -422,6 +425,8 @@ async fn phase(
         closed += report.closed;
     }
     let accounting = expect::account(&expected, &merged(&reports));
+    let (latency_from_acknowledgement_ms, arrived_before_acknowledgement) =
+        from_acknowledgement(clients, &xids, &written.acknowledged).await?;
     let seconds = written.seconds;
     let commits_per_second = written.commits as f64 / seconds;
     let phase = Phase {
@@ -439,6 +444,8 @@ async fn phase(
         out_of_order,
         closed_sockets: closed,
         latency_ms: Percentiles::of(&latency),
+        latency_from_acknowledgement_ms,
+        arrived_before_acknowledgement,
         relay_queued_ms,
         machine_busy,
         relay_cpu_cores: cpu.as_secs_f64() / elapsed,
@@ -447,6 +454,33 @@ async fn phase(
         curve: report::curve(&latency),
     };
     Ok((writers, phase))
+}
+
+/// Latency from each event's commit as its writer saw it acknowledged: the events' transaction ids
+/// (from the log) matched with the writers' acknowledgements, then every delivery measured
+/// against them by the client processes. Also the deliveries that arrived before their writer
+/// had seen the acknowledgement.
+async fn from_acknowledgement(
+    clients: &mut [Clients],
+    xids: &HashMap<i64, u64>,
+    acknowledged: &[(u64, i64)],
+) -> Result<(Percentiles, u64), Error> {
+    let by_xid: HashMap<u64, i64> = acknowledged.iter().copied().collect();
+    let commits: Vec<(i64, i64)> = xids
+        .iter()
+        .filter_map(|(id, xid)| by_xid.get(xid).map(|at| (*id, *at)))
+        .collect();
+    broadcast(clients, worker::Command::Acknowledged { commits }).await?;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut early = 0;
+    for process in clients {
+        let answer: worker::FromAcknowledgement = process.receive().await?;
+        for (value, count) in &answer.latency_us {
+            latency.record_n(*value, *count)?;
+        }
+        early += answer.early;
+    }
+    Ok((Percentiles::of(&latency), early))
 }
 
 /// How long one resuming dentist takes to receive `count` events it missed.

@@ -3,6 +3,14 @@
 
 use std::time::Duration;
 
+/// Microseconds since the epoch on this machine's clock, which the writers, the client processes
+/// and Postgres share.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// Resident memory of process `pid`, in bytes (`VmRSS`).
 pub fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

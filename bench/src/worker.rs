@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -59,6 +59,22 @@ pub enum Command {
     /// Note how many deliveries have arrived: the writers just stopped.
     Mark,
     Report,
+    /// When the writers saw each event's transaction commit: (event id, microseconds since the
+    /// epoch). Answered with [`FromAcknowledgement`].
+    Acknowledged {
+        commits: Vec<(i64, i64)>,
+    },
+}
+
+/// Latency measured from the writer's commit acknowledgement instead of the event's `at`, over
+/// the deliveries of the events named in [`Command::Acknowledged`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FromAcknowledgement {
+    /// (value, count) pairs, in microseconds.
+    pub latency_us: Vec<(u64, u64)>,
+    /// Deliveries that arrived before the writer had seen its commit acknowledged (recorded as
+    /// the smallest latency).
+    pub early: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -79,6 +95,8 @@ pub struct Report {
 struct Stats {
     latency: Histogram<u64>,
     per_event: HashMap<i64, u32>,
+    /// Every delivery: (event id, arrival in microseconds since the epoch).
+    arrivals: Vec<(i64, i64)>,
     deliveries: u64,
     at_mark: u64,
     out_of_order: u64,
@@ -91,6 +109,7 @@ impl Stats {
             // 1 µs to 10 minutes, 3 significant digits.
             latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
             per_event: HashMap::new(),
+            arrivals: Vec::new(),
             deliveries: 0,
             at_mark: 0,
             out_of_order: 0,
@@ -110,6 +129,30 @@ impl Stats {
                 .map(|v| (v.value_iterated_to(), v.count_at_value()))
                 .collect(),
             per_event: self.per_event.iter().map(|(id, n)| (*id, *n)).collect(),
+        }
+    }
+
+    fn since_acknowledgements(&self, commits: &[(i64, i64)]) -> FromAcknowledgement {
+        let commits: HashMap<i64, i64> = commits.iter().copied().collect();
+        let mut latency =
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        let mut early = 0;
+        for (id, arrived) in &self.arrivals {
+            let Some(committed) = commits.get(id) else {
+                continue;
+            };
+            let micros = arrived - committed;
+            if micros < 1 {
+                early += 1;
+            }
+            latency.saturating_record(micros.max(1) as u64);
+        }
+        FromAcknowledgement {
+            latency_us: latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+            early,
         }
     }
 }
@@ -136,10 +179,7 @@ fn event_fields(text: &str) -> Option<(i64, &str)> {
 }
 
 fn now_micros() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i128)
-        .unwrap_or_default()
+    i128::from(crate::system::now_micros())
 }
 
 /// Microseconds since the epoch of an RFC 3339 UTC time with up to microseconds, as the relay
@@ -227,6 +267,7 @@ async fn read(mut ws: Socket, stats: Shared) {
         }
         last_id = id;
         *stats.per_event.entry(id).or_default() += 1;
+        stats.arrivals.push((id, arrived as i64));
         if let Some(latency) = latency {
             stats.latency.saturating_record(latency);
         }
@@ -291,6 +332,10 @@ pub async fn run() -> Result<(), Error> {
                 let report = lock(&stats).report();
                 say(&mut out, &report).await?;
             }
+            Command::Acknowledged { commits } => {
+                let answer = lock(&stats).since_acknowledgements(&commits);
+                say(&mut out, &answer).await?;
+            }
         }
     }
     Ok(())
@@ -299,6 +344,23 @@ pub async fn run() -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn measures_from_the_writers_acknowledgement() {
+        let mut stats = Stats::new();
+        // Event 1 acknowledged at 1,000 µs: deliveries at 1,500 and 900 (before the
+        // acknowledgement reached the writer). Event 2 has no acknowledgement and is left out.
+        stats.arrivals = vec![(1, 1_500), (1, 900), (2, 5_000)];
+        let answer = stats.since_acknowledgements(&[(1, 1_000)]);
+        assert_eq!(answer.early, 1);
+        let recorded: u64 = answer.latency_us.iter().map(|(_, n)| n).sum();
+        assert_eq!(recorded, 2);
+        assert_eq!(answer.latency_us.first().map(|(v, _)| *v), Some(1));
+        assert!(answer
+            .latency_us
+            .iter()
+            .any(|(v, _)| (499..=501).contains(v)));
+    }
 
     #[test]
     fn reads_an_event_frames_id_and_time() {

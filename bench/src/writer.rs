@@ -24,10 +24,13 @@ pub enum Rate {
 }
 
 /// What the writers did in one phase.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Written {
     pub commits: u64,
     pub seconds: f64,
+    /// Each commit's transaction id and when its writer saw it acknowledged (microseconds since
+    /// the epoch).
+    pub acknowledged: Vec<(u64, i64)>,
 }
 
 /// A small deterministic generator; writers need speed, not quality.
@@ -42,6 +45,7 @@ impl Rng {
     }
 }
 
+#[derive(Clone)]
 struct Statements {
     book: Statement,
     set_status: Statement,
@@ -59,6 +63,7 @@ pub struct Writer {
     cast: Arc<Cast>,
     rng: Rng,
     booked: Vec<(Uuid, Uuid)>,
+    acknowledged: Vec<(u64, i64)>,
 }
 
 fn pick(rng: &mut Rng, ids: &[Uuid]) -> Uuid {
@@ -75,32 +80,35 @@ impl Writer {
             book: client
                 .prepare(
                     "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at)
-                     values ($1, $2, $3, now() + interval '1 day', now() + interval '1 day 1 hour')",
+                     values ($1, $2, $3, now() + interval '1 day', now() + interval '1 day 1 hour')
+                     returning pg_current_xact_id()::text",
                 )
                 .await?,
             set_status: client
-                .prepare("update appointments set status = $2 where id = $1")
+                .prepare("update appointments set status = $2 where id = $1 returning pg_current_xact_id()::text")
                 .await?,
             reassign: client
-                .prepare("update appointments set dentist_id = $2 where id = $1")
+                .prepare("update appointments set dentist_id = $2 where id = $1 returning pg_current_xact_id()::text")
                 .await?,
             delete: client
-                .prepare("delete from appointments where id = $1")
+                .prepare("delete from appointments where id = $1 returning pg_current_xact_id()::text")
                 .await?,
             add_slot: client
                 .prepare(
                     "insert into availability (dentist_id, starts_at, ends_at)
-                     values ($1, now() + interval '2 days', now() + interval '2 days 30 minutes')",
+                     values ($1, now() + interval '2 days', now() + interval '2 days 30 minutes')
+                     returning pg_current_xact_id()::text",
                 )
                 .await?,
             send: client
                 .prepare(
                     "insert into consultation_messages (session_id, sender_id, body)
-                     values ($1, $2, 'How is the tooth today?')",
+                     values ($1, $2, 'How is the tooth today?')
+                     returning pg_current_xact_id()::text",
                 )
                 .await?,
             note: client
-                .prepare("update consultation_sessions set notes = $2 where id = $1")
+                .prepare("update consultation_sessions set notes = $2 where id = $1 returning pg_current_xact_id()::text")
                 .await?,
         };
         Ok(Writer {
@@ -109,11 +117,30 @@ impl Writer {
             cast,
             rng: Rng(seed | 1),
             booked: Vec::new(),
+            acknowledged: Vec::new(),
         })
     }
 
     fn pick(&mut self, ids: &[Uuid]) -> Uuid {
         pick(&mut self.rng, ids)
+    }
+
+    /// Runs one single-statement transaction, and notes its transaction id (which the statement
+    /// returns) with the time its commit was acknowledged.
+    async fn commit(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), Error> {
+        let rows = self.client.query(statement, params).await?;
+        let acknowledged = crate::system::now_micros();
+        if let Some(xid) = rows
+            .first()
+            .and_then(|row| row.get::<_, String>(0).parse().ok())
+        {
+            self.acknowledged.push((xid, acknowledged));
+        }
+        Ok(())
     }
 
     async fn book(&mut self) -> Result<(), Error> {
@@ -123,9 +150,8 @@ impl Writer {
             self.pick(&cast.patients),
             self.pick(&cast.dentists),
         );
-        self.client
-            .execute(&self.statements.book, &[&id, &patient, &dentist])
-            .await?;
+        let book = self.statements.book.clone();
+        self.commit(&book, &[&id, &patient, &dentist]).await?;
         self.booked.push((id, dentist));
         Ok(())
     }
@@ -136,29 +162,29 @@ impl Writer {
             return self.book().await;
         }
         let cast = self.cast.clone();
-        let s = &self.statements;
+        let s = self.statements.clone();
         match self.rng.below(100) {
             0..=54 => return self.book().await,
             55..=69 => {
                 let (id, _) = self.booked[self.rng.below(self.booked.len())];
                 let status = STATUSES[self.rng.below(STATUSES.len())];
-                self.client.execute(&s.set_status, &[&id, &status]).await?;
+                self.commit(&s.set_status, &[&id, &status]).await?;
             }
             70..=79 => {
                 let slot = self.rng.below(self.booked.len());
                 let dentist = pick(&mut self.rng, &cast.dentists);
                 let id = self.booked[slot].0;
-                self.client.execute(&s.reassign, &[&id, &dentist]).await?;
+                self.commit(&s.reassign, &[&id, &dentist]).await?;
                 self.booked[slot].1 = dentist;
             }
             80..=84 => {
                 let slot = self.rng.below(self.booked.len());
                 let (id, _) = self.booked.swap_remove(slot);
-                self.client.execute(&s.delete, &[&id]).await?;
+                self.commit(&s.delete, &[&id]).await?;
             }
             85..=89 => {
                 let dentist = pick(&mut self.rng, &cast.dentists);
-                self.client.execute(&s.add_slot, &[&dentist]).await?;
+                self.commit(&s.add_slot, &[&dentist]).await?;
             }
             90..=94 => {
                 let session = cast.sessions[self.rng.below(cast.sessions.len())];
@@ -167,14 +193,12 @@ impl Writer {
                 } else {
                     session.dentist
                 };
-                self.client
-                    .execute(&s.send, &[&session.id, &sender])
-                    .await?;
+                self.commit(&s.send, &[&session.id, &sender]).await?;
             }
             _ => {
                 let session = cast.sessions[self.rng.below(cast.sessions.len())];
                 let note = format!("note {}", self.rng.below(1_000_000));
-                self.client.execute(&s.note, &[&session.id, &note]).await?;
+                self.commit(&s.note, &[&session.id, &note]).await?;
             }
         }
         Ok(())
@@ -226,8 +250,10 @@ pub async fn write(
         .collect();
     let mut writers = Vec::new();
     let mut commits = 0;
+    let mut acknowledged = Vec::new();
     for task in tasks {
-        let (writer, n) = task.await??;
+        let (mut writer, n) = task.await??;
+        acknowledged.append(&mut writer.acknowledged);
         writers.push(writer);
         commits += n;
     }
@@ -236,6 +262,7 @@ pub async fn write(
         Written {
             commits,
             seconds: start.elapsed().as_secs_f64(),
+            acknowledged,
         },
     ))
 }

@@ -33,6 +33,16 @@ fn a_quick_run_completes_and_loses_nothing() {
         assert_eq!(accounting["expected"], accounting["received"], "{phase}");
         assert_eq!(phase["out_of_order"], 0, "{phase}");
         assert_eq!(phase["closed_sockets"], 0, "{phase}");
+        // Measured from the writers' acknowledgements too: never later than from `at`, which
+        // is taken inside the transaction before it commits.
+        let (from_at, from_ack) = (
+            &phase["latency_ms"],
+            &phase["latency_from_acknowledgement_ms"],
+        );
+        assert!(from_ack["p50"].as_f64().unwrap() > 0.0, "{phase}");
+        for p in ["p50", "p90", "p99"] {
+            assert!(from_ack[p].as_f64() <= from_at[p].as_f64(), "{p}: {phase}");
+        }
         // The relay's own histogram, read from its /metrics, counted the phase's events.
         assert_eq!(
             phase["relay_queued_ms"]["events"], accounting["events"],
