@@ -7,8 +7,8 @@
 #   bench/capture-cpu.sh [commits] [rounds]     (needs `cargo build --release -p relay`)
 #   RELAY_BIN=/path/to/other/relay bench/capture-cpu.sh
 #
-# Prints the CPU microseconds per commit of each round. Postgres must run on this machine: the
-# backend's CPU time is read from /proc.
+# Prints the CPU microseconds per commit of each round. Postgres must run on this machine, outside
+# a container: the backend's CPU time is read from /proc by its process id.
 set -eu
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 commits=${1:-4000}
@@ -46,7 +46,8 @@ begin
 end $$;
 SQL
     psql -q "$pg/$db" -f "$work/measure.sql" >/dev/null
-    # USER_HZ ticks (10 ms each) to microseconds per commit.
-    echo "round $round: $(( ($(cat "$work/after") - $(cat "$work/before")) * 10000 / commits )) µs of CPU per commit"
+    # Clock ticks (USER_HZ) to microseconds per commit.
+    ticks=$(( $(cat "$work/after") - $(cat "$work/before") ))
+    echo "round $round: $(( ticks * 1000000 / $(getconf CLK_TCK) / commits )) µs of CPU per commit"
     round=$((round + 1))
 done

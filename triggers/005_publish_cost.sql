@@ -1,9 +1,9 @@
 -- 005_publish_cost.sql: the same capture, with less work in Postgres per commit.
 --
 -- Every notifying commit runs relay.publish(), so its cost is paid on every write and, with the
--- commit-order lock held, partly in series. Measured with a procedure committing 4,000 single-row
--- inserts into appointments, as CPU time of its backend (BENCHMARKS.md, "Capture cost per
--- commit"), two changes each saved about a tenth of that CPU:
+-- commit-order lock held, partly in series. Two changes, measured together with
+-- bench/capture-cpu.sh (BENCHMARKS.md, "A lighter publish"), take about 15 % off the CPU a
+-- single-row commit costs its backend:
 --
 -- * relay.lock_commit_order() and relay.lock_sessions() become PL/pgSQL. As SQL functions with a
 --   SET clause they could not be inlined, and Postgres parsed and planned their body again on every
@@ -57,24 +57,20 @@ declare
     new_session jsonb;
     message jsonb;
     -- Whether the transaction changed consultations, whose events need their sessions' readers.
-    consultations boolean := false;
+    consultations boolean;
 begin
     delete from relay.pending_tx where xid = pg_current_xact_id();
     with taken as (
         delete from relay.pending p where p.xid = pg_current_xact_id() returning p.*
     )
-    select coalesce(array_agg(t order by t.seq), '{}') into changes from taken t;
+    select coalesce(array_agg(t order by t.seq), '{}'),
+           coalesce(bool_or(t.table_name in ('consultation_sessions', 'consultation_messages')), false)
+    into changes, consultations
+    from taken t;
     perform set_config('relay.published', 'on', true);
     if cardinality(changes) = 0 then
         return null;
     end if;
-
-    foreach change in array changes loop
-        if change.table_name in ('consultation_sessions', 'consultation_messages') then
-            consultations := true;
-            exit;
-        end if;
-    end loop;
 
     sessions_before := '{}';
     handed_over := '{}';

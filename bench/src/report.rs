@@ -65,6 +65,10 @@ pub struct Phase {
     pub latency_from_acknowledgement_ms: Percentiles,
     /// Deliveries that arrived before their writer had seen the acknowledgement.
     pub arrived_before_acknowledgement: u64,
+    /// The phase's events matched with a writer's acknowledgement.
+    pub acknowledged_events: u64,
+    /// From each event's commit timestamp, when Postgres keeps them.
+    pub from_commit_timestamp: Option<FromCommitTimestamp>,
     /// From commit to queued for every recipient inside the relay, from the relay's own
     /// histogram: the part of the latency before the relay's sockets write.
     pub relay_queued_ms: Option<AtMost>,
@@ -78,6 +82,18 @@ pub struct Phase {
     pub relay_cores_per_100k_deliveries: f64,
     #[serde(skip)]
     pub curve: Vec<(f64, f64)>,
+}
+
+/// Latency from the commit timestamp Postgres records for each transaction
+/// (`track_commit_timestamp`), taken just before it writes the commit: between the two other
+/// measures, and the closest to the commit itself.
+#[derive(Debug, Serialize)]
+pub struct FromCommitTimestamp {
+    pub latency_ms: Percentiles,
+    /// Deliveries that arrived before their transaction's commit timestamp (none should).
+    pub arrived_before: u64,
+    /// The phase's events that had a commit timestamp.
+    pub events: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -195,7 +211,7 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | machine busy | commit → queued in the relay, p50 | p99 | commit → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|"
+            "\n| phase | machine busy | `at` → queued in the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let at_most = |ms: f64| {
@@ -212,9 +228,18 @@ impl Results {
             let busy = p
                 .machine_busy
                 .map_or_else(|| "n/a".to_string(), |b| format!("{:.0} %", b * 100.0));
+            let (committed_p50, committed_p99) = p.from_commit_timestamp.as_ref().map_or_else(
+                || ("n/a".to_string(), "n/a".to_string()),
+                |c| {
+                    (
+                        format!("{:.2} ms", c.latency_ms.p50),
+                        format!("{:.2} ms", c.latency_ms.p99),
+                    )
+                },
+            );
             let _ = writeln!(
                 out,
-                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} % |",
+                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {committed_p50} | {committed_p99} | {:.2} ms | {:.2} ms | {:.1} % |",
                 p.name,
                 p.latency_ms.p50,
                 p.latency_ms.p99,

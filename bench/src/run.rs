@@ -22,7 +22,9 @@ use uuid::Uuid;
 
 use crate::cast::{Cast, Mode};
 use crate::expect::{self, Audience};
-use crate::report::{self, Memory, Percentiles, Phase, Replay, Results, Setup};
+use crate::report::{
+    self, FromCommitTimestamp, Memory, Percentiles, Phase, Replay, Results, Setup,
+};
 use crate::scrape;
 use crate::worker::{self, Plan, Ready, Report, SocketPlan};
 use crate::writer::{self, Rate};
@@ -425,8 +427,19 @@ async fn phase(
         closed += report.closed;
     }
     let accounting = expect::account(&expected, &merged(&reports));
-    let (latency_from_acknowledgement_ms, arrived_before_acknowledgement) =
-        from_acknowledgement(clients, &xids, &written.acknowledged).await?;
+    let (latency_from_acknowledgement_ms, arrived_before_acknowledgement, acknowledged_events) =
+        measured_from(clients, acknowledgements(&xids, &written.acknowledged)).await?;
+    let from_commit_timestamp = match commit_timestamps(context.db, before, after).await? {
+        Some(commits) => {
+            let (latency, early, events) = measured_from(clients, commits).await?;
+            Some(FromCommitTimestamp {
+                latency_ms: latency,
+                arrived_before: early,
+                events,
+            })
+        }
+        None => None,
+    };
     let seconds = written.seconds;
     let commits_per_second = written.commits as f64 / seconds;
     let phase = Phase {
@@ -446,6 +459,8 @@ async fn phase(
         latency_ms: Percentiles::of(&latency),
         latency_from_acknowledgement_ms,
         arrived_before_acknowledgement,
+        acknowledged_events,
+        from_commit_timestamp,
         relay_queued_ms,
         machine_busy,
         relay_cpu_cores: cpu.as_secs_f64() / elapsed,
@@ -456,20 +471,14 @@ async fn phase(
     Ok((writers, phase))
 }
 
-/// Latency from each event's commit as its writer saw it acknowledged: the events' transaction ids
-/// (from the log) matched with the writers' acknowledgements, then every delivery measured
-/// against them by the client processes. Also the deliveries that arrived before their writer
-/// had seen the acknowledgement.
-async fn from_acknowledgement(
+/// Latency from a time per event (its writer's acknowledgement, or its commit timestamp), which
+/// the client processes measure against every delivery they recorded. Also the deliveries that
+/// arrived before that time, and how many of the phase's events had one.
+async fn measured_from(
     clients: &mut [Clients],
-    xids: &HashMap<i64, u64>,
-    acknowledged: &[(u64, i64)],
-) -> Result<(Percentiles, u64), Error> {
-    let by_xid: HashMap<u64, i64> = acknowledged.iter().copied().collect();
-    let commits: Vec<(i64, i64)> = xids
-        .iter()
-        .filter_map(|(id, xid)| by_xid.get(xid).map(|at| (*id, *at)))
-        .collect();
+    commits: Vec<(i64, i64)>,
+) -> Result<(Percentiles, u64, u64), Error> {
+    let events = commits.len() as u64;
     broadcast(clients, worker::Command::Acknowledged { commits }).await?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut early = 0;
@@ -480,7 +489,46 @@ async fn from_acknowledgement(
         }
         early += answer.early;
     }
-    Ok((Percentiles::of(&latency), early))
+    Ok((Percentiles::of(&latency), early, events))
+}
+
+/// When each writer saw its event's transaction acknowledged: the events' transaction ids (from
+/// the log) matched with the writers' acknowledgements.
+fn acknowledgements(xids: &HashMap<i64, u64>, acknowledged: &[(u64, i64)]) -> Vec<(i64, i64)> {
+    let by_xid: HashMap<u64, i64> = acknowledged.iter().copied().collect();
+    xids.iter()
+        .filter_map(|(id, xid)| by_xid.get(xid).map(|at| (*id, *at)))
+        .collect()
+}
+
+/// Each event's commit timestamp, as Postgres recorded it just before writing the commit, when
+/// the server keeps them (`track_commit_timestamp = on`); none otherwise.
+async fn commit_timestamps(
+    db: &Client,
+    after: Cursor,
+    upto: Cursor,
+) -> Result<Option<Vec<(i64, i64)>>, Error> {
+    let tracked: String = db
+        .query_one("select current_setting('track_commit_timestamp')", &[])
+        .await?
+        .get(0);
+    if tracked != "on" {
+        return Ok(None);
+    }
+    // pg_xact_commit_timestamp takes a 32-bit xid: the low half of the event's xid8.
+    let rows = db
+        .query(
+            "select id, (extract(epoch from pg_xact_commit_timestamp(
+                        ((xid::text::numeric % 4294967296)::text)::xid)) * 1000000)::bigint
+             from relay.events where id > $1 and id <= $2",
+            &[&after.0, &upto.0],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .filter_map(|row| Some((row.get::<_, i64>(0), row.get::<_, Option<i64>>(1)?)))
+            .collect(),
+    ))
 }
 
 /// How long one resuming dentist takes to receive `count` events it missed.

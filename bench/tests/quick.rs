@@ -39,9 +39,26 @@ fn a_quick_run_completes_and_loses_nothing() {
             &phase["latency_ms"],
             &phase["latency_from_acknowledgement_ms"],
         );
+        assert_eq!(
+            phase["acknowledged_events"], accounting["events"],
+            "every event matched with its writer's acknowledgement: {phase}"
+        );
         assert!(from_ack["p50"].as_f64().unwrap() > 0.0, "{phase}");
         for p in ["p50", "p90", "p99"] {
-            assert!(from_ack[p].as_f64() <= from_at[p].as_f64(), "{p}: {phase}");
+            assert!(
+                from_ack[p].as_f64().unwrap() <= from_at[p].as_f64().unwrap(),
+                "{p}: {phase}"
+            );
+        }
+        // From the commit timestamps, when the server keeps them: between the two.
+        if let Some(committed) = phase["from_commit_timestamp"].as_object() {
+            assert_eq!(committed["events"], accounting["events"], "{phase}");
+            assert_eq!(committed["arrived_before"], 0, "{phase}");
+            for p in ["p50", "p90", "p99"] {
+                let value = committed["latency_ms"][p].as_f64().unwrap();
+                assert!(value <= from_at[p].as_f64().unwrap(), "{p}: {phase}");
+                assert!(value >= from_ack[p].as_f64().unwrap(), "{p}: {phase}");
+            }
         }
         // The relay's own histogram, read from its /metrics, counted the phase's events.
         assert_eq!(
