@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use relay::authz::{Principal, Role};
 use relay::protocol::Cursor;
 use relay::token::{Issuer, Secret};
@@ -416,12 +415,10 @@ async fn phase(
         None => None,
     };
     let elapsed = start.elapsed().as_secs_f64();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut latency = worker::latency_histogram();
     let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
     for report in &reports {
-        for (value, count) in &report.latency_us {
-            latency.record_n(*value, *count)?;
-        }
+        worker::add_recorded(&mut latency, &report.latency_us);
         at_mark += report.deliveries_at_mark;
         out_of_order += report.out_of_order;
         closed += report.closed;
@@ -480,13 +477,11 @@ async fn measured_from(
 ) -> Result<(Percentiles, u64, u64), Error> {
     let events = commits.len() as u64;
     broadcast(clients, worker::Command::Acknowledged { commits }).await?;
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut latency = worker::latency_histogram();
     let mut early = 0;
     for process in clients {
         let answer: worker::FromAcknowledgement = process.receive().await?;
-        for (value, count) in &answer.latency_us {
-            latency.record_n(*value, *count)?;
-        }
+        worker::add_recorded(&mut latency, &answer.latency_us);
         early += answer.early;
     }
     Ok((Percentiles::of(&latency), early, events))

@@ -103,11 +103,30 @@ struct Stats {
     closed: u64,
 }
 
+/// An empty latency histogram in microseconds: 1 µs to 10 minutes, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+/// A histogram as (value, count) pairs, as the client processes report it.
+fn recorded(histogram: &Histogram<u64>) -> Vec<(u64, u64)> {
+    histogram
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds reported (value, count) pairs to a histogram.
+pub fn add_recorded(histogram: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for (value, count) in pairs {
+        histogram.saturating_record_n(*value, *count);
+    }
+}
+
 impl Stats {
     fn new() -> Stats {
         Stats {
-            // 1 µs to 10 minutes, 3 significant digits.
-            latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+            latency: latency_histogram(),
             per_event: HashMap::new(),
             arrivals: Vec::new(),
             deliveries: 0,
@@ -123,19 +142,14 @@ impl Stats {
             deliveries_at_mark: self.at_mark,
             out_of_order: self.out_of_order,
             closed: self.closed,
-            latency_us: self
-                .latency
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
+            latency_us: recorded(&self.latency),
             per_event: self.per_event.iter().map(|(id, n)| (*id, *n)).collect(),
         }
     }
 
     fn since_acknowledgements(&self, commits: &[(i64, i64)]) -> FromAcknowledgement {
         let commits: HashMap<i64, i64> = commits.iter().copied().collect();
-        let mut latency =
-            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        let mut latency = latency_histogram();
         let mut early = 0;
         for (id, arrived) in &self.arrivals {
             let Some(committed) = commits.get(id) else {
@@ -148,10 +162,7 @@ impl Stats {
             latency.saturating_record(micros.max(1) as u64);
         }
         FromAcknowledgement {
-            latency_us: latency
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
+            latency_us: recorded(&latency),
             early,
         }
     }
