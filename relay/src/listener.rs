@@ -224,7 +224,7 @@ impl Listener {
             for (id, event) in page.events {
                 match event {
                     Ok(event) => {
-                        self.dispatch(&event).await;
+                        self.dispatch(&event);
                     }
                     Err(cause) => {
                         self.hub.skip_malformed(&cause);
@@ -239,12 +239,8 @@ impl Listener {
     }
 
     /// Hands an event to the hub, and to presence (which follows sessions changing hands).
-    async fn dispatch(&self, event: &event::Event) -> usize {
-        // The hub writes most frames straight to their sockets. Unconstrained, so that those
-        // writes do not spend this task's cooperative budget: a socket write refused for want of
-        // budget would be handed to the socket's writer instead, which is what writing directly
-        // saves.
-        let delivered = tokio::task::unconstrained(async { self.hub.dispatch(event) }).await;
+    fn dispatch(&self, event: &event::Event) -> usize {
+        let delivered = self.hub.dispatch(event);
         self.metrics
             .dispatched(&event.at, std::time::SystemTime::now());
         self.presence.observe(event);
@@ -303,7 +299,7 @@ impl Listener {
         let position = self.hub.position().unwrap_or_default();
         match Payload::decode(payload) {
             Ok(Payload::Inline(event)) if position.0.checked_add(1) == Some(event.id) => {
-                let delivered = self.dispatch(&event).await;
+                let delivered = self.dispatch(&event);
                 tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
             }
