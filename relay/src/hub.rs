@@ -7,9 +7,13 @@
 //! ([`crate::authz`]) decide, and each distinct frame (perceived op × projection) is rendered once
 //! and its bytes shared by every recipient.
 //!
-//! Every socket has one bounded outbound queue. Delivery never waits: a socket whose queue is
-//! full is cut (close code [`close::SLOW_CONSUMER`]) so that one slow reader never delays anyone
-//! else. The hub knows nothing of Postgres or warp; the session owns the socket itself.
+//! Every socket has one bounded outbound queue. Delivery never waits. With [`Writes::Direct`] a
+//! frame goes straight to the socket when nothing is queued ahead of it and the socket takes it at
+//! once ([`Direct`]), saving the wake-up of the socket's writer; with [`Writes::Queued`], and
+//! whenever the socket is busy, it goes to the queue, whose writers run on every runtime thread.
+//! A socket whose queue is full is cut (close code [`close::SLOW_CONSUMER`]) so that one slow
+//! reader never delays anyone else. The hub knows nothing of Postgres or warp; the session owns
+//! the socket itself.
 //!
 //! The hub also knows its position: the id of the last event dispatched. A subscription that
 //! resumes from a cursor joins at that position with a private buffer; its session replays the
@@ -104,6 +108,13 @@ pub fn text(frame: Bytes) -> Utf8Bytes {
         .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(&frame).into_owned()))
 }
 
+/// A socket the dispatch may write to directly, without waking its writer.
+pub trait Direct: Send + Sync + std::fmt::Debug {
+    /// Writes the frame now if the socket can take it without waiting; false if it cannot, and
+    /// the frame must be queued. Called only while the socket's queue is empty.
+    fn try_write(&self, outbound: &Outbound) -> bool;
+}
+
 /// The hub's handle on one socket: its queue and its close signal.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -113,9 +124,41 @@ pub struct Link {
     tx: mpsc::Sender<Box<Outbound>>,
     /// Set once when the socket must close; the session's reader and writer both watch it.
     cut: Arc<watch::Sender<Option<Close>>>,
+    /// The socket itself, for frames that need not wait in the queue.
+    direct: Option<Arc<dyn Direct>>,
+}
+
+/// How [`Hub::dispatch`] hands an event's frames to its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// Written by the dispatching thread itself where the socket can take them at once: the
+    /// cheapest way, when the dispatch has time for every recipient's write.
+    Direct,
+    /// Queued for each socket's writer, so that the writes spread over the runtime's threads and
+    /// the dispatch moves on at once: for when more events are waiting behind this one.
+    Queued,
 }
 
 impl Link {
+    /// Delivers an event's frame: with [`Writes::Direct`], written at once when nothing is queued
+    /// ahead of it and the socket takes it without waiting; queued otherwise.
+    fn offer(
+        &self,
+        outbound: Outbound,
+        writes: Writes,
+    ) -> Result<(), mpsc::error::TrySendError<Box<Outbound>>> {
+        if let (Writes::Direct, Some(direct)) = (writes, &self.direct) {
+            // An empty queue has every permit back: nothing queued, nothing being queued.
+            if self.tx.capacity() == self.tx.max_capacity()
+                && self.cut.borrow().is_none()
+                && direct.try_write(&outbound)
+            {
+                return Ok(());
+            }
+        }
+        self.tx.try_send(Box::new(outbound))
+    }
+
     /// Queues a reply without waiting; false when the queue is full or the socket is gone.
     pub fn try_send(&self, frame: Bytes) -> bool {
         self.tx.try_send(Box::new(Outbound::reply(frame))).is_ok()
@@ -436,14 +479,16 @@ impl Hub {
         self.position.store(position.0, Ordering::Release);
     }
 
-    /// Registers a new socket for `principal`.
-    pub fn connect(&self, principal: Principal) -> Connection {
+    /// Registers a new socket for `principal`. Frames go to its queue, and with `direct`, when
+    /// nothing is queued, straight to the socket.
+    pub fn connect(&self, principal: Principal, direct: Option<Arc<dyn Direct>>) -> Connection {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, outbox) = mpsc::channel(self.queue_capacity);
         let (cut, closed) = watch::channel(None);
         let link = Link {
             tx,
             cut: Arc::new(cut),
+            direct,
         };
         let closing = self
             .closing
@@ -645,9 +690,14 @@ impl Hub {
         }
     }
 
-    /// Delivers an event to every subscriber allowed to see it; returns how many frames were
-    /// queued.
+    /// Delivers an event to every subscriber allowed to see it, writing frames directly where the
+    /// socket takes them at once; returns how many frames were written or queued.
     pub fn dispatch(&self, event: &Event) -> usize {
+        self.dispatch_with(event, Writes::Direct)
+    }
+
+    /// [`Hub::dispatch`], choosing how the frames are handed over.
+    pub fn dispatch_with(&self, event: &Event, writes: Writes) -> usize {
         self.counters
             .events_received
             .fetch_add(1, Ordering::Relaxed);
@@ -689,7 +739,7 @@ impl Hub {
                     }
                     return;
                 }
-                match member.link.tx.try_send(Box::new(outbound)) {
+                match member.link.offer(outbound, writes) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(member.socket),
                     // The session ended and is about to disconnect.
@@ -829,7 +879,7 @@ mod tests {
 
     /// Joins the hub and subscribes to appointments, consuming the ack.
     fn join(hub: &Hub, who: Principal) -> Connection {
-        let mut connection = hub.connect(who);
+        let mut connection = hub.connect(who, None);
         hub.subscribe(
             connection.id,
             Feed::Appointments,
@@ -993,9 +1043,9 @@ mod tests {
     #[test]
     fn sockets_connecting_after_close_all_are_closed_too() {
         let hub = started(4);
-        let before = hub.connect(principal(Role::Admin));
+        let before = hub.connect(principal(Role::Admin), None);
         hub.close_all(Close::going_away());
-        let after = hub.connect(principal(Role::Admin));
+        let after = hub.connect(principal(Role::Admin), None);
         for c in [&before, &after] {
             assert_eq!(
                 c.closed.borrow().as_ref().map(|c| c.code),
@@ -1017,7 +1067,7 @@ mod tests {
     #[test]
     fn refuses_feeds_the_role_may_never_read() {
         let hub = started(4);
-        let bot = hub.connect(principal(Role::Chatbot));
+        let bot = hub.connect(principal(Role::Chatbot), None);
         for feed in [Feed::ConsultationSessions, Feed::ConsultationMessages] {
             assert!(matches!(
                 hub.subscribe(
@@ -1038,7 +1088,7 @@ mod tests {
         let hub = started(8);
         let admin = principal(Role::Admin);
         let (wanted, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut c = hub.connect(admin);
+        let mut c = hub.connect(admin, None);
         let filter = Filter {
             session_id: Some(wanted),
         };
@@ -1095,6 +1145,81 @@ mod tests {
             .all(|f| f.everyone.is_empty() && f.by_user.is_empty()));
     }
 
+    /// A socket that takes frames directly unless told to refuse them.
+    #[derive(Debug, Default)]
+    struct Socket {
+        written: Mutex<Vec<i64>>,
+        busy: std::sync::atomic::AtomicBool,
+    }
+
+    impl Direct for Socket {
+        fn try_write(&self, outbound: &Outbound) -> bool {
+            if self.busy.load(Ordering::SeqCst) {
+                return false;
+            }
+            let cursor = outbound.cursor.expect("only events are written directly");
+            self.written.lock().unwrap().push(cursor.0);
+            true
+        }
+    }
+
+    fn queued_ids(connection: &mut Connection) -> Vec<i64> {
+        received(connection)
+            .iter()
+            .map(|frame| frame["cursor"].as_str().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn frames_go_straight_to_the_socket_only_with_nothing_queued_ahead() {
+        let hub = started(8);
+        let dentist = principal(Role::Dentist);
+        let socket = Arc::new(Socket::default());
+        let mut c = hub.connect(principal(Role::Admin), Some(socket.clone()));
+        hub.subscribe(
+            c.id,
+            Feed::Appointments,
+            Filter::default(),
+            Start::Live,
+            |_| Bytes::from_static(b"{}"),
+        )
+        .unwrap();
+
+        // The acknowledgement is still queued: the first event waits behind it.
+        assert_eq!(hub.dispatch(&insert(1, &dentist)), 1);
+        assert!(socket.written.lock().unwrap().is_empty());
+        let queued = received_raw(&mut c);
+        assert_eq!(queued.len(), 2);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&queued[1]).unwrap()["cursor"],
+            "1"
+        );
+
+        // Nothing queued: straight to the socket.
+        assert_eq!(hub.dispatch(&insert(2, &dentist)), 1);
+        assert_eq!(*socket.written.lock().unwrap(), [2]);
+        assert!(queued_ids(&mut c).is_empty());
+
+        // A busy socket: queued; and the next frame, which the socket would take, queues behind it.
+        socket.busy.store(true, Ordering::SeqCst);
+        hub.dispatch(&insert(3, &dentist));
+        socket.busy.store(false, Ordering::SeqCst);
+        hub.dispatch(&insert(4, &dentist));
+        assert_eq!(*socket.written.lock().unwrap(), [2]);
+        assert_eq!(queued_ids(&mut c), [3, 4]);
+
+        // Asked to queue: queued, though the socket would take it; and written again after.
+        assert_eq!(hub.dispatch_with(&insert(5, &dentist), Writes::Queued), 1);
+        assert_eq!(queued_ids(&mut c), [5]);
+        hub.dispatch(&insert(6, &dentist));
+        assert_eq!(*socket.written.lock().unwrap(), [2, 6]);
+
+        // Once cut, frames go to the queue, where the writer drops them.
+        hub.cut(c.id, Close::going_away());
+        hub.dispatch(&insert(7, &dentist));
+        assert_eq!(*socket.written.lock().unwrap(), [2, 6]);
+    }
+
     fn received_raw(connection: &mut Connection) -> Vec<Bytes> {
         std::iter::from_fn(|| connection.outbox.try_recv().ok())
             .map(|o| Bytes::from(o.frame))
@@ -1108,7 +1233,7 @@ mod tests {
     #[test]
     fn subscriptions_wait_until_the_position_is_known() {
         let hub = Hub::new(4);
-        let c = hub.connect(principal(Role::Admin));
+        let c = hub.connect(principal(Role::Admin), None);
         let subscribe = || {
             hub.subscribe(
                 c.id,
@@ -1128,7 +1253,7 @@ mod tests {
         let hub = started(8);
         let admin = principal(Role::Admin);
         hub.dispatch(&insert(5, &admin));
-        let mut c = hub.connect(admin);
+        let mut c = hub.connect(admin, None);
         let ack = |cursor: Cursor| Bytes::from(cursor.to_string());
         let subscribe =
             |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
@@ -1145,7 +1270,7 @@ mod tests {
         let hub = started(8);
         let dentist = principal(Role::Dentist);
         hub.dispatch(&insert(10, &dentist));
-        let mut c = hub.connect(dentist);
+        let mut c = hub.connect(dentist, None);
         let upto = hub
             .subscribe(
                 c.id,
@@ -1192,7 +1317,7 @@ mod tests {
     fn a_cursor_ahead_of_the_position_skips_what_it_already_has() {
         let hub = started(8);
         let dentist = principal(Role::Dentist);
-        let mut c = hub.connect(dentist);
+        let mut c = hub.connect(dentist, None);
         // Resumed from another instance that was further along than this one.
         hub.subscribe(
             c.id,
@@ -1220,7 +1345,7 @@ mod tests {
     fn a_replay_buffer_that_overflows_sends_the_replay_further_instead() {
         let hub = started(2);
         let dentist = principal(Role::Dentist);
-        let c = hub.connect(dentist);
+        let c = hub.connect(dentist, None);
         hub.subscribe(
             c.id,
             Feed::Appointments,

@@ -38,6 +38,7 @@ pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod migrate;
+pub mod outlet;
 pub mod presence;
 pub mod protocol;
 pub mod server;

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::event::{self, Payload};
-use crate::hub::{Close, Hub};
+use crate::hub::{Close, Hub, Writes};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
@@ -223,8 +223,9 @@ impl Listener {
             let count = page.events.len();
             for (id, event) in page.events {
                 match event {
+                    // A page of the log: more events are waiting behind each one.
                     Ok(event) => {
-                        self.dispatch(&event);
+                        self.dispatch(&event, Writes::Queued).await;
                     }
                     Err(cause) => {
                         self.hub.skip_malformed(&cause);
@@ -239,8 +240,13 @@ impl Listener {
     }
 
     /// Hands an event to the hub, and to presence (which follows sessions changing hands).
-    fn dispatch(&self, event: &event::Event) -> usize {
-        let delivered = self.hub.dispatch(event);
+    async fn dispatch(&self, event: &event::Event, writes: Writes) -> usize {
+        // With `Writes::Direct` the hub writes most frames straight to their sockets.
+        // Unconstrained, so that those writes do not spend this task's cooperative budget: a
+        // socket write refused for want of budget would be handed to the socket's writer instead,
+        // which is what writing directly saves.
+        let delivered =
+            tokio::task::unconstrained(async { self.hub.dispatch_with(event, writes) }).await;
         self.metrics
             .dispatched(&event.at, std::time::SystemTime::now());
         self.presence.observe(event);
@@ -267,7 +273,16 @@ impl Listener {
             tokio::select! {
                 message = messages.recv() => match message {
                     Some(Ok(AsyncMessage::Notification(n))) if n.channel() == event::CHANNEL => {
-                        if let Err(e) = self.handle(n.payload()).await {
+                        // The dispatch writes an event's frames itself while nothing waits behind
+                        // it. Once notifications queue up, each event's writes go to the sockets'
+                        // writers, on every runtime thread, so that the backlog clears in
+                        // parallel and no event waits for all the writes of the ones before it.
+                        let writes = if messages.is_empty() {
+                            Writes::Direct
+                        } else {
+                            Writes::Queued
+                        };
+                        if let Err(e) = self.handle(n.payload(), writes).await {
                             return e;
                         }
                         heartbeat.reset();
@@ -295,11 +310,11 @@ impl Listener {
     /// its ids, or a notification no trigger sent), the log says what really committed. An event
     /// too large for NOTIFY, or a payload that cannot be decoded, is read from the log too, with
     /// everything before it.
-    async fn handle(&self, payload: &str) -> Result<(), ListenError> {
+    async fn handle(&self, payload: &str, writes: Writes) -> Result<(), ListenError> {
         let position = self.hub.position().unwrap_or_default();
         match Payload::decode(payload) {
             Ok(Payload::Inline(event)) if position.0.checked_add(1) == Some(event.id) => {
-                let delivered = self.dispatch(&event);
+                let delivered = self.dispatch(&event, writes).await;
                 tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
             }

@@ -994,7 +994,7 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         assert_eq!(received(&mut p), [frame(session, &[&patient], &[])]);
         assert_eq!(
@@ -1002,7 +1002,7 @@ mod tests {
             HashMap::from([((session, patient.user_id), (Role::Patient, true))])
         );
 
-        let mut d = hub.connect(dentist);
+        let mut d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         assert_eq!(
             received(&mut d),
@@ -1011,7 +1011,7 @@ mod tests {
         assert_eq!(received(&mut p), [frame(session, &[&dentist], &[])]);
 
         // A second socket of the dentist: listed to itself, news to no one.
-        let mut d2 = hub.connect(dentist);
+        let mut d2 = hub.connect(dentist, None);
         presence.watch(d2.id, d2.link.clone(), dentist, Scope::Session(session));
         assert_eq!(
             received(&mut d2),
@@ -1039,9 +1039,9 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(first));
-        let d = hub.connect(dentist);
+        let d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(first));
         received(&mut p);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(second));
@@ -1056,7 +1056,7 @@ mod tests {
         presence.registered(1, Vec::new());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         received(&mut p);
         let notice = |instance: i64, who: &Principal, present: bool| {
@@ -1096,7 +1096,7 @@ mod tests {
             principal(Role::Dentist),
             principal(Role::Admin),
         );
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         presence.notified(
             &json!({"instance": 2, "session_id": session, "user_id": dentist.user_id,
@@ -1139,11 +1139,11 @@ mod tests {
             principal(Role::Dentist),
             principal(Role::Admin),
         );
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
-        let mut d = hub.connect(dentist);
+        let mut d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
-        let a = hub.connect(admin);
+        let a = hub.connect(admin, None);
         presence.watch(a.id, a.link.clone(), admin, Scope::Session(session));
         received(&mut p);
         received(&mut d);
@@ -1168,9 +1168,9 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
-        let p = hub.connect(patient);
+        let p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session)); // fills its queue of one
-        let mut d = hub.connect(dentist);
+        let mut d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         assert_eq!(received(&mut d).len(), 1);
         assert_eq!(
@@ -1195,7 +1195,7 @@ mod tests {
         };
         presence.open_sessions_loaded(vec![(open, owners(&dentist)), (elsewhere, owners(&other))]);
 
-        let mut d = hub.connect(dentist);
+        let mut d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::OwnOpenSessions);
         assert_eq!(received(&mut d), [frame(open, &[&dentist], &[])]);
 
@@ -1215,7 +1215,7 @@ mod tests {
         assert_eq!(received(&mut d), [frame(later, &[&dentist], &[])]);
 
         // The patient joins one; then it ends: the follower leaves it, the patient stays.
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(open));
         received(&mut p);
         assert_eq!(received(&mut d), [frame(open, &[&patient], &[])]);
@@ -1237,9 +1237,9 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
-        let mut p = hub.connect(patient);
+        let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
-        let mut d = hub.connect(dentist);
+        let mut d = hub.connect(dentist, None);
         presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
         received(&mut p);
         received(&mut d);

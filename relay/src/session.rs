@@ -1,17 +1,15 @@
 //! One WebSocket: reading the client's frames and writing what the hub queues for it.
 //!
 //! Each socket gets two tasks. The reader parses client frames and answers them; the writer drains
-//! the socket's outbound queue. They are separate so that a client that stops reading (and so
+//! the socket's outbound queue (most event frames never wait there: the hub's dispatch writes them
+//! itself, see [`crate::outlet`]). They are separate so that a client that stops reading (and so
 //! blocks a write) can still be cut at once: the writer races every write against the socket's
 //! close signal. A malformed frame gets an `error` frame and the socket stays open.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::stream::SplitSink;
-use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -27,6 +25,7 @@ use crate::hub::{
 };
 use crate::limits::{FrameRate, Ticket};
 use crate::log;
+use crate::outlet::{Outlet, Pumped};
 use crate::presence::{Presence, Scope};
 use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
 use crate::token::{RawToken, Verified, Verifier};
@@ -37,8 +36,6 @@ use crate::upgrade::Socket;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a subscribe-time check, or one page of a replay, may wait for the database.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most frames one write to a socket carries.
-const BATCH_FRAMES: usize = 64;
 /// Events read from the log per replay query.
 const REPLAY_PAGE: i64 = 2000;
 
@@ -89,16 +86,16 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     // unless an `auth` frame brings a fresh one first.
     let expiry = tokio::time::sleep(until(verified.expires_at));
     tokio::pin!(expiry);
+    let outlet = Arc::new(Outlet::new(socket));
     let Connection {
         id,
         outbox,
         closed,
         link,
-    } = context.hub.connect(principal);
+    } = context.hub.connect(principal, Some(outlet.clone()));
     tracing::debug!(socket = id, "connected");
 
-    let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write(sink, outbox, closed.clone()).in_current_span());
+    let writer = tokio::spawn(write(outlet.clone(), outbox, closed.clone()).in_current_span());
     // However serving ends, even by a panic, the hub forgets the socket and its writer stops.
     let leave = Leave {
         hub: context.hub.clone(),
@@ -126,7 +123,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
                 link.close(token_expired());
                 break;
             }
-            message = stream.next() => message,
+            message = outlet.next() => message,
         };
         if message.is_some() && !rate.allow(Instant::now()) {
             link.close(Close {
@@ -204,7 +201,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     );
     if provoked {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            while let Some(Ok(message)) = stream.next().await {
+            while let Some(Ok(message)) = outlet.next().await {
                 if message.is_close() {
                     break;
                 }
@@ -632,49 +629,24 @@ fn expired(cursor: Cursor) -> (ErrorCode, String) {
 
 /// Writes queued frames until the queue ends or the socket is told to close, then closes it.
 async fn write(
-    mut sink: SplitSink<Socket, Message>,
+    outlet: Arc<Outlet>,
     mut outbox: mpsc::Receiver<Box<Outbound>>,
     mut closed: watch::Receiver<Option<Close>>,
 ) {
-    // The cursor of the last event frame written, named when the socket is cut as slow.
-    let mut last_cursor: Option<Cursor> = None;
-    // Frames taken from the queue and not yet handed to the socket: a close that interrupts a
-    // batch must not lose the rest of it.
-    let mut batch: VecDeque<Box<Outbound>> = VecDeque::new();
-    let reason = loop {
-        let first = tokio::select! {
-            biased;
-            reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
-            frame = outbox.recv() => match frame {
-                Some(frame) => frame,
-                None => break None,
-            },
-        };
-        // Whatever else is already queued goes out with it, in one write.
-        batch.push_back(first);
-        while batch.len() < BATCH_FRAMES {
-            match outbox.try_recv() {
-                Ok(frame) => batch.push_back(frame),
-                Err(_) => break,
-            }
-        }
-        let mut batch_cursor = None;
-        let send = async {
-            while let Some(frame) = batch.front() {
-                sink.feed(Message::Text(frame.frame.clone())).await?;
-                batch_cursor = frame.cursor.or(batch_cursor);
-                batch.pop_front();
-            }
-            sink.flush().await
-        };
+    let reason = {
+        let closing = closed.wait_for(Option::is_some);
+        tokio::pin!(closing);
         tokio::select! {
             biased;
-            reason = closed.wait_for(Option::is_some) => break reason.ok().and_then(|r| r.clone()),
-            sent = send => if sent.is_err() { return },
+            reason = &mut closing => reason.ok().and_then(|r| r.clone()),
+            pumped = std::future::poll_fn(|cx| outlet.pump(&mut outbox, cx)) => match pumped {
+                Pumped::Ended => None,
+                Pumped::Failed => return,
+            },
         }
-        // Written: the cursor the close reason of a slow consumer may name.
-        last_cursor = batch_cursor.or(last_cursor);
     };
+    // The cursor of the last event frame handed to the socket, named when it is cut as slow.
+    let last_cursor = outlet.close();
     // Replies queued before the close (the error that explains it) go out first, within the
     // close timeout; a slow consumer's backlog and frames after a token's expiry do not.
     let flush = reason
@@ -682,15 +654,11 @@ async fn write(
         .is_some_and(|r| r.code != close::SLOW_CONSUMER && r.code != close::TOKEN_EXPIRED);
     if flush {
         let pending = async {
-            let rest = batch
-                .drain(..)
-                .chain(std::iter::from_fn(|| outbox.try_recv().ok()));
-            for frame in rest {
-                if sink.feed(Message::Text(frame.frame)).await.is_err() {
+            while let Ok(frame) = outbox.try_recv() {
+                if !outlet.send(Some(Message::Text(frame.frame))).await {
                     return;
                 }
             }
-            let _ = sink.flush().await;
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, pending).await;
     }
@@ -709,6 +677,6 @@ async fn write(
         },
         None => Message::Close(None),
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, outlet.send(Some(close))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, outlet.shut()).await;
 }
