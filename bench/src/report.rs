@@ -211,7 +211,7 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | machine busy | `at` → queued in the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| phase | machine busy | `at` → handed over by the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let at_most = |ms: f64| {

@@ -32,7 +32,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let opts = HistogramOpts::new(
             "relay_commit_to_send_seconds",
-            "From an event's commit to its frames being queued for every recipient",
+            "From an event's commit to its frames being written or queued for every recipient",
         )
         .buckets(LATENCY_BUCKETS.to_vec());
         Metrics {
