@@ -517,6 +517,72 @@ async fn a_message_goes_to_whoever_has_the_session_when_it_commits() {
     relay.shutdown().await;
 }
 
+/// A transaction's first staged change queues its publish; when that change is rolled back to a
+/// savepoint (or lost with a failed block), the next one must queue it again, and a transaction
+/// that stages many rows publishes each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_a_rolled_back_savepoint_are_published_once() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+    let insert = |notes: &str| {
+        format!(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at, notes)
+             values ('{}', '{}', now(), now() + interval '1 hour', '{notes}')",
+            patient.user_id, dentist.user_id
+        )
+    };
+    db.exec(&format!(
+        "begin; savepoint s; {}; rollback to savepoint s; {}; commit;",
+        insert("rolled back"),
+        insert("after the rollback")
+    ))
+    .await;
+    db.exec(&format!(
+        "begin; savepoint s; {}; release savepoint s; {}; commit;",
+        insert("released"),
+        insert("after the release")
+    ))
+    .await;
+    db.exec(&format!(
+        "do $$ begin
+             begin {}; raise exception 'undo'; exception when raise_exception then null; end;
+             {};
+         end $$",
+        insert("in a failed block"),
+        insert("after the failed block")
+    ))
+    .await;
+    db.exec(&format!(
+        "begin; {}; {}; {}; commit;",
+        insert("one of three"),
+        insert("two of three"),
+        insert("three of three")
+    ))
+    .await;
+    let fence = db.fence().await;
+    let notes: Vec<String> = ws
+        .events_until(fence)
+        .await
+        .iter()
+        .map(|e| e["row"]["notes"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "after the rollback",
+            "released",
+            "after the release",
+            "after the failed block",
+            "one of three",
+            "two of three",
+            "three of three"
+        ]
+    );
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_is_a_delete_of_every_row() {
     let db = common::TestDb::new().await;
@@ -526,7 +592,16 @@ async fn truncate_is_a_delete_of_every_row() {
     let second = db.book(&patient, &dentist, "").await;
     common::settle(&db, relay.local_addr()).await;
     let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
-    db.exec("truncate appointments cascade").await;
+    // A row staged before the TRUNCATE in the same transaction is born and gone: no event.
+    db.exec(&format!(
+        "begin;
+         insert into appointments (patient_id, dentist_id, starts_at, ends_at)
+         values ('{}', '{}', now(), now() + interval '1 hour');
+         truncate appointments cascade;
+         commit;",
+        patient.user_id, dentist.user_id
+    ))
+    .await;
     let fence = db.fence().await;
     let mut deleted: Vec<(String, String)> = ops(&ws.events_until(fence).await);
     deleted.sort();

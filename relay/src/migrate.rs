@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/003_commit_order.sql"),
     migration!("triggers/004_presence.sql"),
     migration!("triggers/005_publish_cost.sql"),
+    migration!("triggers/006_lean_capture.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
