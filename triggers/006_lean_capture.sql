@@ -1,9 +1,9 @@
--- 006_lean_capture.sql: the same capture and the same events, with a third of the work per commit.
+-- 006_lean_capture.sql: the same capture and the same events, with a quarter less work per commit.
 --
--- What a single-row commit cost its backend was counted with callgrind (bench/capture-cpu.sh
--- --instructions; BENCHMARKS.md, "A leaner capture"): about 1.07 million instructions through
--- the capture, against 0.33 million for a bare NOTIFY trigger. Most of the difference was
--- machinery around the two steps rather than the steps themselves:
+-- What a single-row commit cost its backend was counted with callgrind
+-- (bench/capture-instructions.sh; BENCHMARKS.md, "A leaner capture"): about 1.07 million
+-- instructions through the capture, against 0.33 million for a bare NOTIFY trigger. Most of the
+-- difference was machinery around the two steps rather than the steps themselves:
 --
 -- * A second staging table. Each transaction inserted a row into relay.pending_tx only to queue
 --   relay.publish() once, and publish deleted it again. The first row a transaction stages in
@@ -24,6 +24,9 @@
 -- * Indexes no reader uses. relay.events had indexes on `xid` and `at`; the relay reads the log by
 --   id only, and retention deletes by id too (relay.prune_events). Each was one more index entry,
 --   written while the commit-order lock is held.
+-- * A text round trip of every staged row. publish() gathered the staged rows as anonymous
+--   records, which PL/pgSQL converted to relay.pending[] through their text form, printing and
+--   parsing every row's JSON again; `returning p` keeps the rows' own type.
 --
 -- Staging, publishing and their order are otherwise unchanged (triggers/002_capture.sql,
 -- 003_commit_order.sql and 005_publish_cost.sql explain them).
