@@ -32,24 +32,7 @@ as_owner "$bin/pg_ctl" -D "$work/data" -l "$work/log" -w \
 url="postgres://postgres@127.0.0.1:$port"
 psql -q "$url/postgres" -c "create database bench"
 DATABASE_URL="$url/bench" "$relay" migrate >/dev/null
-psql -q "$url/bench" <<'SQL'
-insert into profiles (id, role)
-select ('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid,
-       case when g <= 1000 then 'dentist' else 'patient' end
-from generate_series(1, 11000) g;
-create table plain (like appointments including all);
-create table notified (like appointments including all);
-alter table plain add foreign key (patient_id) references profiles,
-                  add foreign key (dentist_id) references profiles;
-alter table notified add foreign key (patient_id) references profiles,
-                     add foreign key (dentist_id) references profiles;
-create function notify_row() returns trigger language plpgsql as $$
-begin
-    perform pg_notify('ceiling', row_to_json(new)::text);
-    return null;
-end $$;
-create trigger notify_row after insert on notified for each row execute function notify_row();
-SQL
+psql -q "$url/bench" -f "$(dirname "$0")/ceiling-tables.sql"
 # One procedure per table, with the insert written out: a dynamic statement would be planned again
 # on every commit, and that cost would swamp the differences measured.
 for table in plain notified appointments; do

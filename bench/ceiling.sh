@@ -23,25 +23,7 @@ trap 'psql -q "$pg/postgres" -c "drop database if exists $db with (force)" >/dev
 
 psql -q "$pg/postgres" -c "create database $db"
 DATABASE_URL="$pg/$db" "$relay" migrate >/dev/null
-psql -q "$pg/$db" <<'SQL'
-insert into profiles (id, role)
-select ('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid,
-       case when g <= 1000 then 'dentist' else 'patient' end
-from generate_series(1, 11000) g;
--- The same columns, keys, indexes, checks and foreign keys as appointments; only the triggers differ.
-create table plain (like appointments including all);
-create table notified (like appointments including all);
-alter table plain add foreign key (patient_id) references profiles,
-                  add foreign key (dentist_id) references profiles;
-alter table notified add foreign key (patient_id) references profiles,
-                     add foreign key (dentist_id) references profiles;
-create function notify_row() returns trigger language plpgsql as $$
-begin
-    perform pg_notify('ceiling', row_to_json(new)::text);
-    return null;
-end $$;
-create trigger notify_row after insert on notified for each row execute function notify_row();
-SQL
+psql -q "$pg/$db" -f "$(dirname "$0")/ceiling-tables.sql"
 
 run() {
     table=$1

@@ -583,6 +583,39 @@ async fn changes_after_a_rolled_back_savepoint_are_published_once() {
     relay.shutdown().await;
 }
 
+/// The capture's helpers run with their caller's rights; only the trigger functions may call them.
+/// An application role that could call `relay.emit` would forge events for every subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_roles_cannot_call_the_capture_helpers() {
+    let db = common::TestDb::new().await;
+    for call in [
+        "select relay.emit('appointments', null, '{\"id\": \"forged\"}', null, null)",
+        "select relay.stage('appointments', gen_random_uuid(), null, '{}')",
+        "select relay.lock_commit_order()",
+    ] {
+        let err = db
+            .client
+            .batch_execute(&format!(
+                "begin; set local role authenticated; {call}; commit;"
+            ))
+            .await
+            .expect_err(call);
+        db.exec("rollback").await;
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{call}: {err}"
+        );
+    }
+    let events: i64 = db
+        .client
+        .query_one("select count(*) from relay.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_is_a_delete_of_every_row() {
     let db = common::TestDb::new().await;

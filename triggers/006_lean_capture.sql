@@ -56,12 +56,13 @@ begin
     perform set_config('relay.staged', 'on', true);
 end
 $$;
-alter function relay.stage(text, uuid, jsonb, jsonb) reset all;
 
 create or replace function relay.capture_truncate() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 begin
+    -- The same refusal as relay.stage()'s, written out in both: a helper call per staged row is
+    -- the kind of cost this file removes.
     if current_setting('relay.published', true) = 'on' then
         raise exception 'relay: % changed after this transaction''s changes were published', TG_TABLE_NAME
             using errcode = 'object_not_in_prerequisite_state',
@@ -88,7 +89,6 @@ begin
     perform pg_advisory_xact_lock(8243122779093852015);
 end
 $$;
-alter function relay.lock_commit_order() reset all;
 
 -- Writes one event and queues its notification. The payload is the event as JSON; when it would
 -- not fit NOTIFY's limit, the same header with "fetch": true instead of the rows.
@@ -123,7 +123,6 @@ begin
     perform pg_notify('relay_events', payload);
 end
 $$;
-alter function relay.emit(text, jsonb, jsonb, jsonb, jsonb) reset all;
 
 create or replace function relay.publish() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
