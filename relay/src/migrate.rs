@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/004_presence.sql"),
     migration!("triggers/005_publish_cost.sql"),
     migration!("triggers/006_lean_capture.sql"),
+    migration!("triggers/007_fewer_calls.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
