@@ -1,4 +1,4 @@
--- 007_fewer_calls.sql: the same capture and the same events, with a tenth less work per commit.
+-- 007_fewer_calls.sql: the same capture and the same events, with about 8 % less work per commit.
 --
 -- Counted with callgrind (bench/capture-instructions.sh; BENCHMARKS.md, "Fewer calls in the
 -- capture"), a single-row commit through the capture cost its backend 800,000 instructions. Three
