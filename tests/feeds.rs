@@ -554,6 +554,13 @@ async fn changes_after_a_rolled_back_savepoint_are_published_once() {
         insert("after the failed block")
     ))
     .await;
+    // Rolling back to a savepoint after the first change leaves that change staged on its own.
+    db.exec(&format!(
+        "begin; {}; savepoint s; {}; rollback to savepoint s; commit;",
+        insert("kept before a savepoint"),
+        insert("rolled back after it")
+    ))
+    .await;
     db.exec(&format!(
         "begin; {}; {}; {}; commit;",
         insert("one of three"),
@@ -575,6 +582,7 @@ async fn changes_after_a_rolled_back_savepoint_are_published_once() {
             "released",
             "after the release",
             "after the failed block",
+            "kept before a savepoint",
             "one of three",
             "two of three",
             "three of three"
@@ -701,34 +709,68 @@ async fn truncate_is_a_delete_of_every_row() {
     relay.shutdown().await;
 }
 
+/// `SET CONSTRAINTS ALL IMMEDIATE` publishes early; any later change to a watched table is refused,
+/// whether the transaction had staged one change before it (the common path) or several, and
+/// whatever the later change is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_after_an_early_publish_is_refused_with_a_clear_error() {
     let db = common::TestDb::new().await;
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let id = db.book(&patient, &dentist, "").await;
-    let err = db
+    let other = db.book(&patient, &dentist, "").await;
+    let before = [
+        format!("update appointments set status = 'confirmed' where id = '{id}'"),
+        format!(
+            "update appointments set status = 'confirmed' where id = '{id}';
+             update appointments set notes = 'both' where id = '{other}'"
+        ),
+    ];
+    let after = [
+        format!("update appointments set status = 'cancelled' where id = '{id}'"),
+        format!("delete from appointments where id = '{other}'"),
+        format!(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
+             values ('{}', '{}', now(), now() + interval '1 hour')",
+            patient.user_id, dentist.user_id
+        ),
+        format!("update appointments set id = gen_random_uuid() where id = '{other}'"),
+        "truncate appointments cascade".to_string(),
+    ];
+    for first in &before {
+        for then in &after {
+            let err = db
+                .client
+                .batch_execute(&format!(
+                    "begin; {first}; set constraints all immediate; {then}; commit;"
+                ))
+                .await
+                .expect_err("the change after the early publish must be refused");
+            db.exec("rollback").await;
+            let message = err
+                .as_db_error()
+                .map(|e| e.message().to_string())
+                .unwrap_or_default();
+            assert!(
+                message.contains("changed after this transaction's changes were published"),
+                "{first}; {then}: {message}"
+            );
+        }
+    }
+    let rows = db
         .client
-        .batch_execute(&format!(
-            "begin; update appointments set status = 'confirmed' where id = '{id}';
-             set constraints all immediate;
-             update appointments set status = 'cancelled' where id = '{id}'; commit;"
-        ))
+        .query(
+            "select status, notes from appointments where id = any($1) order by id = $2",
+            &[&vec![id, other], &id],
+        )
         .await
-        .expect_err("the second update must be refused");
-    db.exec("rollback").await;
-    let message = err
-        .as_db_error()
-        .map(|e| e.message().to_string())
-        .unwrap_or_default();
-    assert!(
-        message.contains("changed after this transaction's changes were published"),
-        "{message}"
+        .unwrap();
+    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows,
+        [
+            ("booked".to_string(), String::new()),
+            ("booked".to_string(), String::new())
+        ],
+        "the refused transactions changed nothing"
     );
-    let status: String = db
-        .client
-        .query_one("select status from appointments where id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "booked", "the refused transaction changed nothing");
 }

@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/005_publish_cost.sql"),
     migration!("triggers/006_lean_capture.sql"),
     migration!("triggers/007_fewer_calls.sql"),
+    migration!("triggers/008_single_change.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
