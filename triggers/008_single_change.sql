@@ -182,15 +182,15 @@ begin
         changes := array[change];
         consultations := change.table_name in ('consultation_sessions', 'consultation_messages');
     else
-    -- `returning p` keeps the rows' own type; an array of the CTE's anonymous rows would be
-    -- converted to relay.pending[] through text, every jsonb printed and parsed again.
-    with taken as (
-        delete from relay.pending p where p.xid = pg_current_xact_id() returning p
-    )
-    select coalesce(array_agg(t.p order by (t.p).seq), '{}'),
-           coalesce(bool_or((t.p).table_name in ('consultation_sessions', 'consultation_messages')), false)
-    into changes, consultations
-    from taken t;
+        -- `returning p` keeps the rows' own type; an array of the CTE's anonymous rows would be
+        -- converted to relay.pending[] through text, every jsonb printed and parsed again.
+        with taken as (
+            delete from relay.pending p where p.xid = pg_current_xact_id() returning p
+        )
+        select coalesce(array_agg(t.p order by (t.p).seq), '{}'),
+               coalesce(bool_or((t.p).table_name in ('consultation_sessions', 'consultation_messages')), false)
+        into changes, consultations
+        from taken t;
     end if;
     perform set_config('relay.published', 'on', true);
     if cardinality(changes) = 0 then
