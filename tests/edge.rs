@@ -303,8 +303,17 @@ async fn health_status_and_stats() {
     let fence = db.fence().await;
     ws.events_until(fence).await;
 
-    let (status, stats) = http_get(addr, "/api/realtime/stats", Some(&common::token(&admin))).await;
-    assert_eq!(status, 200);
+    // An event's deliveries are counted once all its frames are handed over, which can be just
+    // after this client has read the last one: wait for the count rather than race it.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let stats = loop {
+        let (status, stats) =
+            http_get(addr, "/api/realtime/stats", Some(&common::token(&admin))).await;
+        assert_eq!(status, 200);
+        if stats["messagesDelivered"] == 2 || tokio::time::Instant::now() > deadline {
+            break stats;
+        }
+    };
     assert_eq!(stats["connectedSockets"], 1);
     assert_eq!(stats["subscriptionsByFeed"]["appointments"]["dentist"], 1);
     assert_eq!(stats["eventsReceived"], 2);

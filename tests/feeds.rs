@@ -774,3 +774,77 @@ async fn a_change_after_an_early_publish_is_refused_with_a_clear_error() {
         "the refused transactions changed nothing"
     );
 }
+
+/// The clinic's tables refuse an unknown status or kind, naming the constraint, whatever the
+/// writer's `search_path`: an `=` of the writer's own that lets everything through changes nothing.
+/// Every allowed value is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_status_and_kind_are_refused_whatever_the_search_path() {
+    let db = common::TestDb::new().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let id = db.book(&patient, &dentist, "").await;
+    let session = db.open_session(&patient, &dentist).await;
+    db.exec(
+        "create schema lenient;
+         create function lenient.always(text, text) returns boolean language sql immutable return true;
+         create operator lenient.= (function = lenient.always, leftarg = text, rightarg = text);",
+    )
+    .await;
+    let refused = [
+        (
+            format!("update appointments set status = 'lost' where id = '{id}'"),
+            "appointments_status_check",
+        ),
+        (
+            format!("update appointments set kind = 'telepathy' where id = '{id}'"),
+            "appointments_kind_check",
+        ),
+        (
+            format!(
+                "insert into appointments (patient_id, dentist_id, starts_at, ends_at, status)
+                 values ('{}', '{}', now(), now() + interval '1 hour', 'lost')",
+                patient.user_id, dentist.user_id
+            ),
+            "appointments_status_check",
+        ),
+        (
+            format!("update consultation_sessions set status = 'paused' where id = '{session}'"),
+            "consultation_sessions_status_check",
+        ),
+    ];
+    for search_path in ["public", "lenient, pg_catalog, public"] {
+        for (sql, constraint) in &refused {
+            let err = db
+                .client
+                .batch_execute(&format!("set search_path = {search_path}; {sql}"))
+                .await
+                .expect_err(sql);
+            let err = err.as_db_error().expect("a database error");
+            assert_eq!(
+                err.code(),
+                &tokio_postgres::error::SqlState::CHECK_VIOLATION,
+                "{search_path}: {sql}"
+            );
+            assert_eq!(err.constraint(), Some(*constraint), "{search_path}: {sql}");
+        }
+    }
+    db.exec("reset search_path").await;
+    for status in ["booked", "confirmed", "cancelled", "completed"] {
+        db.exec(&format!(
+            "update appointments set status = '{status}' where id = '{id}'"
+        ))
+        .await;
+    }
+    for kind in ["in_person", "video", "audio", "chat"] {
+        db.exec(&format!(
+            "update appointments set kind = '{kind}' where id = '{id}'"
+        ))
+        .await;
+    }
+    for status in ["waiting", "active", "ended"] {
+        db.exec(&format!(
+            "update consultation_sessions set status = '{status}' where id = '{session}'"
+        ))
+        .await;
+    }
+}
