@@ -219,6 +219,8 @@ async fn a_relay_process_reports_metrics_and_writes_json_logs_without_tokens() {
     assert_eq!(value("relay_event_log_lag_events"), 0.0);
     assert!(value("relay_commit_to_send_seconds_count") >= 2.0);
     assert!(text.contains("# TYPE relay_commit_to_send_seconds histogram"));
+    assert!(value("relay_commit_to_receive_seconds_count") >= 2.0);
+    assert!(text.contains("# TYPE relay_commit_to_receive_seconds histogram"));
 
     drop(ws);
     relay.terminate();

@@ -69,12 +69,18 @@ pub struct Phase {
     pub acknowledged_events: u64,
     /// From each event's commit timestamp, when Postgres keeps them.
     pub from_commit_timestamp: Option<FromCommitTimestamp>,
-    /// From commit to queued for every recipient inside the relay, from the relay's own
-    /// histogram: the part of the latency before the relay's sockets write.
+    /// From commit to the relay holding the event, from the relay's own histogram: the part of
+    /// the latency spent before the relay.
+    pub relay_received_ms: Option<AtMost>,
+    /// From commit to written or queued for every recipient inside the relay, from the relay's
+    /// own histogram: the part of the latency before the last socket's write.
     pub relay_queued_ms: Option<AtMost>,
     /// The share of all the machine's cores that was busy while the writers ran; none where
     /// `/proc/stat` could not be read.
     pub machine_busy: Option<f64>,
+    /// The client processes' CPU time over the phase (writing and draining), together, as a
+    /// share of one core: the load generator's part of the machine.
+    pub clients_cpu_cores: f64,
     /// The relay's CPU time over the phase (writing and draining), as a share of one core.
     pub relay_cpu_cores: f64,
     /// CPU seconds the relay spent per 100,000 deliveries: the cores it needs per 100,000
@@ -211,7 +217,7 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | machine busy | `at` → handed over by the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| phase | machine busy | client processes' CPU | `at` → received by the relay, p50 | p99 | `at` → handed over by the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let at_most = |ms: f64| {
@@ -221,10 +227,14 @@ impl Results {
                     "above the largest bucket".to_string()
                 }
             };
-            let (queued_p50, queued_p99) = p.relay_queued_ms.map_or_else(
-                || ("n/a".to_string(), "n/a".to_string()),
-                |q| (at_most(q.p50_ms), at_most(q.p99_ms)),
-            );
+            let bounds = |h: Option<AtMost>| {
+                h.map_or_else(
+                    || ("n/a".to_string(), "n/a".to_string()),
+                    |q| (at_most(q.p50_ms), at_most(q.p99_ms)),
+                )
+            };
+            let (received_p50, received_p99) = bounds(p.relay_received_ms);
+            let (queued_p50, queued_p99) = bounds(p.relay_queued_ms);
             let busy = p
                 .machine_busy
                 .map_or_else(|| "n/a".to_string(), |b| format!("{:.0} %", b * 100.0));
@@ -239,8 +249,9 @@ impl Results {
             );
             let _ = writeln!(
                 out,
-                "| {} | {busy} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {committed_p50} | {committed_p99} | {:.2} ms | {:.2} ms | {:.1} % |",
+                "| {} | {busy} | {:.0} % | {received_p50} | {received_p99} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {committed_p50} | {committed_p99} | {:.2} ms | {:.2} ms | {:.1} % |",
                 p.name,
+                p.clients_cpu_cores * 100.0,
                 p.latency_ms.p50,
                 p.latency_ms.p99,
                 p.latency_from_acknowledgement_ms.p50,

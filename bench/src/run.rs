@@ -153,28 +153,41 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, 
     Some((status, body))
 }
 
-/// The relay's commit-to-queued histogram, from its `/metrics`; none if it did not answer.
-async fn relay_histogram(relay: SocketAddr) -> Option<scrape::Buckets> {
+/// The relay's latency histograms, from its `/metrics`; none if it did not answer.
+async fn relay_histograms(relay: SocketAddr) -> Option<RelayHistograms> {
     match get(relay, "/metrics", None).await {
-        Some((200, body)) => Some(scrape::Buckets::parse(&body)),
+        Some((200, body)) => Some(RelayHistograms {
+            received: scrape::Buckets::parse(&body, scrape::RECEIVED),
+            queued: scrape::Buckets::parse(&body, scrape::QUEUED),
+        }),
         _ => None,
     }
 }
 
-/// What the relay's histogram counted since `before`, once it holds `events` more events: the
+/// From commit to the relay holding an event, and to its frames written or queued everywhere.
+struct RelayHistograms {
+    received: scrape::Buckets,
+    queued: scrape::Buckets,
+}
+
+/// What the relay's histograms counted since `before`, once they hold `events` more events: the
 /// relay observes an event just after queueing its frames, so a client can hold the last event
 /// a moment before the histogram counts it. None if the relay did not answer, or never counted
 /// them all within a few seconds.
-async fn relay_queued_since(
+async fn relay_histograms_since(
     relay: SocketAddr,
-    before: &scrape::Buckets,
+    before: &RelayHistograms,
     events: u64,
-) -> Option<scrape::Buckets> {
+) -> Option<RelayHistograms> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let since = relay_histogram(relay).await?.since(before);
-        if since.events() >= events {
-            return Some(since);
+        let now = relay_histograms(relay).await?;
+        let queued = now.queued.since(&before.queued);
+        if queued.events() >= events {
+            return Some(RelayHistograms {
+                received: now.received.since(&before.received),
+                queued,
+            });
         }
         if Instant::now() > deadline {
             return None;
@@ -260,12 +273,18 @@ async fn start_clients(
     issuer: &Issuer,
 ) -> Result<(Vec<Clients>, Setup), Error> {
     let members = cast.members();
-    let processes = options.client_processes.max(1);
-    let share = members.len().div_ceil(processes);
+    let processes = options.client_processes.max(1).min(members.len().max(1));
+    // Dealt out in turn, so that every process holds its share of each role: the 50 admins alone
+    // receive about half of the role mix's deliveries, and one process holding them all would
+    // queue their frames behind each other while the others idled.
+    let mut shares: Vec<Vec<&crate::cast::Member>> = vec![Vec::new(); processes];
+    for (i, member) in members.iter().enumerate() {
+        shares[i % processes].push(member);
+    }
     let me = std::env::current_exe()?;
     let mut clients = Vec::new();
     let start = Instant::now();
-    for (i, chunk) in members.chunks(share.max(1)).enumerate() {
+    for (i, chunk) in shares.iter().enumerate() {
         let mut child = Command::new(&me)
             .arg("worker")
             .stdin(Stdio::piped())
@@ -370,6 +389,14 @@ async fn command(clients: &mut [Clients], command: worker::Command) -> Result<()
     Ok(())
 }
 
+/// The CPU time the client processes have used so far, together.
+fn clients_cpu(clients: &[Clients]) -> Duration {
+    clients
+        .iter()
+        .filter_map(|c| c.child.id().and_then(system::cpu_time))
+        .sum()
+}
+
 struct Context<'a> {
     options: &'a Options,
     db: &'a Client,
@@ -391,8 +418,9 @@ async fn phase(
     let before = log_position(context.db).await?;
     let start = Instant::now();
     let cpu_before = system::cpu_time(context.relay_pid).unwrap_or_default();
+    let clients_cpu_before = clients_cpu(clients);
     let machine_before = system::machine_ticks();
-    let queued_before = relay_histogram(context.relay_addr).await;
+    let histograms_before = relay_histograms(context.relay_addr).await;
     let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
     let machine_busy = machine_before
         .zip(system::machine_ticks())
@@ -408,12 +436,15 @@ async fn phase(
     let reports = drain(clients, &expected).await?;
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
     let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
-    let relay_queued_ms = match &queued_before {
-        Some(before) => relay_queued_since(context.relay_addr, before, expected.len() as u64)
-            .await
-            .and_then(|since| since.percentiles()),
+    let clients_cpu = clients_cpu(clients).saturating_sub(clients_cpu_before);
+    let histograms = match &histograms_before {
+        Some(before) => {
+            relay_histograms_since(context.relay_addr, before, expected.len() as u64).await
+        }
         None => None,
     };
+    let relay_received_ms = histograms.as_ref().and_then(|h| h.received.percentiles());
+    let relay_queued_ms = histograms.as_ref().and_then(|h| h.queued.percentiles());
     let elapsed = start.elapsed().as_secs_f64();
     let mut latency = worker::latency_histogram();
     let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
@@ -458,8 +489,10 @@ async fn phase(
         arrived_before_acknowledgement,
         acknowledged_events,
         from_commit_timestamp,
+        relay_received_ms,
         relay_queued_ms,
         machine_busy,
+        clients_cpu_cores: clients_cpu.as_secs_f64() / elapsed,
         relay_cpu_cores: cpu.as_secs_f64() / elapsed,
         relay_cores_per_100k_deliveries: cpu.as_secs_f64() * 100_000.0
             / (accounting.received.max(1)) as f64,

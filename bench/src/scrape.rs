@@ -1,11 +1,15 @@
-//! The relay's own view of latency: its `relay_commit_to_send_seconds` histogram, read from
-//! `/metrics` before and after a phase. The difference says how long events took from their
-//! commit to being queued for every recipient inside the relay, which splits the clients'
-//! commit-to-arrival latency into the part before the relay has the event and the part after.
+//! The relay's own view of latency: its `relay_commit_to_receive_seconds` and
+//! `relay_commit_to_send_seconds` histograms, read from `/metrics` before and after a phase. The
+//! differences say how long events took from their commit to reaching the relay, and to being
+//! written or queued for every recipient, which splits the clients' commit-to-arrival latency
+//! into the part before the relay has the event, the relay's dispatch, and the part after.
 
 use serde::Serialize;
 
-const HISTOGRAM: &str = "relay_commit_to_send_seconds_bucket";
+/// From commit to the relay holding the event.
+pub const RECEIVED: &str = "relay_commit_to_receive_seconds";
+/// From commit to the event's frames written or queued for every recipient.
+pub const QUEUED: &str = "relay_commit_to_send_seconds";
 
 /// Cumulative bucket counts: (upper bound in seconds, events at or below it), by bound.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -21,12 +25,12 @@ pub struct AtMost {
 }
 
 impl Buckets {
-    /// The histogram's buckets in a Prometheus text exposition; empty if it has none.
-    pub fn parse(text: &str) -> Buckets {
+    /// The buckets of histogram `name` in a Prometheus text exposition; empty if it has none.
+    pub fn parse(text: &str, name: &str) -> Buckets {
         let mut buckets: Vec<(f64, u64)> = text
             .lines()
             .filter_map(|line| {
-                let rest = line.strip_prefix(HISTOGRAM)?.strip_prefix("{le=\"")?;
+                let rest = line.strip_prefix(name)?.strip_prefix("_bucket{le=\"")?;
                 let (bound, count) = rest.split_once("\"}")?;
                 let bound = match bound {
                     "+Inf" => f64::INFINITY,
@@ -91,13 +95,18 @@ mod tests {
 
     #[test]
     fn reads_the_buckets_and_their_difference() {
-        let before = Buckets::parse(
-            "# TYPE relay_commit_to_send_seconds histogram\n\
+        let text = "# TYPE relay_commit_to_send_seconds histogram\n\
              relay_commit_to_send_seconds_bucket{le=\"0.001\"} 5\n\
              relay_commit_to_send_seconds_bucket{le=\"0.0005\"} 2\n\
              relay_commit_to_send_seconds_bucket{le=\"+Inf\"} 6\n\
              relay_commit_to_send_seconds_count 6\n\
-             relay_events_received_total 6\n",
+             relay_commit_to_receive_seconds_bucket{le=\"0.0005\"} 6\n\
+             relay_commit_to_receive_seconds_bucket{le=\"+Inf\"} 6\n\
+             relay_events_received_total 6\n";
+        let before = Buckets::parse(text, QUEUED);
+        assert_eq!(
+            Buckets::parse(text, RECEIVED),
+            Buckets(vec![(0.0005, 6), (f64::INFINITY, 6)])
         );
         assert_eq!(
             before,
@@ -110,7 +119,7 @@ mod tests {
         assert_eq!(phase.p50_ms, 0.5);
         assert_eq!(phase.p99_ms, 1.0);
         assert_eq!(after.since(&before).events(), 100);
-        assert!(Buckets::parse("").percentiles().is_none());
+        assert!(Buckets::parse("", QUEUED).percentiles().is_none());
         assert!(after.since(&after).percentiles().is_none());
     }
 }

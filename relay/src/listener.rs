@@ -245,10 +245,11 @@ impl Listener {
         // Unconstrained, so that those writes do not spend this task's cooperative budget: a
         // socket write refused for want of budget would be handed to the socket's writer instead,
         // which is what writing directly saves.
+        let received = std::time::SystemTime::now();
         let delivered =
             tokio::task::unconstrained(async { self.hub.dispatch_with(event, writes) }).await;
         self.metrics
-            .dispatched(&event.at, std::time::SystemTime::now());
+            .dispatched(&event.at, received, std::time::SystemTime::now());
         self.presence.observe(event);
         delivered
     }

@@ -23,36 +23,51 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// What the relay measures as it goes, beyond the hub's counters.
 pub struct Metrics {
-    /// From an event's commit (its `at`, the database's clock) to its frames being queued for the
-    /// sockets (the relay's clock), once per event.
+    /// From an event's commit (its `at`, the database's clock) to the relay holding it, read and
+    /// parsed from its notification (the relay's clock), once per event: the part of the
+    /// latency spent before the relay.
+    commit_to_receive: Histogram,
+    /// From an event's commit to its frames being written or queued for every recipient, once per
+    /// event.
     commit_to_send: Histogram,
+}
+
+fn latency_histogram(name: &str, help: &str) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    // The options are constant and valid.
+    Histogram::with_opts(opts).expect("valid histogram options")
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let opts = HistogramOpts::new(
-            "relay_commit_to_send_seconds",
-            "From an event's commit to its frames being written or queued for every recipient",
-        )
-        .buckets(LATENCY_BUCKETS.to_vec());
         Metrics {
-            // The options are constant and valid.
-            commit_to_send: Histogram::with_opts(opts).expect("valid histogram options"),
+            commit_to_receive: latency_histogram(
+                "relay_commit_to_receive_seconds",
+                "From an event's commit to the relay holding it, before its dispatch",
+            ),
+            commit_to_send: latency_histogram(
+                "relay_commit_to_send_seconds",
+                "From an event's commit to its frames being written or queued for every recipient",
+            ),
         }
     }
 }
 
 impl Metrics {
-    /// Records one event's commit-to-send time; `at` is the event's RFC 3339 commit time. A time
-    /// that cannot be read, or lies ahead of this clock (clock skew), counts as zero.
-    pub fn dispatched(&self, at: &str, now: SystemTime) {
+    /// Records one event's commit-to-receive and commit-to-send times; `at` is the event's
+    /// RFC 3339 commit time, `received` when the relay had parsed its notification, `sent` when
+    /// its frames were written or queued. A time that cannot be read records nothing; one that
+    /// lies ahead of this clock (clock skew) counts as zero.
+    pub fn dispatched(&self, at: &str, received: SystemTime, sent: SystemTime) {
         let format = time::format_description::well_known::Rfc3339;
         let Ok(committed) = time::OffsetDateTime::parse(at, &format) else {
             return;
         };
         let committed = SystemTime::from(committed);
-        let elapsed = now.duration_since(committed).unwrap_or(Duration::ZERO);
-        self.commit_to_send.observe(elapsed.as_secs_f64());
+        let since = |then: SystemTime| then.duration_since(committed).unwrap_or(Duration::ZERO);
+        self.commit_to_receive
+            .observe(since(received).as_secs_f64());
+        self.commit_to_send.observe(since(sent).as_secs_f64());
     }
 }
 
@@ -181,9 +196,11 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
     for (name, help, value) in totals {
         counter(name, help, load(value));
     }
-    registry
-        .register(Box::new(metrics.commit_to_send.clone()))
-        .expect("unique metric");
+    for histogram in [&metrics.commit_to_receive, &metrics.commit_to_send] {
+        registry
+            .register(Box::new(histogram.clone()))
+            .expect("unique metric");
+    }
 
     let mut text = Vec::new();
     // Encoding gathered families into a Vec cannot fail.
@@ -200,8 +217,12 @@ mod tests {
         let hub = Hub::new(4);
         let metrics = Metrics::default();
         let now = SystemTime::now();
-        metrics.dispatched(&crate::rfc3339(now - Duration::from_millis(3)), now);
-        metrics.dispatched("not a time", now);
+        metrics.dispatched(
+            &crate::rfc3339(now - Duration::from_millis(3)),
+            now - Duration::from_micros(2450),
+            now,
+        );
+        metrics.dispatched("not a time", now, now);
         let text = render(
             &hub,
             &metrics,
@@ -223,6 +244,10 @@ mod tests {
             "relay_commit_to_send_seconds_count 1",
             "relay_commit_to_send_seconds_bucket{le=\"0.005\"} 1",
             "relay_commit_to_send_seconds_bucket{le=\"0.002\"} 0",
+            "# TYPE relay_commit_to_receive_seconds histogram",
+            "relay_commit_to_receive_seconds_count 1",
+            "relay_commit_to_receive_seconds_bucket{le=\"0.0005\"} 0",
+            "relay_commit_to_receive_seconds_bucket{le=\"0.0006\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
