@@ -60,11 +60,23 @@ fn a_quick_run_completes_and_loses_nothing() {
                 assert!(value >= from_ack[p].as_f64().unwrap(), "{p}: {phase}");
             }
         }
-        // The relay's own histogram, read from its /metrics, counted the phase's events.
-        assert_eq!(
-            phase["relay_queued_ms"]["events"], accounting["events"],
-            "{phase}"
-        );
+        // The relay's own histograms, read from its /metrics, counted the phase's events, and
+        // each event reached the relay before its frames were handed over.
+        for histogram in ["relay_received_ms", "relay_queued_ms"] {
+            assert_eq!(
+                phase[histogram]["events"], accounting["events"],
+                "{histogram}: {phase}"
+            );
+        }
+        for p in ["p50_ms", "p99_ms"] {
+            assert!(
+                phase["relay_received_ms"][p].as_f64().unwrap()
+                    <= phase["relay_queued_ms"][p].as_f64().unwrap(),
+                "{p}: {phase}"
+            );
+        }
+        // The client processes did the reading, and their CPU time was counted.
+        assert!(phase["clients_cpu_cores"].as_f64().unwrap() > 0.0, "{phase}");
     }
     assert_eq!(results["replay"]["events"], 1000);
     assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);
