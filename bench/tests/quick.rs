@@ -76,7 +76,10 @@ fn a_quick_run_completes_and_loses_nothing() {
             );
         }
         // The client processes did the reading, and their CPU time was counted.
-        assert!(phase["clients_cpu_cores"].as_f64().unwrap() > 0.0, "{phase}");
+        assert!(
+            phase["clients_cpu_cores"].as_f64().unwrap() > 0.0,
+            "{phase}"
+        );
     }
     assert_eq!(results["replay"]["events"], 1000);
     assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);

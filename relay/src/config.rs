@@ -134,11 +134,11 @@ pub struct AuthArgs {
     pub relay_jwks_file: Option<PathBuf>,
 
     /// When set, a token's `aud` claim must name this value.
-    #[arg(long = "relay-jwt-audience", env = "RELAY_JWT_AUDIENCE")]
+    #[arg(long = "relay-jwt-audience", env = "RELAY_JWT_AUDIENCE", value_parser = parse_claim)]
     pub relay_jwt_audience: Option<String>,
 
     /// When set, a token's `iss` claim must equal this value.
-    #[arg(long = "relay-jwt-issuer", env = "RELAY_JWT_ISSUER")]
+    #[arg(long = "relay-jwt-issuer", env = "RELAY_JWT_ISSUER", value_parser = parse_claim)]
     pub relay_jwt_issuer: Option<String>,
 }
 
@@ -419,6 +419,15 @@ fn parse_retention(value: &str) -> Result<Duration, String> {
     Ok(retention)
 }
 
+/// A required `aud` or `iss`. An empty one would refuse every token that names an audience or
+/// issuer; a setting left empty by mistake (`RELAY_JWT_AUDIENCE=`) stops the relay instead.
+fn parse_claim(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err("must not be empty; leave the setting unset to accept any".into());
+    }
+    Ok(value.to_string())
+}
+
 /// An origin as browsers send it: `scheme://host[:port]`, no path; compared case-insensitively.
 /// An empty value (an empty `RELAY_ALLOWED_ORIGINS`) names no origin.
 fn parse_origin(value: &str) -> Result<String, String> {
@@ -633,6 +642,9 @@ mod tests {
             &["--relay-allowed-origins", "https://dash.example.com/app"],
             &["--relay-max-subscriptions-per-socket", "5"],
             &["--relay-max-frames-per-second", "0"],
+            // Empty by mistake: every token naming an audience or issuer would be refused.
+            &["--relay-jwt-audience", ""],
+            &["--relay-jwt-issuer", " "],
         ] {
             let mut extra = vec!["--relay-jwt-secret", &secret];
             extra.extend_from_slice(bad);
