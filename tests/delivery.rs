@@ -312,6 +312,91 @@ async fn a_replay_longer_than_the_socket_queue_is_not_cut() {
     relay.shutdown().await;
 }
 
+/// A client that stops reading while its resumed subscription is replayed is cut as a slow
+/// consumer, though the replay alone never fills its queue, and resumes without loss. Live events
+/// of the feed arriving meanwhile wait in the replay's buffer, so nothing else would ever cut it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_during_a_replay_is_cut_and_resumes_without_loss() {
+    const ROWS: usize = 3000;
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.socket_queue = 8;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let admin = db.user(Role::Admin).await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::connect(addr, admin).await;
+    let start = ws.subscribe("appointments").await;
+    drop(ws);
+    // 12 MB of events: more than the socket's buffers hold.
+    db.client
+        .execute(
+            "insert into appointments (patient_id, dentist_id, starts_at, ends_at, notes)
+             select $1, $2, now(), now() + interval '1 hour', n || ' ' || repeat('x', 4000)
+             from generate_series(1, $3::int) n order by n",
+            &[&patient.user_id, &dentist.user_id, &(ROWS as i32)],
+        )
+        .await
+        .unwrap();
+    common::settle(&db, addr).await;
+
+    let mut stalled = Ws::connect(addr, admin).await;
+    stalled
+        .send(json!({"type": "subscribe", "ref": "r", "feed": "appointments", "since": start}))
+        .await;
+    let cut = || {
+        relay
+            .hub()
+            .counters()
+            .slow_consumers_cut
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tokio::time::timeout(common::PATIENCE, async {
+        while cut() == 0 || relay.hub().snapshot().connected_sockets > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the client that stopped reading was never cut and let go");
+
+    // It reads now: the reply, what the replay sent before the cut, then the close.
+    let mut received = Vec::new();
+    loop {
+        match stalled.next_message().await {
+            Some(Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "event" {
+                    received.push(frame);
+                }
+            }
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
+                break;
+            }
+            other => panic!("expected frames then close 4008, got {other:?}"),
+        }
+    }
+    assert!(received.len() < ROWS, "cut before the replay ended");
+    let last = received.last().map(cursor).unwrap_or(start);
+    let mut again = Ws::connect(addr, admin).await;
+    let rest = again.resume("appointments", &last).await;
+    let notes: Vec<usize> = received
+        .iter()
+        .chain(&rest)
+        .map(|e| {
+            let notes = e["row"]["notes"].as_str().unwrap();
+            notes.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        (1..=ROWS).collect::<Vec<_>>(),
+        "every row once, in order, across the cut ({} received before it)",
+        received.len()
+    );
+    relay.shutdown().await;
+}
+
 /// Events committed from several connections at once, faster than one at a time, reach every
 /// socket complete and in cursor order. The relay writes an event's frames from its dispatch while
 /// nothing waits behind the event, and queues them for the sockets' writers while notifications

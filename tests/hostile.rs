@@ -428,6 +428,95 @@ async fn a_flooding_socket_is_closed_and_the_others_are_not() {
     relay.shutdown().await;
 }
 
+/// A client frame, masked (with a zero mask, which leaves the payload as it is).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A socket closed for input the WebSocket layer cannot read (a frame over the size limit: 1009)
+/// has the rest of that input discarded until the client closes. The connection then ends in an
+/// orderly way; closed with the input unread, it would be reset, which can lose the close frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_closed_for_unreadable_input_ends_in_order_not_with_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.limits.max_frame_bytes = 1024;
+    let relay = common::start_with(config).await;
+    let admin = db.user(Role::Admin).await;
+    let mut tcp = tokio::net::TcpStream::connect(relay.local_addr())
+        .await
+        .unwrap();
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        common::token(&admin)
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 65536];
+    async fn read(tcp: &mut tokio::net::TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+        tokio::time::timeout(PATIENCE, tcp.read(buffer))
+            .await
+            .expect("the relay answers")
+    }
+    let head_end = loop {
+        let n = read(&mut tcp, &mut buffer).await.unwrap();
+        assert!(n > 0, "the relay closed during the upgrade");
+        received.extend_from_slice(&buffer[..n]);
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    assert!(
+        received.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+    received.drain(..head_end);
+
+    // 200 KB in one frame: refused from its header, the payload left unread.
+    tcp.write_all(&client_frame(0x1, &vec![b'a'; 200_000]))
+        .await
+        .expect("the relay takes in the whole frame");
+    // The close frame, unmasked from the relay: 0x88, a length under 126, the code.
+    while received.len() < 4 || received.len() < 2 + usize::from(received[1]) {
+        let n = read(&mut tcp, &mut buffer).await.unwrap();
+        assert!(n > 0, "the relay closed without a close frame");
+        received.extend_from_slice(&buffer[..n]);
+    }
+    assert_eq!(received[0], 0x88, "a close frame: {received:?}");
+    assert_eq!(u16::from_be_bytes([received[2], received[3]]), 1009);
+
+    // The client answers the close and ends its side; the relay then ends the connection in
+    // order: end of stream, not a reset.
+    tcp.write_all(&client_frame(0x8, &1009u16.to_be_bytes()))
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap();
+    match read(&mut tcp, &mut buffer).await {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} more bytes after the close frame"),
+        Err(e) => panic!("the connection ended with {e} instead of in order"),
+    }
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origins_outside_the_allowlist_are_refused() {
     let db = common::TestDb::new().await;

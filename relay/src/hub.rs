@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -166,17 +166,19 @@ impl Link {
 
     /// Queues a frame for a replay, waiting until the queue has room for it and half its capacity
     /// besides, so that live frames of the socket's other feeds, and the `live` marker, still find
-    /// room; false once the socket is gone.
-    pub async fn send_replayed(&self, outbound: Outbound) -> bool {
+    /// room. Waits at most `stall`: a client that takes no frame for that long has stopped
+    /// reading.
+    pub async fn send_replayed(&self, outbound: Outbound, stall: Duration) -> Replayed {
         let headroom = self.tx.max_capacity() / 2;
-        match self.tx.reserve_many(headroom + 1).await {
-            Ok(mut permits) => {
+        match tokio::time::timeout(stall, self.tx.reserve_many(headroom + 1)).await {
+            Ok(Ok(mut permits)) => {
                 if let Some(permit) = permits.next() {
                     permit.send(Box::new(outbound));
                 }
-                true
+                Replayed::Queued
             }
-            Err(_) => false,
+            Ok(Err(_)) => Replayed::Gone,
+            Err(_) => Replayed::Stalled,
         }
     }
 
@@ -190,6 +192,16 @@ impl Link {
             true
         });
     }
+}
+
+/// What became of a replayed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayed {
+    Queued,
+    /// The socket closed.
+    Gone,
+    /// The queue made no room within the time allowed.
+    Stalled,
 }
 
 /// What a session receives when it joins the hub.
@@ -490,6 +502,9 @@ impl Hub {
             cut: Arc::new(cut),
             direct,
         };
+        // Read under the index's write lock: `close_all` sets `closing` before it reads the
+        // index, so a socket either sees the reason here or is in the index `close_all` walks.
+        let mut index = self.write();
         let closing = self
             .closing
             .read()
@@ -498,7 +513,7 @@ impl Hub {
         match closing {
             Some(reason) => link.close(reason),
             None => {
-                self.write().sockets.insert(
+                index.sockets.insert(
                     id,
                     SocketState {
                         principal,
@@ -509,6 +524,7 @@ impl Hub {
                 );
             }
         }
+        drop(index);
         Connection {
             id,
             outbox,

@@ -105,10 +105,18 @@ impl Drop for Ticket {
 
 /// A token bucket over a socket's inbound frames: `per_second` frames a second on average, and
 /// bursts of up to `per_second` frames.
+///
+/// Frames are counted as they are read. While one frame's work runs (a replay can take seconds),
+/// the socket is not read, and what the client sent meanwhile is read at once afterwards:
+/// [`FrameRate::resume`] credits that time, so a client within the rate is not taken for one over
+/// it.
 #[derive(Debug, Clone)]
 pub struct FrameRate {
     per_second: f64,
     tokens: f64,
+    /// Tokens above `per_second` credited for time the socket went unread; it wanes as time
+    /// passes, at the rate itself.
+    credit: f64,
     last: Instant,
 }
 
@@ -117,21 +125,33 @@ impl FrameRate {
         FrameRate {
             per_second: f64::from(per_second),
             tokens: f64::from(per_second),
+            credit: 0.0,
             last: now,
         }
     }
 
-    /// Counts one frame received at `now`; false when the socket is over its rate.
+    /// Counts one frame read at `now`; false when the socket is over its rate.
     pub fn allow(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        self.credit = (self.credit - elapsed * self.per_second).max(0.0);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second + self.credit);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// Reading resumes at `now` after the last frame's work: the client may have sent frames at
+    /// the full rate all the while, and those waiting are read now, so the time since that frame
+    /// was read fills the bucket past its usual size.
+    pub fn resume(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens += elapsed * self.per_second;
+        self.credit = (self.tokens - self.per_second).max(0.0);
     }
 }
 
@@ -205,5 +225,45 @@ mod tests {
         for i in 0..1000u64 {
             assert!(rate.allow(start + Duration::from_millis(i * 250)));
         }
+    }
+
+    #[test]
+    fn frames_sent_while_the_socket_went_unread_are_read_at_once_within_the_rate() {
+        let start = Instant::now();
+        let mut rate = FrameRate::new(10, start);
+        // A burst, the last frame of which starts 3 s of work (a replay).
+        for i in 0..10 {
+            assert!(rate.allow(start), "frame {i} of the burst");
+        }
+        let done = start + Duration::from_secs(3);
+        rate.resume(done);
+        // Meanwhile the client sent at the rate: 30 frames, all read now.
+        for i in 0..30 {
+            assert!(rate.allow(done), "frame {i} sent during the work");
+        }
+        assert!(
+            !rate.allow(done),
+            "one more than the rate allowed over the 3 s"
+        );
+        // From here the usual burst and average hold.
+        let later = done + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert!(rate.allow(later));
+        }
+        assert!(!rate.allow(later));
+    }
+
+    #[test]
+    fn the_credit_for_unread_time_wanes_as_time_passes() {
+        let start = Instant::now();
+        let mut rate = FrameRate::new(10, start);
+        assert!(rate.allow(start));
+        rate.resume(start + Duration::from_secs(5));
+        // Unused, the credit of the 5 s wanes at the rate: 5 s later, one burst and no more.
+        let later = start + Duration::from_secs(10);
+        for _ in 0..10 {
+            assert!(rate.allow(later));
+        }
+        assert!(!rate.allow(later));
     }
 }

@@ -18,6 +18,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use futures::{Sink, Stream};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tungstenite::Message;
 
@@ -86,6 +87,27 @@ impl Outlet {
     /// The next frame from the client.
     pub async fn next(&self) -> Option<tungstenite::Result<Message>> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Reads and discards the client's input beneath the WebSocket layer, until the client closes
+    /// the connection or it fails. After a read error the WebSocket layer reads nothing more, and
+    /// a connection closed with input unread is reset rather than closed, which can lose the
+    /// close frame on its way to the client.
+    pub async fn discard_input(&self) {
+        let mut scratch = vec![0u8; 4096];
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            loop {
+                let mut buffer = ReadBuf::new(&mut scratch);
+                match Pin::new(state.socket.get_mut()).poll_read(cx, &mut buffer) {
+                    Poll::Ready(Ok(())) if buffer.filled().is_empty() => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
     }
 
     /// The writer's work: moves queued frames into the socket and writes them out, until the

@@ -21,7 +21,8 @@ use crate::authz::{self, Feed, Owners, Principal, Reach, Role};
 use crate::config::Limits;
 use crate::consult;
 use crate::hub::{
-    self, Close, Connection, Drained, Hub, Link, Outbound, SocketId, Start, SubscribeError, View,
+    self, Close, Connection, Drained, Hub, Link, Outbound, Replayed, SocketId, Start,
+    SubscribeError, View,
 };
 use crate::limits::{FrameRate, Ticket};
 use crate::log;
@@ -36,6 +37,10 @@ use crate::upgrade::Socket;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a subscribe-time check, or one page of a replay, may wait for the database.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a replay waits for room in its socket's queue before cutting the socket as a slow
+/// consumer. A client that takes not one frame in this time has stopped reading; live frames of
+/// the feed being replayed wait in the replay's buffer meanwhile, and could never fill the queue.
+const REPLAY_STALL: Duration = Duration::from_secs(10);
 /// Events read from the log per replay query.
 const REPLAY_PAGE: i64 = 2000;
 
@@ -111,6 +116,8 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     };
     let mut rate = FrameRate::new(context.limits.max_frames_per_second, Instant::now());
     let mut closed = closed;
+    // The socket's input failed (too big, not UTF-8, not WebSocket): it cannot be read further.
+    let mut unreadable = false;
     let token_expired = || Close {
         code: close::TOKEN_EXPIRED,
         reason: "token expired".into(),
@@ -152,6 +159,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
             Some(Err(e)) => {
                 tracing::debug!(cause = %e, "socket read failed");
                 link.close(close_for(&e));
+                unreadable = true;
                 break;
             }
             None => break,
@@ -168,6 +176,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
             // not carry room for it.
             outcome = Box::pin(reader.handle(&text)) => outcome,
         };
+        rate.resume(Instant::now());
         match outcome {
             Outcome::Continue => {}
             Outcome::Reauthenticated(expires_at) => {
@@ -199,7 +208,11 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
                 | close::IDENTITY_CHANGED
         )
     );
-    if provoked {
+    if provoked && unreadable {
+        // Past a read error the WebSocket layer reads nothing more: the rest is discarded
+        // beneath it, until the client closes the connection.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, outlet.discard_input()).await;
+    } else if provoked {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Some(Ok(message)) = outlet.next().await {
                 if message.is_close() {
@@ -476,6 +489,19 @@ impl Reader {
         }
     }
 
+    /// Queues a replayed frame; false when the socket closed, or was cut because its client
+    /// stopped reading.
+    async fn send_replayed(&self, outbound: Outbound) -> bool {
+        match self.link.send_replayed(outbound, REPLAY_STALL).await {
+            Replayed::Queued => true,
+            Replayed::Gone => false,
+            Replayed::Stalled => {
+                self.context.hub.cut(self.id, Close::slow_consumer());
+                false
+            }
+        }
+    }
+
     /// Sends, in order, the events of `feed` after `cursor` up to `upto` that this subscriber
     /// may see, then the live frames that arrived meanwhile, and makes the subscription live.
     /// When more live frames arrive than the buffer holds, the replay reads further in the log.
@@ -535,8 +561,8 @@ impl Reader {
                         frame: hub::text(frame),
                         cursor: Some(id),
                     };
-                    if !self.link.send_replayed(outbound).await {
-                        return Ok(()); // The socket closed.
+                    if !self.send_replayed(outbound).await {
+                        return Ok(());
                     }
                     replayed += 1;
                 }
@@ -546,7 +572,7 @@ impl Reader {
                 Drained::Frames(frames) => {
                     for outbound in frames {
                         after = outbound.cursor.unwrap_or(after);
-                        if !self.link.send_replayed(outbound).await {
+                        if !self.send_replayed(outbound).await {
                             return Ok(());
                         }
                     }
