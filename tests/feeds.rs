@@ -709,6 +709,95 @@ async fn truncate_is_a_delete_of_every_row() {
     relay.shutdown().await;
 }
 
+/// A TRUNCATE that removes nothing stages nothing: the transaction's other changes are published,
+/// whether the TRUNCATE came first in it or with other tables in one statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncating_an_empty_table_keeps_the_transactions_other_changes() {
+    let db = common::TestDb::new().await;
+    let relay = db.start().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
+    db.exec(&format!(
+        "begin;
+         truncate availability;
+         insert into appointments (id, patient_id, dentist_id, starts_at, ends_at)
+         values ('00000000-0000-4000-8000-00000000a001', '{}', '{}', now(), now() + interval '1 hour');
+         commit;",
+        patient.user_id, dentist.user_id
+    ))
+    .await;
+    let fence = db.fence().await;
+    assert_eq!(
+        ops(&ws.events_until(fence).await),
+        [(
+            "INSERT".into(),
+            "00000000-0000-4000-8000-00000000a001".into()
+        )]
+    );
+    // An empty table first, then one with a row, in one statement. (The first statement empties
+    // availability of the fence.)
+    db.exec("truncate availability").await;
+    db.exec("truncate availability, appointments cascade").await;
+    let fence_after = db.fence().await;
+    assert_eq!(
+        ops(&ws.events_until(fence_after).await),
+        [
+            ("DELETE".into(), fence.to_string()),
+            (
+                "DELETE".into(),
+                "00000000-0000-4000-8000-00000000a001".into()
+            )
+        ]
+    );
+    let left: i64 = db
+        .client
+        .query_one("select count(*) from relay.pending", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "nothing staged outlives its transaction");
+    relay.shutdown().await;
+}
+
+/// Under REPEATABLE READ or SERIALIZABLE, the rows a TRUNCATE removes cannot all be listed (the
+/// snapshot predates rows it removes too), so it is refused; under READ COMMITTED it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_outside_read_committed_is_refused_with_a_clear_error() {
+    let db = common::TestDb::new().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    db.book(&patient, &dentist, "").await;
+    for level in ["repeatable read", "serializable"] {
+        db.exec(&format!("begin isolation level {level}")).await;
+        let err = db
+            .client
+            .batch_execute("truncate appointments cascade")
+            .await
+            .expect_err("TRUNCATE must be refused under this level");
+        db.exec("rollback").await;
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+            "{level}: {err}"
+        );
+        let message = err.as_db_error().unwrap().message();
+        assert!(
+            message.contains("TRUNCATE") && message.contains(&level.to_uppercase()),
+            "{message}"
+        );
+    }
+    async fn count(db: &common::TestDb) -> i64 {
+        db.client
+            .query_one("select count(*) from appointments", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    assert_eq!(count(&db).await, 1, "the refused TRUNCATEs removed nothing");
+    db.exec("begin isolation level read committed; truncate appointments cascade; commit")
+        .await;
+    assert_eq!(count(&db).await, 0);
+}
+
 /// `SET CONSTRAINTS ALL IMMEDIATE` publishes early; any later change to a watched table is refused,
 /// whether the transaction had staged one change before it (the common path) or several, and
 /// whatever the later change is.

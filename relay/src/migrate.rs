@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/006_lean_capture.sql"),
     migration!("triggers/007_fewer_calls.sql"),
     migration!("triggers/008_single_change.sql"),
+    migration!("triggers/009_truncate.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
