@@ -109,7 +109,7 @@ pub async fn expected(
     let mut from = after;
     while from < upto {
         let page = relay::log::read_range(client, from, upto, None, PAGE).await?;
-        let full = page.events.len() as i64 == PAGE;
+        let more = page.more;
         for (id, event) in page.events {
             from = id;
             let event = event.map_err(|e| format!("event {id} in the log: {e}"))?;
@@ -118,7 +118,7 @@ pub async fn expected(
                 expected.xids.insert(id.0, xid);
             }
         }
-        if !full {
+        if !more {
             break;
         }
     }

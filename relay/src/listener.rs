@@ -220,7 +220,7 @@ impl Listener {
                 self.hub.skip(page.horizon);
                 continue;
             }
-            let count = page.events.len();
+            let more = page.more;
             for (id, event) in page.events {
                 match event {
                     // A page of the log: more events are waiting behind each one.
@@ -233,7 +233,7 @@ impl Listener {
                     }
                 }
             }
-            if (count as i64) < CATCH_UP_PAGE {
+            if !more {
                 return Ok(());
             }
         }

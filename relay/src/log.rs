@@ -21,6 +21,14 @@ use crate::protocol::Cursor;
 const EVENT_COLUMNS: &str = "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, \
     e.old_session, e.xid::text, to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
+/// How much of the log one page may hold, counted as Postgres stores the rows' values
+/// (compressed where they are large): a page ends at its count or at this, whichever comes first,
+/// and always holds at least one event. Ordinary events are a few hundred bytes, so only runs of
+/// large rows (long notes, long messages) end a page early; without the bound, a page of
+/// thousands of them would be hundreds of megabytes in the relay's memory, and slow enough to
+/// read to outlast the query timeout.
+pub const PAGE_BYTES: i64 = 8 << 20;
+
 /// Events of one range, read in one statement together with the horizon, so that a prune that
 /// commits meanwhile is either wholly visible (and detected) or not at all.
 #[derive(Debug)]
@@ -29,6 +37,8 @@ pub struct Page {
     pub horizon: Cursor,
     /// The events, by id; an event that cannot be decoded is an error in its place.
     pub events: Vec<(Cursor, Result<Event, DecodeError>)>,
+    /// The page ended at its count or its size: the range may hold more events after the last.
+    pub more: bool,
 }
 
 impl Page {
@@ -53,7 +63,8 @@ impl Bounds {
     }
 }
 
-/// Reads up to `limit` events with `after < id <= upto`, of one feed or of all, in id order.
+/// Reads up to `limit` events with `after < id <= upto`, of one feed or of all, in id order, and
+/// no more than [`PAGE_BYTES`] of them past the first.
 pub async fn read_range(
     client: &impl GenericClient,
     after: Cursor,
@@ -61,30 +72,49 @@ pub async fn read_range(
     feed: Option<Feed>,
     limit: i64,
 ) -> Result<Page, tokio_postgres::Error> {
+    // The innermost query takes the page by count. The sizes are summed over those rows only,
+    // from the values' stored headers (pg_column_size reads no large value), and rows that start
+    // past the budget are left out before anything reads their values. `fetched` is how many the
+    // count took, to tell a page cut short by size.
     let sql = format!(
-        "select h.pruned_through, {EVENT_COLUMNS} \
+        "select h.pruned_through, e.fetched, {EVENT_COLUMNS} \
          from relay.log_horizon h \
          left join lateral ( \
-             select * from relay.events \
-             where id > $1 and id <= $2 and ($3::text is null or table_name = $3) \
-             order by id limit $4) e on true \
+             select s.* from ( \
+                 select c.*, sum(c.size) over (order by c.id) - c.size as before, \
+                        count(*) over () as fetched \
+                 from ( \
+                     select e.*, coalesce(pg_column_size(e.new_row), 0) \
+                         + coalesce(pg_column_size(e.old_row), 0) as size \
+                     from relay.events e \
+                     where id > $1 and id <= $2 and ($3::text is null or table_name = $3) \
+                     order by id limit $4) c) s \
+             where s.before < $5) e on true \
          order by e.id"
     );
     let table = feed.map(Feed::as_str);
     let rows = client
-        .query(&sql, &[&after.0, &upto.0, &table, &limit])
+        .query(&sql, &[&after.0, &upto.0, &table, &limit, &PAGE_BYTES])
         .await?;
-    let horizon = match rows.first() {
-        Some(row) => Cursor(row.try_get(0)?),
-        None => Cursor::default(),
+    let (horizon, fetched) = match rows.first() {
+        Some(row) => (
+            Cursor(row.try_get(0)?),
+            row.try_get::<_, Option<i64>>(1)?.unwrap_or(0),
+        ),
+        None => (Cursor::default(), 0),
     };
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        if let Some(id) = row.try_get::<_, Option<i64>>(1)? {
-            events.push((Cursor(id), decode(row, 1)));
+        if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
+            events.push((Cursor(id), decode(row, 2)));
         }
     }
-    Ok(Page { horizon, events })
+    let more = fetched == limit || (events.len() as i64) < fetched;
+    Ok(Page {
+        horizon,
+        events,
+        more,
+    })
 }
 
 /// The log's newest committed event (0 if none): the position a relay starts live from.

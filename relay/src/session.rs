@@ -540,7 +540,7 @@ impl Reader {
                 if !page.is_complete_after(after) {
                     return Err(expired(cursor));
                 }
-                let full = page.events.len() as i64 == REPLAY_PAGE;
+                let full = page.more;
                 let next = match page.events.last() {
                     Some((last, _)) if full => *last,
                     _ => upto,
