@@ -53,6 +53,12 @@ export interface ConnectOptions {
   refreshMarginMs?: number;
   /** How long a connection attempt may take before it is abandoned and retried (default 15 s). */
   connectTimeoutMs?: number;
+  /**
+   * The relay's `RELAY_MAX_FRAME_BYTES` (default 65,536). A send whose frame would be larger is
+   * refused here with `invalid_body`: the relay would close the socket with 1009 instead, and
+   * the send, retried on every reconnect, would never get through.
+   */
+  maxFrameBytes?: number;
 }
 
 export interface SubscribeOptions {
@@ -100,6 +106,9 @@ interface Entry {
   /** The `ref` of the subscribe in flight; until its `subscribed` arrives, events of the feed
    * belong to the subscription it replaces and are not delivered. */
   pending: string | undefined;
+  /** The `ref` of the latest subscribe, in flight or answered: an `error` with it ends the
+   * subscription, even after `subscribed` (a replay that failed part-way). */
+  ref: string | undefined;
   /** A retry of a subscribe the relay could not complete. */
   retry: ReturnType<typeof setTimeout> | undefined;
   filter: { session_id?: string } | undefined;
@@ -124,6 +133,10 @@ const FATAL_CLOSES = new Set([4003]);
 const MAX_BODY_CHARACTERS = 4000;
 /** Frames per second the client sends at most: below the relay's default limit of 50. */
 const FRAMES_PER_SECOND = 40;
+/** The relay's default `RELAY_MAX_FRAME_BYTES`. */
+const MAX_FRAME_BYTES = 65_536;
+/** The longest delay `setTimeout` keeps (about 24.8 days); longer ones fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Connects to the relay; the connection opens in the background. */
 export function connect(options: ConnectOptions): RelayClient {
@@ -134,7 +147,12 @@ export class RelayClient {
   private readonly options: Required<
     Pick<
       ConnectOptions,
-      "heartbeatMs" | "initialBackoffMs" | "maxBackoffMs" | "refreshMarginMs" | "connectTimeoutMs"
+      | "heartbeatMs"
+      | "initialBackoffMs"
+      | "maxBackoffMs"
+      | "refreshMarginMs"
+      | "connectTimeoutMs"
+      | "maxFrameBytes"
     >
   > &
     ConnectOptions;
@@ -186,6 +204,7 @@ export class RelayClient {
       maxBackoffMs: 15_000,
       refreshMarginMs: 60_000,
       connectTimeoutMs: 15_000,
+      maxFrameBytes: MAX_FRAME_BYTES,
       ...options,
     };
     this.token = options.token;
@@ -219,6 +238,7 @@ export class RelayClient {
     const entry: Entry = {
       feed,
       pending: undefined,
+      ref: undefined,
       retry: undefined,
       filter: options.filter,
       handler: handler as (event: ChangeEvent) => void,
@@ -273,6 +293,14 @@ export class RelayClient {
       );
     }
     const clientId = uuid();
+    if (byteLength(JSON.stringify(this.sendFrame(clientId, sessionId, body))) > this.options.maxFrameBytes) {
+      return Promise.reject(
+        new SendError(
+          "invalid_body",
+          `the message's frame would exceed the relay's ${this.options.maxFrameBytes} bytes`,
+        ),
+      );
+    }
     return new Promise<SendResult>((resolve, reject) => {
       this.sends.set(clientId, { sessionId, body, resolve, reject });
       this.transmitSend(clientId);
@@ -368,6 +396,9 @@ export class RelayClient {
     this.heartbeat = setInterval(() => this.beat(), this.options.heartbeatMs);
     this.scheduleRefresh();
     for (const entry of this.entries.values()) {
+      // A retry planned on the last connection is this subscribe.
+      clearTimeout(entry.retry);
+      entry.retry = undefined;
       this.transmitSubscribe(entry);
     }
     for (const clientId of this.sends.keys()) {
@@ -440,17 +471,28 @@ export class RelayClient {
 
   private scheduleRefresh(): void {
     clearTimeout(this.refresh);
+    this.refresh = undefined;
     if (!this.options.getToken || !this.token) {
       return;
     }
     const lifetime = tokenLifetime(this.token);
-    if (lifetime === undefined) {
+    const expiry = tokenExpiry(this.token);
+    if (lifetime === undefined || expiry === undefined) {
       return;
     }
-    // Measured from now with the token's own lifetime (exp - iat), so that a client whose clock
-    // is off does not refresh in a loop; never sooner than a second.
+    // The time the token has left by this clock (a getToken may hand back a cached token, well
+    // into its life). A clock so far off that the token looks expired, or longer-lived than
+    // it is, falls back to the token's whole lifetime (exp - iat), so that the client does not
+    // refresh in a loop. Never sooner than a second.
+    const left = expiry - Date.now();
+    const basis = left > 0 && left <= lifetime ? left : lifetime;
     const margin = Math.min(this.options.refreshMarginMs, lifetime / 2);
-    const delay = Math.max(1_000, lifetime - margin);
+    const delay = Math.max(1_000, basis - margin);
+    if (delay > MAX_TIMER_MS) {
+      // Longer than a timer can wait: look again when it has waited what it can.
+      this.refresh = setTimeout(() => this.scheduleRefresh(), MAX_TIMER_MS);
+      return;
+    }
     this.refresh = setTimeout(() => void this.refreshToken(), delay);
   }
 
@@ -476,7 +518,14 @@ export class RelayClient {
     clearTimeout(this.retrySends);
     clearTimeout(this.connecting);
     clearTimeout(this.pump);
+    // Cleared handles are forgotten too: each is scheduled again only while it is undefined.
     this.heartbeat = undefined;
+    this.refresh = undefined;
+    this.retrySends = undefined;
+    this.connecting = undefined;
+    this.pump = undefined;
+    // Every unacknowledged send goes out again when the connection opens.
+    this.toRetry.clear();
     this.outbox = [];
   }
 
@@ -580,11 +629,23 @@ export class RelayClient {
       pending.reject(new SendError(error.code, error.message));
       return;
     }
+    if (ref.startsWith("auth:")) {
+      // The relay kept the token it had; try a fresh one shortly, while that one lasts.
+      this.emit("error", error);
+      if (this.options.getToken && this.socket?.readyState === OPEN) {
+        clearTimeout(this.refresh);
+        this.refresh = setTimeout(() => void this.refreshToken(), 5_000);
+      }
+      return;
+    }
     if (ref.startsWith("subscribe:")) {
-      const entry = [...this.entries.values()].find((e) => e.pending === ref);
+      const entry = [...this.entries.values()].find((e) => e.ref === ref);
       if (!entry) {
         return; // The answer to a subscribe that has since been replaced.
       }
+      // An error after `subscribed` (a replay that failed part-way) ended the subscription too:
+      // until it is subscribed again, the feed's events are not this subscription's.
+      entry.pending = ref;
       const feed = entry.feed;
       if (error.code === "cursor_expired") {
         // The log no longer reaches back to the cursor: the app must refetch; go on live.
@@ -618,6 +679,7 @@ export class RelayClient {
       return; // Sent when the connection opens.
     }
     entry.pending = this.ref(`subscribe:${entry.feed}`);
+    entry.ref = entry.pending;
     const frame: Record<string, unknown> = {
       type: "subscribe",
       ref: entry.pending,
@@ -637,13 +699,17 @@ export class RelayClient {
     if (!pending) {
       return;
     }
-    this.transmit({
+    this.transmit(this.sendFrame(clientId, pending.sessionId, pending.body));
+  }
+
+  private sendFrame(clientId: string, sessionId: string, body: string): Record<string, unknown> {
+    return {
       type: "send",
       ref: `send:${clientId}`,
-      session_id: pending.sessionId,
-      body: pending.body,
+      session_id: sessionId,
+      body,
       client_id: clientId,
-    });
+    };
   }
 
   /**
@@ -742,6 +808,11 @@ export function tokenLifetime(token: string): number | undefined {
     return Math.max(0, (exp - iat) * 1000);
   }
   return Math.max(0, exp * 1000 - Date.now());
+}
+
+/** The length of a string in UTF-8. */
+function byteLength(text: string): number {
+  return new TextEncoder().encode(text).length;
 }
 
 /** Whether a string is valid Unicode (no lone surrogates), which the relay requires. */

@@ -1,0 +1,299 @@
+// The client against a scripted socket, on fake timers: what it does after a replay fails
+// part-way, across a dropped connection (pacing, retries), with oversized frames, and when it
+// refreshes tokens. The relay's side of each case is in docs/protocol.md.
+
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+
+import {
+  connect,
+  SendError,
+  type ConnectOptions,
+  type RelayClient,
+  type RelayError,
+  type SocketLike,
+  type WebSocketConstructor,
+} from "../src/index.js";
+
+type Frame = Record<string, unknown>;
+
+/** A socket whose peer is the test: it records what the client sends and plays the relay. */
+class ScriptedSocket implements SocketLike {
+  static opened: ScriptedSocket[] = [];
+  readyState = 0;
+  readonly sent: Frame[] = [];
+  onopen: ((event: unknown) => void) | null = null;
+  onmessage: ((event: { data: unknown }) => void) | null = null;
+  onclose: ((event: { code: number; reason: string }) => void) | null = null;
+  onerror: ((event: unknown) => void) | null = null;
+
+  constructor(readonly url: string) {
+    ScriptedSocket.opened.push(this);
+  }
+
+  send(data: string): void {
+    const frame = JSON.parse(data) as Frame;
+    this.sent.push(frame);
+    // The heartbeat is answered, as the relay does.
+    if (frame.type === "ping") {
+      queueMicrotask(() => this.reply({ type: "pong", ref: frame.ref }));
+    }
+  }
+
+  close(): void {
+    this.readyState = 3;
+  }
+
+  /** The relay accepts the connection. */
+  accept(): void {
+    this.readyState = 1;
+    this.onopen?.({});
+  }
+
+  reply(frame: Frame): void {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  /** The relay closes the connection. */
+  end(code: number, reason = ""): void {
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+
+  of(type: string): Frame[] {
+    return this.sent.filter((frame) => frame.type === type);
+  }
+}
+
+const Socket = ScriptedSocket as unknown as WebSocketConstructor;
+const SESSION = "00000000-0000-4000-8000-000000000001";
+
+function latest(): ScriptedSocket {
+  const socket = ScriptedSocket.opened.at(-1);
+  if (!socket) {
+    throw new Error("no socket opened");
+  }
+  return socket;
+}
+
+/** An unsigned JWT with these claims; the client only reads them. */
+function jwt(claims: Frame): string {
+  const part = (value: Frame) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  return `${part({ alg: "HS256" })}.${part(claims)}.signature`;
+}
+
+const seconds = () => Math.floor(Date.now() / 1000);
+
+/** A client whose first connection the relay has accepted. */
+async function accepted(options: Partial<ConnectOptions> = {}): Promise<RelayClient> {
+  const client = connect({
+    url: "ws://relay/ws",
+    token: jwt({ exp: seconds() + 3600 }),
+    WebSocket: Socket,
+    initialBackoffMs: 10,
+    maxBackoffMs: 10,
+    ...options,
+  });
+  await vi.advanceTimersByTimeAsync(0);
+  latest().accept();
+  return client;
+}
+
+function event(id: number): Frame {
+  return {
+    type: "event",
+    feed: "appointments",
+    op: "INSERT",
+    id,
+    cursor: String(id),
+    at: "2026-11-22T00:00:00.000000Z",
+    row: { id: `row-${id}` },
+  };
+}
+
+beforeEach(() => {
+  vi.useFakeTimers();
+  ScriptedSocket.opened = [];
+});
+
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+describe("a replay that fails after `subscribed`", () => {
+  it("is resumed from the last event delivered when the database was unavailable", async () => {
+    const client = await accepted();
+    const delivered: number[] = [];
+    client.subscribe("appointments", { since: "10" }, (e) => delivered.push(e.id));
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: first?.ref, feed: "appointments", cursor: "10" });
+    socket.reply(event(11));
+    socket.reply({
+      type: "error",
+      ref: first?.ref,
+      code: "unavailable",
+      message: "the relay could not reach the database; try again",
+    });
+    // Whatever still arrives for the ended subscription is not delivered.
+    socket.reply(event(12));
+    await vi.advanceTimersByTimeAsync(1_000);
+    const again = socket.of("subscribe");
+    expect(again).toHaveLength(2);
+    expect(again[1]).toMatchObject({ feed: "appointments", since: "11" });
+    socket.reply({ type: "subscribed", ref: again[1]?.ref, feed: "appointments", cursor: "11" });
+    socket.reply(event(12));
+    expect(delivered).toEqual([11, 12]);
+    client.close();
+  });
+
+  it("is reported and goes on live when retention overtook it", async () => {
+    const client = await accepted();
+    const errors: RelayError[] = [];
+    client.on("error", (e) => errors.push(e));
+    client.subscribe("appointments", { since: "10" }, () => {});
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: first?.ref, feed: "appointments", cursor: "10" });
+    socket.reply({ type: "error", ref: first?.ref, code: "cursor_expired", message: "expired" });
+    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
+    const again = socket.of("subscribe");
+    expect(again).toHaveLength(2);
+    expect(again[1]?.since).toBeUndefined();
+    client.close();
+  });
+
+  it("is not confused with the answer to a subscribe since replaced", async () => {
+    const client = await accepted();
+    client.subscribe("appointments", { since: "10" }, () => {});
+    client.subscribe("appointments", {}, () => {});
+    const socket = latest();
+    const [old] = socket.of("subscribe");
+    socket.reply({ type: "error", ref: old?.ref, code: "unavailable", message: "try again" });
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(socket.of("subscribe")).toHaveLength(2);
+    client.close();
+  });
+});
+
+describe("across a dropped connection", () => {
+  it("paces a burst to the end, though the drop came in the middle of one", async () => {
+    const client = await accepted();
+    const sends = Array.from({ length: 60 }, (_, i) => client.send(SESSION, `message ${i}`));
+    for (const send of sends) {
+      send.catch(() => {});
+    }
+    latest().end(1006);
+    await vi.advanceTimersByTimeAsync(1_100);
+    const socket = latest();
+    socket.accept();
+    await vi.advanceTimersByTimeAsync(2_000);
+    expect(socket.of("send")).toHaveLength(60);
+    client.close();
+  });
+
+  it("retries a send answered `unavailable` on the next connection too", async () => {
+    const client = await accepted();
+    const first = client.send(SESSION, "one");
+    let socket = latest();
+    const [frame] = socket.of("send");
+    socket.reply({ type: "error", ref: frame?.ref, code: "unavailable", message: "try again" });
+    socket.end(1001);
+    await vi.advanceTimersByTimeAsync(50);
+    socket = latest();
+    socket.accept();
+    const [resent] = socket.of("send");
+    expect(resent?.client_id).toBe(frame?.client_id);
+    socket.reply({ type: "sent", ref: resent?.ref, id: "m1", client_id: resent?.client_id });
+    await expect(first).resolves.toMatchObject({ id: "m1" });
+
+    const second = client.send(SESSION, "two");
+    const [, next] = socket.of("send");
+    socket.reply({ type: "error", ref: next?.ref, code: "unavailable", message: "try again" });
+    await vi.advanceTimersByTimeAsync(1_000);
+    const retried = socket.of("send").filter((f) => f.client_id === next?.client_id);
+    expect(retried).toHaveLength(2);
+    socket.reply({ type: "sent", ref: next?.ref, id: "m2", client_id: next?.client_id });
+    await expect(second).resolves.toMatchObject({ id: "m2" });
+    client.close();
+  });
+
+  it("sends a subscribe once on reconnecting, though a retry of it was planned", async () => {
+    const client = await accepted();
+    client.subscribe("appointments", {}, () => {});
+    let socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({ type: "error", ref: first?.ref, code: "unavailable", message: "try again" });
+    socket.end(1001);
+    await vi.advanceTimersByTimeAsync(50);
+    socket = latest();
+    socket.accept();
+    await vi.advanceTimersByTimeAsync(2_000);
+    expect(socket.of("subscribe")).toHaveLength(1);
+    client.close();
+  });
+});
+
+describe("frames the relay would refuse", () => {
+  it("refuses a body whose frame is over the relay's limit, and never sends it", async () => {
+    const client = await accepted();
+    // Within 4,000 characters after trimming, but not as a frame.
+    const body = `see below.${"\n".repeat(70_000)}`;
+    await expect(client.send(SESSION, body)).rejects.toBeInstanceOf(SendError);
+    await expect(client.send(SESSION, body)).rejects.toMatchObject({ code: "invalid_body" });
+    expect(latest().of("send")).toHaveLength(0);
+    expect(client.pendingSends).toBe(0);
+    client.close();
+  });
+
+  it("takes the limit the relay was given", async () => {
+    const client = await accepted({ maxFrameBytes: 1_024 });
+    await expect(client.send(SESSION, "x".repeat(2_000))).rejects.toMatchObject({
+      code: "invalid_body",
+    });
+    client.close();
+  });
+});
+
+describe("token refresh", () => {
+  it("is timed from the time the token has left, not from its whole life", async () => {
+    // A getToken that hands back a cached token, 55 minutes into its hour.
+    const cached = jwt({ iat: seconds() - 3_300, exp: seconds() + 300 });
+    const client = await accepted({ token: undefined, getToken: () => cached });
+    const socket = latest();
+    await vi.advanceTimersByTimeAsync(240_000); // 60 s before it expires
+    expect(socket.of("auth")).toHaveLength(1);
+    client.close();
+  });
+
+  it("waits for a token that lives longer than a timer can wait", async () => {
+    const lasting = jwt({ iat: seconds(), exp: seconds() + 30 * 86_400 });
+    let fetched = 0;
+    const client = await accepted({
+      token: undefined,
+      getToken: () => {
+        fetched += 1;
+        return lasting;
+      },
+    });
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(latest().of("auth")).toHaveLength(0);
+    expect(fetched).toBe(1);
+    client.close();
+  });
+
+  it("tries again with a fresh token when the relay refuses one", async () => {
+    const token = jwt({ iat: seconds(), exp: seconds() + 120 });
+    const client = await accepted({ token: undefined, getToken: () => token });
+    const errors: RelayError[] = [];
+    client.on("error", (e) => errors.push(e));
+    const socket = latest();
+    await vi.advanceTimersByTimeAsync(60_000);
+    const [auth] = socket.of("auth");
+    expect(auth).toBeDefined();
+    socket.reply({ type: "error", ref: auth?.ref, code: "invalid_token", message: "refused" });
+    expect(errors).toMatchObject([{ code: "invalid_token" }]);
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(socket.of("auth")).toHaveLength(2);
+    client.close();
+  });
+});
