@@ -297,6 +297,12 @@ async fn health_status_and_stats() {
         (status, body["error"].as_str()),
         (401, Some("missing_token"))
     );
+    // The HTTP API reads the header only, and says so.
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("Authorization") && !message.contains("access_token"),
+        "{message}"
+    );
 
     let patient = db.user(Role::Patient).await;
     db.book(&patient, &dentist, "").await;

@@ -544,7 +544,81 @@ async fn origins_outside_the_allowlist_are_refused() {
         let mut ws = open(addr, who, &token, origin).await.expect("allowed");
         answers(&mut ws).await;
     }
+
+    // The HTTP API, to pages of the same origins: a preflight, then the request, each answered
+    // for the page's origin; a page of another origin is refused.
+    let path = "/api/realtime/status";
+    let (status, head) = request(
+        addr,
+        &format!(
+            "OPTIONS {path} HTTP/1.1\r\nOrigin: https://dash.example.com\r\n\
+             Access-Control-Request-Method: GET\r\n\
+             Access-Control-Request-Headers: authorization\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://dash.example.com"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization"),
+        "{head}"
+    );
+    let (status, head) = request(
+        addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nOrigin: https://dash.example.com\r\n\
+             Authorization: Bearer {token}\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://dash.example.com"),
+        "{head}"
+    );
+    for preflight in [true, false] {
+        let method = if preflight { "OPTIONS" } else { "GET" };
+        let (status, head) = request(
+            addr,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nOrigin: https://evil.example\r\n\
+                 Access-Control-Request-Method: GET\r\nAuthorization: Bearer {token}\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 403, "{method}: {head}");
+        assert!(!head.contains("access-control-allow-origin"), "{head}");
+    }
     relay.shutdown().await;
+}
+
+/// Sends one HTTP/1.1 request (its request line and headers, without the blank line) and returns
+/// the status and the response's head, lowercased.
+async fn request(addr: SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}Host: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("a response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).to_lowercase();
+    let head = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head)
 }
 
 /// Random input built from the words frames and payloads are made of.

@@ -251,6 +251,61 @@ async fn a_relay_process_reports_metrics_and_writes_json_logs_without_tokens() {
 }
 
 /// A GET whose body is text.
+/// An empty `RUST_LOG` would switch every log line off, errors included: like any other empty
+/// setting, it stops the relay at start with a line that names it.
+#[test]
+fn an_empty_rust_log_stops_the_relay_at_start() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("migrate")
+        .env("DATABASE_URL", common::admin_url("relay_never_reached"))
+        .env("RUST_LOG", "")
+        .output()
+        .expect("run relay");
+    let printed = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{printed}");
+    assert!(printed.contains("RUST_LOG"), "{printed}");
+}
+
+/// `relay migrate` against a database that does not exist, or as a role that does not: it stops
+/// at once, not after its minute of patience for a database still starting, and says what
+/// Postgres said rather than tokio-postgres' bare "db error".
+#[test]
+fn migrate_refused_for_good_stops_at_once_and_says_why() {
+    let server = common::admin_url("postgres");
+    let server = server.trim_end_matches("/postgres");
+    for (url, says) in [
+        (
+            format!("{server}/relay_no_such_database"),
+            "database \"relay_no_such_database\" does not exist",
+        ),
+        (
+            format!(
+                "postgres://relay_no_such_role@{}/postgres",
+                server.rsplit('@').next().unwrap()
+            ),
+            "role \"relay_no_such_role\" does not exist",
+        ),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run relay migrate");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{url}: {printed}");
+        assert!(printed.contains(says), "{url}: {printed}");
+        assert!(
+            !printed.contains("cannot connect to DATABASE_URL yet"),
+            "{url}: retried a refusal that waiting cannot change: {printed}"
+        );
+    }
+}
+
 async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

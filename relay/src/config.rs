@@ -435,8 +435,40 @@ fn parse_origin(value: &str) -> Result<String, String> {
     if origin.is_empty() {
         return Ok(origin);
     }
-    let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
-        !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+    let valid = origin.split_once("://").is_some_and(|(scheme, authority)| {
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c));
+        // A host name or an IPv6 address in brackets, and a port if any.
+        let (host_ok, rest) = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((address, rest)) => (
+                    !address.is_empty()
+                        && address
+                            .chars()
+                            .all(|c| c.is_ascii_hexdigit() || ":.".contains(c)),
+                    rest,
+                ),
+                None => (false, ""),
+            },
+            None => {
+                let end = authority.find(':').unwrap_or(authority.len());
+                let host = &authority[..end];
+                (
+                    !host.is_empty()
+                        && host.chars().all(|c| {
+                            c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c)
+                        }),
+                    &authority[end..],
+                )
+            }
+        };
+        let port_ok = rest.is_empty()
+            || rest
+                .strip_prefix(':')
+                .is_some_and(|port| port.parse::<u16>().is_ok());
+        scheme_ok && host_ok && port_ok
     });
     if valid {
         Ok(origin)
@@ -608,7 +640,7 @@ mod tests {
             "--relay-jwt-secret",
             &secret,
             "--relay-allowed-origins",
-            "https://Dash.Example.com/,http://localhost:3000",
+            "https://Dash.Example.com/,http://localhost:3000,http://[::1]:8000",
             "--relay-max-sockets-per-user",
             "3",
         ])
@@ -620,7 +652,11 @@ mod tests {
         );
         assert_eq!(
             config.limits.allowed_origins,
-            ["https://dash.example.com", "http://localhost:3000"]
+            [
+                "https://dash.example.com",
+                "http://localhost:3000",
+                "http://[::1]:8000"
+            ]
         );
         assert_eq!(config.limits.max_sockets_per_user, 3);
         assert_eq!(config.limits.max_subscriptions_per_socket, 4);
@@ -640,6 +676,10 @@ mod tests {
         for bad in [
             &["--relay-allowed-origins", "dash.example.com"][..],
             &["--relay-allowed-origins", "https://dash.example.com/app"],
+            &["--relay-allowed-origins", "https://dash example.com"],
+            &["--relay-allowed-origins", "https://dash.example.com:port"],
+            &["--relay-allowed-origins", "https://[::1"],
+            &["--relay-allowed-origins", "1https://dash.example.com"],
             &["--relay-max-subscriptions-per-socket", "5"],
             &["--relay-max-frames-per-second", "0"],
             // Empty by mistake: every token naming an audience or issuer would be refused.

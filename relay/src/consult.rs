@@ -43,8 +43,8 @@ impl Refusal {
         }
     }
 
-    fn unavailable(cause: &dyn std::fmt::Display) -> Refusal {
-        tracing::warn!(%cause, "a consultation query failed");
+    fn unavailable(cause: &(dyn std::error::Error + 'static)) -> Refusal {
+        tracing::warn!(cause = %crate::Causes(cause), "a consultation query failed");
         Refusal::new(
             ErrorCode::Unavailable,
             "the relay could not reach the database; try again (a send with the same client_id \

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use warp::http::StatusCode;
@@ -72,6 +72,7 @@ fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -
 }
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let cors = api_cors(&state.session.limits.allowed_origins);
     let with_state = warp::any().map(move || state.clone());
 
     let ws = warp::path!("ws")
@@ -213,16 +214,35 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             Ok(warp::reply::json(&body))
         });
 
+    // The API answers pages of other origins (dashboards served elsewhere); the rest is for
+    // the relay's own page, probes and WebSocket clients.
+    let api = status.or(history).or(stats).with(cors);
+
     ws.or(health)
         .or(page)
         .or(script)
         .or(style)
         .or(demo_tokens)
         .or(metrics)
-        .or(status)
-        .or(history)
-        .or(stats)
+        .or(api)
         .recover(recover)
+}
+
+/// Cross-origin access to the HTTP API, for dashboards served from another origin than the
+/// relay's: the origins of `RELAY_ALLOWED_ORIGINS` (every origin when it is unset, as for
+/// sockets), `GET` with an `Authorization` header. No cookies are involved: the token is the
+/// credential, sent by the page itself.
+fn api_cors(allowed: &[String]) -> warp::cors::Builder {
+    let cors = warp::cors()
+        .allow_methods(["GET"])
+        .allow_headers(["authorization"])
+        .max_age(Duration::from_secs(600));
+    if allowed.is_empty() {
+        cors.allow_any_origin()
+    } else {
+        // Validated at start (config::parse_origin), so none of these can fail to parse.
+        cors.allow_origins(allowed.iter().map(String::as_str))
+    }
 }
 
 /// The session, page size and page end of a history request; 400 for anything malformed.
@@ -307,7 +327,11 @@ fn authenticated(
                 if token.is_none() && token_in == TokenIn::HeaderOrQuery {
                     token = query.get("access_token").cloned();
                 }
-                authenticate(&state, token.as_deref()).map(|verified| (state, verified))
+                let missing = match token_in {
+                    TokenIn::Header => TokenError::MissingHeader,
+                    TokenIn::HeaderOrQuery => TokenError::Missing,
+                };
+                authenticate(&state, token.as_deref(), missing).map(|verified| (state, verified))
             },
         )
         .untuple_one()
@@ -330,8 +354,12 @@ fn bearer(header: Option<&str>) -> Result<Option<String>, Rejection> {
     }
 }
 
-fn authenticate(state: &AppState, token: Option<&str>) -> Result<Verified, Rejection> {
-    let token = token.ok_or(TokenError::Missing);
+fn authenticate(
+    state: &AppState,
+    token: Option<&str>,
+    missing: TokenError,
+) -> Result<Verified, Rejection> {
+    let token = token.ok_or(missing);
     token
         .and_then(|t| state.session.verifier.verify(t))
         .map_err(|e| warp::reject::custom(Unauthorized(e)))
@@ -373,6 +401,12 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
             StatusCode::BAD_REQUEST,
             "bad_request",
             "the query string is malformed",
+        )
+    } else if rejection.find::<warp::cors::CorsForbidden>().is_some() {
+        error_reply(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not call this relay's API (RELAY_ALLOWED_ORIGINS)",
         )
     } else if rejection.find::<NotAnUpgrade>().is_some() {
         error_reply(

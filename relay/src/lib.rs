@@ -61,6 +61,27 @@ pub async fn connect(
     Ok(client)
 }
 
+/// An error with its causes, for logs and messages: "db error: FATAL: password authentication
+/// failed for user …" rather than tokio-postgres' own "db error", which keeps what Postgres said
+/// in its source. A cause whose text the message already holds is not repeated.
+pub struct Causes<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let more = cause.to_string();
+            if !text.contains(&more) {
+                text.push_str(": ");
+                text.push_str(&more);
+            }
+            source = cause.source();
+        }
+        f.write_str(&text)
+    }
+}
+
 /// RFC 3339 in UTC, as every timestamp the relay writes.
 pub fn rfc3339(at: SystemTime) -> String {
     let since_epoch = at
@@ -110,5 +131,21 @@ mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
         assert_eq!(rfc3339(far), "");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Layer(&'static str, #[source] Option<Box<Layer>>);
+
+    #[test]
+    fn causes_follow_the_sources_without_repeating_them() {
+        let inner = Layer("FATAL: database \"nope\" does not exist", None);
+        let outer = Layer("db error", Some(Box::new(inner)));
+        assert_eq!(
+            Causes(&outer).to_string(),
+            "db error: FATAL: database \"nope\" does not exist"
+        );
+        let repeated = Layer("db error: timeout", Some(Box::new(Layer("timeout", None))));
+        assert_eq!(Causes(&repeated).to_string(), "db error: timeout");
     }
 }

@@ -77,13 +77,13 @@ pub const APPLICATION_NAME: &str = "relay-listen";
 
 #[derive(Debug, thiserror::Error)]
 enum ListenError {
-    #[error("{0}")]
+    #[error("{}", crate::Causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("the connection closed")]
     Closed,
     #[error("no answer from the database within {0:?}")]
     Timeout(Duration),
-    #[error("no connection from the pool: {0}")]
+    #[error("no connection from the pool: {}", crate::Causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
 }
 

@@ -209,7 +209,10 @@ pub async fn prune_periodically(pool: Pool, retention: Duration, mut stop: watch
         match prune(&pool, retention).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, ?retention, "pruned the event log"),
-            Err(cause) => tracing::warn!(%cause, "pruning the event log failed; will retry"),
+            Err(cause) => tracing::warn!(
+                cause = %crate::Causes(&cause),
+                "pruning the event log failed; will retry"
+            ),
         }
     }
 }

@@ -40,6 +40,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.rust_log.trim().is_empty() {
+        // EnvFilter reads an empty filter as "nothing at all": not one line, errors included.
+        eprintln!("error: RUST_LOG is set but empty; give a level such as `info`, or unset it");
+        return ExitCode::from(2);
+    }
     let filter = match EnvFilter::try_new(&cli.rust_log) {
         Ok(filter) => filter,
         Err(e) => {
@@ -160,14 +165,29 @@ async fn connect_patiently(
     loop {
         match relay::connect(database).await {
             Ok(client) => return Ok(client),
-            Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(cause = %e, retry_in = ?delay, "cannot connect to DATABASE_URL yet");
+            // Waiting does not make a password right or a database exist.
+            Err(e) if !refused_for_good(&e) && tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(cause = %relay::Causes(&e), retry_in = ?delay, "cannot connect to DATABASE_URL yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(std::time::Duration::from_secs(5));
             }
-            Err(e) => return Err(format!("cannot connect to DATABASE_URL: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "cannot connect to DATABASE_URL: {}",
+                    relay::Causes(&e)
+                ))
+            }
         }
     }
+}
+
+/// Whether Postgres refused the connection for a reason that waiting cannot change: the
+/// credentials (SQLSTATE class 28) or the database's name (3D000).
+fn refused_for_good(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        code.code().starts_with("28")
+            || *code == tokio_postgres::error::SqlState::INVALID_CATALOG_NAME
+    })
 }
 
 /// Serves until SIGINT or SIGTERM; `relay dev` also prints its banner, with tokens from `issuer`.

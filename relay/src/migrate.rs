@@ -65,13 +65,13 @@ pub enum MigrateError {
         applied: String,
         now: String,
     },
-    #[error("applying {name}: {source}")]
+    #[error("applying {name}: {}", crate::Causes(.source))]
     Apply {
         name: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("migration bookkeeping: {0}")]
+    #[error("migration bookkeeping: {}", crate::Causes(.0))]
     Database(#[from] tokio_postgres::Error),
 }
 

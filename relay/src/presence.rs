@@ -448,13 +448,13 @@ impl Presence {
             tokio::select! {
                 _ = self.dirty.notified() => {
                     if let Err(cause) = self.write(&pool).await {
-                        tracing::warn!(%cause, retry_in = ?RETRY_DELAY, "presence write failed");
+                        tracing::warn!(cause = %crate::Causes(&cause), retry_in = ?RETRY_DELAY, "presence write failed");
                         retry = true;
                     }
                 }
                 _ = sweep.tick() => {
                     if let Err(cause) = sweep_once(&pool).await {
-                        tracing::warn!(%cause, "presence sweep failed");
+                        tracing::warn!(cause = %crate::Causes(&cause), "presence sweep failed");
                     }
                 }
                 _ = stopped(&mut shutdown) => break,
@@ -472,7 +472,7 @@ impl Presence {
             match tokio::time::timeout(QUERY_TIMEOUT, forget).await {
                 Ok(Ok(())) => tracing::debug!(instance, "presence forgotten"),
                 Ok(Err(cause)) => {
-                    tracing::warn!(%cause, "could not forget this instance's presence")
+                    tracing::warn!(cause = %crate::Causes(&*cause), "could not forget this instance's presence")
                 }
                 Err(_) => tracing::warn!("could not forget this instance's presence in time"),
             }

@@ -167,7 +167,9 @@ impl From<&TokenError> for ErrorCode {
             TokenError::Expired => ErrorCode::TokenExpired,
             TokenError::NotYetValid => ErrorCode::TokenNotYetValid,
             TokenError::BadSignature => ErrorCode::InvalidSignature,
-            TokenError::Missing | TokenError::Invalid(_) => ErrorCode::InvalidToken,
+            TokenError::Missing | TokenError::MissingHeader | TokenError::Invalid(_) => {
+                ErrorCode::InvalidToken
+            }
         }
     }
 }

@@ -635,8 +635,8 @@ impl Reader {
 }
 
 /// The database could not answer a subscribe-time question.
-fn unavailable(cause: &dyn std::fmt::Display) -> (ErrorCode, String) {
-    tracing::warn!(%cause, "a subscribe-time query failed");
+fn unavailable(cause: &(dyn std::error::Error + 'static)) -> (ErrorCode, String) {
+    tracing::warn!(cause = %crate::Causes(cause), "a subscribe-time query failed");
     (
         ErrorCode::Unavailable,
         "the relay could not reach the database; try again".to_string(),

@@ -192,6 +192,9 @@ pub enum TokenError {
         "no access token: send `Authorization: Bearer <jwt>` or the `access_token` query parameter"
     )]
     Missing,
+    /// Missing where only the header is read (the HTTP API).
+    #[error("no access token: send `Authorization: Bearer <jwt>`")]
+    MissingHeader,
     #[error("the access token has expired")]
     Expired,
     #[error("the access token is not valid yet (`nbf` is in the future)")]
@@ -205,7 +208,7 @@ pub enum TokenError {
 impl TokenError {
     pub fn code(&self) -> &'static str {
         match self {
-            TokenError::Missing => "missing_token",
+            TokenError::Missing | TokenError::MissingHeader => "missing_token",
             TokenError::Expired => "token_expired",
             TokenError::NotYetValid => "token_not_yet_valid",
             TokenError::BadSignature => "invalid_signature",
