@@ -164,12 +164,18 @@ impl std::str::FromStr for Before {
         if micros.is_empty() || !micros.bytes().all(|b| b.is_ascii_digit()) {
             return Err(());
         }
-        Ok(Before::Key(
-            micros.parse().map_err(|_| ())?,
-            Uuid::parse_str(id).map_err(|_| ())?,
-        ))
+        let micros: i64 = micros.parse().map_err(|_| ())?;
+        // No message is written after the year 9999; later keys would overflow Postgres'
+        // timestamps, and they come from no page.
+        if micros > LAST_MICROS {
+            return Err(());
+        }
+        Ok(Before::Key(micros, Uuid::parse_str(id).map_err(|_| ())?))
     }
 }
+
+/// 9999-12-31T23:59:59.999999Z, in microseconds since the Unix epoch.
+const LAST_MICROS: i64 = 253_402_300_799_999_999;
 
 /// One page of a session's messages, newest first.
 #[derive(Debug, Serialize)]
@@ -298,12 +304,18 @@ mod tests {
             format!("1763733031728615.{id}").parse(),
             Ok(Before::Key(1763733031728615, id))
         );
+        assert_eq!(
+            format!("{LAST_MICROS}.{id}").parse(),
+            Ok(Before::Key(LAST_MICROS, id))
+        );
         for bad in [
             "",
             "42",
             "x.y",
             ".{id}",
             "-1.00000000-0000-0000-0000-000000000000",
+            "253402300800000000.00000000-0000-0000-0000-000000000000",
+            "9223372036854775807.00000000-0000-0000-0000-000000000000",
         ] {
             assert_eq!(bad.parse::<Before>(), Err(()), "{bad}");
         }
