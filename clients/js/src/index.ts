@@ -176,6 +176,9 @@ export class RelayClient {
   private reconnect: ReturnType<typeof setTimeout> | undefined;
   private retrySends: ReturnType<typeof setTimeout> | undefined;
   private connecting: ReturnType<typeof setTimeout> | undefined;
+  /** Sessions whose first presence frame (the whole list) came since the last `subscribed` of
+   * `consultation_messages` on this connection. */
+  private readonly presenceListed = new Set<string>();
   /** Sends to retry after the relay answered `unavailable`. */
   private readonly toRetry = new Set<string>();
   /** Frames waiting for their turn under the client's own rate limit. */
@@ -526,6 +529,7 @@ export class RelayClient {
     this.pump = undefined;
     // Every unacknowledged send goes out again when the connection opens.
     this.toRetry.clear();
+    this.presenceListed.clear();
     this.outbox = [];
   }
 
@@ -546,6 +550,10 @@ export class RelayClient {
         break;
       case "subscribed": {
         const entry = this.entries.get(frame.feed as Feed);
+        if (frame.feed === "consultation_messages") {
+          // A new subscription joins its sessions afresh: each one's next frame is a whole list.
+          this.presenceListed.clear();
+        }
         if (entry && entry.pending === frame.ref) {
           entry.pending = undefined;
           if (entry.cursor === undefined) {
@@ -567,9 +575,13 @@ export class RelayClient {
       case "sent":
         this.acknowledged(frame.client_id as string, frame.id as string);
         break;
-      case "presence":
-        this.emit("presence", frame as unknown as PresenceEvent);
+      case "presence": {
+        const session = frame.session_id as string;
+        const first = !this.presenceListed.has(session);
+        this.presenceListed.add(session);
+        this.emit("presence", { ...(frame as unknown as Omit<PresenceEvent, "first">), first });
         break;
+      }
       case "error":
         this.refused(frame as unknown as RelayError);
         break;

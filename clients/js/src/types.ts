@@ -98,6 +98,12 @@ export interface PresenceEvent {
   session_id: string;
   joined: Member[];
   left: Member[];
+  /**
+   * Set by the client: this is the session's first frame since the `consultation_messages`
+   * subscription was (re)made, the whole list of who is there. Replace what you hold for the
+   * session rather than add to it: after a reconnect, people who left meanwhile are not in `left`.
+   */
+  first: boolean;
 }
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";

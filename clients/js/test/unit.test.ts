@@ -233,6 +233,35 @@ describe("across a dropped connection", () => {
   });
 });
 
+describe("presence", () => {
+  it("marks each session's whole list, again after a reconnect", async () => {
+    const client = await accepted();
+    const seen: [string, boolean, number][] = [];
+    client.on("presence", (p) => seen.push([p.session_id, p.first, p.joined.length]));
+    client.subscribe("consultation_messages", { filter: { session_id: SESSION } }, () => {});
+    const member = { user_id: "00000000-0000-4000-8000-0000000000aa", role: "patient" };
+    const dentist = { user_id: "00000000-0000-4000-8000-0000000000bb", role: "dentist" };
+    let socket = latest();
+    let [subscribe] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: subscribe?.ref, feed: "consultation_messages", cursor: "1" });
+    socket.reply({ type: "presence", session_id: SESSION, joined: [member, dentist], left: [] });
+    socket.reply({ type: "presence", session_id: SESSION, joined: [], left: [dentist] });
+    socket.end(1001);
+    await vi.advanceTimersByTimeAsync(50);
+    socket = latest();
+    socket.accept();
+    [subscribe] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: subscribe?.ref, feed: "consultation_messages", cursor: "1" });
+    socket.reply({ type: "presence", session_id: SESSION, joined: [member], left: [] });
+    expect(seen).toEqual([
+      [SESSION, true, 2],
+      [SESSION, false, 0],
+      [SESSION, true, 1],
+    ]);
+    client.close();
+  });
+});
+
 describe("frames the relay would refuse", () => {
   it("refuses a body whose frame is over the relay's limit, and never sends it", async () => {
     const client = await accepted();
