@@ -527,6 +527,10 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
     let live_set: HashSet<Uuid> = live_ids.iter().copied().collect();
     assert_eq!(live_set.len(), live_ids.len(), "no message twice live");
     assert!(
+        !live_ids.is_empty(),
+        "messages kept coming after the history's cursor, so the hand-over was exercised"
+    );
+    assert!(
         history_set.is_disjoint(&live_set),
         "no message both in history and live"
     );

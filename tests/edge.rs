@@ -524,8 +524,10 @@ async fn a_socket_closes_when_its_token_expires() {
     config.tokens.leeway = std::time::Duration::ZERO;
     let relay = common::start_with(config).await;
     let who = db.user(Role::Dentist).await;
+    // A few seconds: enough for the subscribe to be answered before it expires.
+    let exp = now() + 3;
     let token = sign(
-        json!({"sub": who.user_id, "role": "dentist", "exp": now() + 1}),
+        json!({"sub": who.user_id, "role": "dentist", "exp": exp}),
         common::SECRET,
     );
     let url = format!("ws://{}/ws?access_token={token}", relay.local_addr());
@@ -537,6 +539,7 @@ async fn a_socket_closes_when_its_token_expires() {
     match ws.next_message().await {
         Some(Message::Close(Some(frame))) => {
             assert_eq!(u16::from(frame.code), relay::protocol::close::TOKEN_EXPIRED);
+            assert!(now() >= exp, "closed before the token expired");
         }
         other => panic!("expected close 4001, got {other:?}"),
     }

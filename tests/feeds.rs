@@ -312,6 +312,20 @@ async fn a_20_kb_row_arrives_whole() {
     let bot = db.user(Role::Chatbot).await;
     let mut d = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
     let mut c = Ws::subscribed(relay.local_addr(), bot, &["appointments"]).await;
+    // The notifications as the relay gets them, on a LISTEN connection of the test's own.
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = notified.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("listen relay_events").await.unwrap();
     // Multi-byte characters, so bytes and characters differ: 20,000 characters, 30,000 bytes.
     let notes: String = "é😀xyz".repeat(4000);
     assert_eq!(notes.chars().count(), 20_000);
@@ -319,17 +333,28 @@ async fn a_20_kb_row_arrives_whole() {
     let small = db.book(&patient, &dentist, "small").await;
     let fence = db.fence().await;
 
-    // The trigger could not inline it: the payload asked the relay to fetch it.
-    let fetched: bool = db
+    // The trigger could not inline it: its notification asks the relay to fetch the event.
+    let event: i64 = db
         .client
         .query_one(
-            "select octet_length(new_row::text) >= 8000 from relay.events where new_row ->> 'id' = $1",
+            "select id from relay.events where new_row ->> 'id' = $1",
             &[&id.to_string()],
         )
         .await
         .unwrap()
         .get(0);
-    assert!(fetched);
+    let payload: Value = loop {
+        let text = tokio::time::timeout(common::PATIENCE, notifications.recv())
+            .await
+            .expect("the notification in time")
+            .expect("the listening connection");
+        let payload: Value = serde_json::from_str(&text).unwrap();
+        if payload["id"] == json!(event) {
+            break payload;
+        }
+    };
+    assert_eq!(payload["fetch"], json!(true), "{payload}");
+    assert!(payload.get("new").is_none(), "{payload}");
 
     let events = d.events_until(fence).await;
     let appointments: Vec<&Value> = events

@@ -186,6 +186,8 @@ describe("across a dropped connection", () => {
     await vi.advanceTimersByTimeAsync(1_100);
     const socket = latest();
     socket.accept();
+    // One second's worth at once, the rest paced.
+    expect(socket.of("send")).toHaveLength(40);
     await vi.advanceTimersByTimeAsync(2_000);
     expect(socket.of("send")).toHaveLength(60);
     client.close();
