@@ -287,6 +287,24 @@ fn an_empty_rust_log_stops_the_relay_at_start() {
     assert!(printed.contains("RUST_LOG"), "{printed}");
 }
 
+/// `relay dev` hands its demo tokens (an admin's among them) to whoever asks: it refuses to listen
+/// beyond this machine, before it touches any database.
+#[test]
+fn relay_dev_refuses_to_listen_beyond_this_machine() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("dev")
+        .env("DATABASE_URL", common::admin_url("relay_never_reached"))
+        .env("RELAY_BIND", "0.0.0.0:0")
+        .output()
+        .expect("run relay dev");
+    let printed = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{printed}");
+    assert!(
+        printed.contains("RELAY_BIND=0.0.0.0:0") && printed.contains("loopback"),
+        "{printed}"
+    );
+}
+
 /// `relay migrate` against a database that does not exist, or as a role that does not: it stops
 /// at once, not after its minute of patience for a database still starting, and says what
 /// Postgres said rather than tokio-postgres' bare "db error".

@@ -372,10 +372,12 @@ async fn connect(
     // The channel names are fixed lowercase identifiers; they need no quoting. The keepalives
     // make the server notice within about a minute when this relay's host vanishes without
     // closing the connection, so its presence does not outlive it by the system default of hours.
+    // Keepalives probe an idle connection only, and notifications keep this one busy: the user
+    // timeout ends it when what the server sends goes unacknowledged for a minute.
     client
         .batch_execute(&format!(
             "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
-             SET tcp_keepalives_count = 3; LISTEN {}; LISTEN {}",
+             SET tcp_keepalives_count = 3; SET tcp_user_timeout = 60000; LISTEN {}; LISTEN {}",
             event::CHANNEL,
             presence::CHANNEL
         ))

@@ -139,6 +139,15 @@ async fn run(command: Command) -> Result<(), String> {
             serve(config, None).await
         }
         Command::Dev(args) => {
+            // Its demo tokens (an admin's among them) are handed to whoever asks at /dev/tokens,
+            // signed with RELAY_JWT_SECRET: never to another machine.
+            if !args.tuning.relay_bind.ip().is_loopback() {
+                return Err(format!(
+                    "relay dev serves demo tokens to anyone who asks, so it binds only to this \
+                     machine: RELAY_BIND={} is not a loopback address (use relay serve)",
+                    args.tuning.relay_bind
+                ));
+            }
             dev::prepare(&args.database_url)
                 .await
                 .map_err(|e| e.to_string())?;

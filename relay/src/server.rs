@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::net::{TcpListener, TcpSocket};
@@ -69,11 +70,24 @@ pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
 /// it at `net.core.somaxconn`.
 const ACCEPT_BACKLOG: u32 = 1024;
 
-/// The listening socket. Its sockets send without Nagle's delay (`TCP_NODELAY`, which accepted
-/// sockets inherit from the listener): an event frame is small and must leave at once, not wait
-/// for the acknowledgement of the frame before it. With Nagle's algorithm a socket receiving a
-/// steady stream (an admin's dashboard) held frames for up to a delayed acknowledgement, tens of
-/// milliseconds.
+/// How long a client's connection may stay silent before the kernel probes it, how often it
+/// probes, and how many unanswered probes end it.
+const CLIENT_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(30), Duration::from_secs(10), 3);
+/// How long data sent to a client may go unacknowledged before the connection is dropped.
+const CLIENT_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The listening socket, whose options its accepted sockets inherit:
+///
+/// * They send without Nagle's delay (`TCP_NODELAY`): an event frame is small and must leave at
+///   once, not wait for the acknowledgement of the frame before it. With Nagle's algorithm a
+///   socket receiving a steady stream (an admin's dashboard) held frames for up to a delayed
+///   acknowledgement, tens of milliseconds.
+/// * A client that vanishes without closing (a laptop lid, a dropped network) is noticed within
+///   about a minute: TCP keepalives while the socket is idle, and `TCP_USER_TIMEOUT` while frames
+///   to it wait unacknowledged. Otherwise the socket, its subscriptions, its presence in
+///   consultations and its place under the per-user limit lasted until the kernel gave up
+///   retransmitting (about 15 minutes), or for ever on a socket nothing was sent to.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -85,6 +99,16 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
+    let (idle, interval, probes) = CLIENT_KEEPALIVE;
+    let options = socket2::SockRef::from(&socket);
+    options.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(probes),
+    )?;
+    #[cfg(target_os = "linux")]
+    options.set_tcp_user_timeout(Some(CLIENT_USER_TIMEOUT))?;
     socket.bind(addr)?;
     socket.listen(ACCEPT_BACKLOG)
 }
@@ -214,6 +238,14 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+        let options = socket2::SockRef::from(&accepted);
+        assert!(options.keepalive().unwrap());
+        assert_eq!(options.tcp_keepalive_time().unwrap(), CLIENT_KEEPALIVE.0);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            options.tcp_user_timeout().unwrap(),
+            Some(CLIENT_USER_TIMEOUT)
+        );
         // The client's side is the client's choice; the default keeps Nagle's algorithm.
         assert!(!client.nodelay().unwrap());
     }
