@@ -159,9 +159,13 @@ impl Link {
         self.tx.try_send(Box::new(outbound))
     }
 
-    /// Queues a reply without waiting; false when the queue is full or the socket is gone.
+    /// Queues a reply without waiting; false when the queue is full, and the socket is then a
+    /// slow consumer. A socket that is gone takes nothing and needs no cutting: true.
     pub fn try_send(&self, frame: Bytes) -> bool {
-        self.tx.try_send(Box::new(Outbound::reply(frame))).is_ok()
+        !matches!(
+            self.tx.try_send(Box::new(Outbound::reply(frame))),
+            Err(mpsc::error::TrySendError::Full(_))
+        )
     }
 
     /// Queues a frame for a replay, waiting until the queue has room for it and half its capacity
@@ -1017,6 +1021,28 @@ mod tests {
             .map(|c| c.outbox.try_recv().unwrap().frame)
             .collect();
         assert!(frames.windows(2).all(|w| w[0].as_ptr() == w[1].as_ptr()));
+    }
+
+    #[test]
+    fn a_socket_that_is_gone_is_not_counted_as_slow() {
+        let hub = started(2);
+        let Connection { outbox, link, .. } = join(&hub, principal(Role::Admin));
+        drop(outbox);
+        assert!(
+            link.try_send(Bytes::from_static(b"reply")),
+            "nothing to cut"
+        );
+        let Connection {
+            outbox: _open,
+            link,
+            ..
+        } = join(&hub, principal(Role::Admin));
+        assert!(link.try_send(Bytes::from_static(b"1")));
+        assert!(link.try_send(Bytes::from_static(b"2")));
+        assert!(
+            !link.try_send(Bytes::from_static(b"3")),
+            "full: a slow consumer"
+        );
     }
 
     #[test]
