@@ -17,6 +17,27 @@ fn cursor(frame: &Value) -> String {
     frame["cursor"].as_str().expect("cursor").to_string()
 }
 
+/// Reads a socket that was cut as a slow consumer: the event frames it still holds, then the 4008
+/// close, whose reason is returned.
+async fn events_then_slow_consumer_close(ws: &mut Ws) -> (Vec<Value>, String) {
+    let mut events = Vec::new();
+    loop {
+        match ws.next_message().await {
+            Some(Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "event" {
+                    events.push(frame);
+                }
+            }
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
+                return (events, frame.reason.to_string());
+            }
+            other => panic!("expected frames then close 4008, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscription_gets_exactly_what_it_missed_then_goes_on_live() {
     let db = common::TestDb::new().await;
@@ -289,19 +310,7 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     assert_eq!(everything.len(), count, "the reading client got everything");
 
     // The stalled client reads now: what was written before the cut, then the close.
-    let mut received = Vec::new();
-    let reason = loop {
-        match stalled.next_message().await {
-            Some(Message::Text(text)) => {
-                received.push(serde_json::from_str::<Value>(&text).unwrap())
-            }
-            Some(Message::Close(Some(frame))) => {
-                assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
-                break frame.reason.to_string();
-            }
-            other => panic!("expected frames then close 4008, got {other:?}"),
-        }
-    };
+    let (received, reason) = events_then_slow_consumer_close(&mut stalled).await;
     assert!(
         received.len() < count,
         "the stalled client was cut before the end"
@@ -422,22 +431,7 @@ async fn a_client_that_stops_reading_during_a_replay_is_cut_and_resumes_without_
     .expect("the client that stopped reading was never cut and let go");
 
     // It reads now: the reply, what the replay sent before the cut, then the close.
-    let mut received = Vec::new();
-    loop {
-        match stalled.next_message().await {
-            Some(Message::Text(text)) => {
-                let frame: Value = serde_json::from_str(&text).unwrap();
-                if frame["type"] == "event" {
-                    received.push(frame);
-                }
-            }
-            Some(Message::Close(Some(frame))) => {
-                assert_eq!(u16::from(frame.code), relay::protocol::close::SLOW_CONSUMER);
-                break;
-            }
-            other => panic!("expected frames then close 4008, got {other:?}"),
-        }
-    }
+    let (received, _) = events_then_slow_consumer_close(&mut stalled).await;
     assert!(received.len() < ROWS, "cut before the replay ended");
     let last = received.last().map(cursor).unwrap_or(start);
     let mut again = Ws::connect(addr, admin).await;

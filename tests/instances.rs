@@ -276,14 +276,14 @@ async fn a_relay_process_reports_metrics_and_writes_json_logs_without_tokens() {
 /// setting, it stops the relay at start with a line that names it.
 #[test]
 fn an_empty_rust_log_stops_the_relay_at_start() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .arg("migrate")
-        .env("DATABASE_URL", common::admin_url("relay_never_reached"))
-        .env("RUST_LOG", "")
-        .output()
-        .expect("run relay");
-    let printed = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{printed}");
+    let (status, printed) = run_relay(
+        "migrate",
+        &[
+            ("DATABASE_URL", &common::admin_url("relay_never_reached")),
+            ("RUST_LOG", ""),
+        ],
+    );
+    assert_eq!(status.code(), Some(2), "{printed}");
     assert!(printed.contains("RUST_LOG"), "{printed}");
 }
 
@@ -291,14 +291,14 @@ fn an_empty_rust_log_stops_the_relay_at_start() {
 /// beyond this machine, before it touches any database.
 #[test]
 fn relay_dev_refuses_to_listen_beyond_this_machine() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .arg("dev")
-        .env("DATABASE_URL", common::admin_url("relay_never_reached"))
-        .env("RELAY_BIND", "0.0.0.0:0")
-        .output()
-        .expect("run relay dev");
-    let printed = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{printed}");
+    let (status, printed) = run_relay(
+        "dev",
+        &[
+            ("DATABASE_URL", &common::admin_url("relay_never_reached")),
+            ("RELAY_BIND", "0.0.0.0:0"),
+        ],
+    );
+    assert!(!status.success(), "{printed}");
     assert!(
         printed.contains("RELAY_BIND=0.0.0.0:0") && printed.contains("loopback"),
         "{printed}"
@@ -325,24 +325,30 @@ fn migrate_refused_for_good_stops_at_once_and_says_why() {
             "role \"relay_no_such_role\" does not exist",
         ),
     ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .arg("migrate")
-            .env("DATABASE_URL", &url)
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("run relay migrate");
-        let printed = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(!output.status.success(), "{url}: {printed}");
+        let (status, printed) =
+            run_relay("migrate", &[("DATABASE_URL", &url), ("RUST_LOG", "info")]);
+        assert!(!status.success(), "{url}: {printed}");
         assert!(printed.contains(says), "{url}: {printed}");
         assert!(
             !printed.contains("cannot connect to DATABASE_URL yet"),
             "{url}: retried a refusal that waiting cannot change: {printed}"
         );
     }
+}
+
+/// Runs `relay <command>` to its end with `env`: how it exited, and everything it printed.
+fn run_relay(command: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg(command)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run relay {command}: {e}"));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, printed)
 }
 
 async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
