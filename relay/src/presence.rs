@@ -136,17 +136,25 @@ impl Room {
     }
 }
 
-/// Frames to queue once the state's lock is released, and sockets to cut for a full queue.
+/// Frames queued while the state's lock is held, so every watcher gets them in the order the
+/// changes took effect; and the sockets to cut, once the lock is released, whose queue was full.
 #[derive(Default)]
 struct Outbox {
-    frames: Vec<(SocketId, Link, Bytes)>,
+    full: Vec<SocketId>,
 }
 
 impl Outbox {
+    /// Queues a frame for one socket.
+    fn send(&mut self, socket: SocketId, link: &Link, frame: Bytes) {
+        if !link.try_send(frame) {
+            self.full.push(socket);
+        }
+    }
+
     /// One frame to every watcher of a room.
     fn broadcast(&mut self, room: &Room, frame: Bytes) {
         for (socket, link) in &room.watchers {
-            self.frames.push((*socket, link.clone(), frame.clone()));
+            self.send(*socket, link, frame.clone());
         }
     }
 }
@@ -177,12 +185,10 @@ impl Presence {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues the frames; a socket whose queue is full is cut as a slow consumer.
+    /// Cuts, as slow consumers, the sockets whose queue had no room for a frame.
     fn deliver(&self, outbox: Outbox) {
-        for (socket, link, frame) in outbox.frames {
-            if !link.try_send(frame) {
-                self.hub.cut(socket, Close::slow_consumer());
-            }
+        for socket in outbox.full {
+            self.hub.cut(socket, Close::slow_consumer());
         }
     }
 
@@ -713,7 +719,7 @@ impl State {
                 if resend {
                     if let Some(room) = self.rooms.get(session) {
                         let list = protocol::presence(*session, &room.present(), &[]);
-                        outbox.frames.push((socket, link.clone(), list));
+                        outbox.send(socket, &link, list);
                     }
                 }
             } else {
@@ -750,11 +756,11 @@ impl State {
         if !was_present {
             outbox.broadcast(room, protocol::presence(session, &[member], &[]));
         }
-        outbox.frames.push((
+        outbox.send(
             socket,
-            link.clone(),
+            &link,
             protocol::presence(session, &room.present(), &[]),
-        ));
+        );
         room.watchers.insert(socket, link);
         if first_here {
             self.pending
@@ -1249,5 +1255,70 @@ mod tests {
             [frame(session, &[&patient, &dentist], &[])]
         );
         assert!(received(&mut p).is_empty());
+    }
+
+    /// A user's socket leaving and another of theirs joining, on two threads at once: every
+    /// watcher's frames must end with the user present, as the state does. Frames queued after
+    /// the state's lock is released could put the leave's after the join's.
+    #[test]
+    fn a_leave_and_a_join_racing_reach_every_watcher_in_the_order_they_took_effect() {
+        const WATCHERS: usize = 100;
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let mut watchers: Vec<Connection> = (0..WATCHERS)
+            .map(|_| {
+                let admin = principal(Role::Admin);
+                let mut c = hub.connect(admin, None);
+                presence.watch(c.id, c.link.clone(), admin, Scope::Session(session));
+                received(&mut c);
+                c
+            })
+            .collect();
+        for watcher in &mut watchers {
+            received(watcher);
+        }
+        let patient = principal(Role::Patient);
+        let mut current = hub.connect(patient, None);
+        presence.watch(
+            current.id,
+            current.link.clone(),
+            patient,
+            Scope::Session(session),
+        );
+        let mut reordered = 0;
+        for _ in 0..5000 {
+            let next = hub.connect(patient, None);
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    presence.leave(current.id);
+                });
+                scope.spawn(|| {
+                    barrier.wait();
+                    presence.watch(next.id, next.link.clone(), patient, Scope::Session(session));
+                });
+            });
+            hub.disconnect(current.id);
+            current = next;
+            assert!(presence
+                .members(session)
+                .iter()
+                .any(|m| m.user_id == patient.user_id));
+            for watcher in &mut watchers {
+                // The last frame that names the patient must say it joined.
+                let last = received(watcher)
+                    .into_iter()
+                    .rev()
+                    .find(|frame| frame.to_string().contains(&patient.user_id.to_string()));
+                if let Some(frame) = last {
+                    if frame["joined"].as_array().is_none_or(|j| j.is_empty()) {
+                        reordered += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(reordered, 0, "watchers left thinking the patient absent");
     }
 }
