@@ -334,12 +334,22 @@ async function loadDemoUsers() {
     const select = $("#demo-user");
     for (const user of users) {
       const option = document.createElement("option");
-      option.value = user.token;
+      option.value = user.user_id;
       option.textContent = `${user.role}: ${user.name}`;
       select.append(option);
     }
-    select.addEventListener("change", () => {
-      $("#token").value = select.value;
+    // A token signed now, so a page left open longer than a token lives still gets one that works.
+    select.addEventListener("change", async () => {
+      const picked = select.value;
+      let fresh = users;
+      try {
+        const again = await fetch("/dev/tokens");
+        if (again.ok) fresh = await again.json();
+      } catch {
+        // The relay is unreachable: the token loaded with the page is the best there is.
+      }
+      const user = fresh.find((u) => u.user_id === picked);
+      if (user && select.value === picked) $("#token").value = user.token;
     });
     $("#demo").hidden = false;
   } catch {

@@ -305,6 +305,46 @@ fn relay_dev_refuses_to_listen_beyond_this_machine() {
     );
 }
 
+/// `relay dev`'s picker tokens are signed afresh for each request, so an inspector page left open
+/// past their lifetime still offers tokens that work.
+#[tokio::test]
+async fn relay_dev_issues_the_demo_tokens_afresh_for_each_request() {
+    let db = TestDb::new().await;
+    let addr = common::free_address();
+    let _relay = RelayProcess::start("dev", &db.url, addr, &[("RUST_LOG", "error")], false).await;
+    let verifier = relay::token::Verifier::load(&relay::token::TokenConfig::hs256(
+        relay::token::Secret::new(common::SECRET).unwrap(),
+    ))
+    .unwrap();
+    let expiries = || async {
+        let (status, body) = common::http_get(addr, "/dev/tokens", None).await;
+        assert_eq!(status, 200, "{body}");
+        let users = body.as_array().expect("a list of demo users");
+        assert!(users.iter().any(|u| u["role"] == "admin"), "{body}");
+        users
+            .iter()
+            .map(|user| {
+                let verified = verifier
+                    .verify(user["token"].as_str().unwrap())
+                    .expect("a valid token");
+                assert_eq!(verified.principal.user_id.to_string(), user["user_id"]);
+                verified.expires_at
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = expiries().await;
+    // The tokens' times are whole seconds: ask again once the clock has passed the next one.
+    let issued = first[0] - relay::dev::DEMO_TOKEN_TTL;
+    while std::time::SystemTime::now() < issued + std::time::Duration::from_secs(1) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let second = expiries().await;
+    assert_eq!(first.len(), second.len());
+    for (before, after) in first.iter().zip(&second) {
+        assert!(after > before, "the same token was handed out twice");
+    }
+}
+
 /// `relay migrate` against a database that does not exist, or as a role that does not: it stops
 /// at once, not after its minute of patience for a database still starting, and says what
 /// Postgres said rather than tokio-postgres' bare "db error".

@@ -318,9 +318,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub retention: Duration,
     pub limits: Limits,
-    /// `relay dev` only: the demo users and their tokens, offered by the inspector page
-    /// (`GET /dev/tokens`). Empty otherwise, and the route answers `[]`.
-    pub demo_tokens: Vec<DemoToken>,
+    /// `relay dev` only: the signer of the demo users' tokens, issued afresh on each request of
+    /// the inspector page (`GET /dev/tokens`). `None` otherwise, and the route answers `[]`.
+    pub demo_issuer: Option<crate::token::Issuer>,
 }
 
 /// A demo user and a token for it, as `relay dev` offers them.
@@ -367,7 +367,7 @@ impl Config {
                     .filter(|origin| !origin.is_empty())
                     .collect(),
             },
-            demo_tokens: Vec::new(),
+            demo_issuer: None,
         }
     }
 }

@@ -159,8 +159,7 @@ pub fn psql_command(config: &tokio_postgres::Config) -> String {
     format!("psql -h {host} -p {port} -U {user} {database}")
 }
 
-/// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
-/// A token for every demo user, for the inspector's picker.
+/// A token for every demo user, for the inspector's picker, valid [`DEMO_TOKEN_TTL`] from now.
 pub fn demo_tokens(issuer: &Issuer) -> Vec<crate::config::DemoToken> {
     DEMO_USERS
         .iter()
@@ -179,6 +178,7 @@ pub fn demo_tokens(issuer: &Issuer) -> Vec<crate::config::DemoToken> {
         .collect()
 }
 
+/// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
 pub fn banner(issuer: &Issuer, addr: std::net::SocketAddr, psql: &str) -> String {
     let mut out = format!("\nrelay dev: serving on http://{addr}\n");
     let (id, role, name) = DEMO_USERS[1];

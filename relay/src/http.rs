@@ -28,7 +28,7 @@ use crate::log;
 use crate::metrics::{self, Metrics, Scrape};
 use crate::protocol::ErrorCode;
 use crate::session::{self, SessionContext};
-use crate::token::{TokenError, Verified};
+use crate::token::{Issuer, TokenError, Verified};
 use crate::upgrade::{self, NotAnUpgrade, Upgrade};
 
 /// How long a scrape of `/metrics` waits for the event log's newest id; without it, the lag is
@@ -44,8 +44,8 @@ pub struct AppState {
     pub session: SessionContext,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
-    /// `relay dev`'s demo users and tokens; empty otherwise.
-    pub demo_tokens: Arc<Vec<DemoToken>>,
+    /// `relay dev` only: signs the demo users' tokens, fresh for each request.
+    pub demo_issuer: Option<Arc<Issuer>>,
     /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
     pub admission: Arc<Admission>,
 }
@@ -154,7 +154,14 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let demo_tokens = warp::path!("dev" / "tokens")
         .and(warp::get())
         .and(with_state.clone())
-        .map(|state: AppState| warp::reply::json(&*state.demo_tokens));
+        .map(|state: AppState| {
+            let tokens: Vec<DemoToken> = state
+                .demo_issuer
+                .as_deref()
+                .map(crate::dev::demo_tokens)
+                .unwrap_or_default();
+            warp::reply::json(&tokens)
+        });
 
     let with_principal = authenticated(with_state.clone(), TokenIn::Header)
         .map(|state: AppState, verified: Verified| (state, verified.principal))

@@ -155,7 +155,7 @@ async fn run(command: Command) -> Result<(), String> {
             let issuer = Issuer::new(&args.relay_jwt_secret);
             let tokens = TokenConfig::hs256(args.relay_jwt_secret);
             let mut config = Config::from_parts(args.database_url, tokens, args.tuning);
-            config.demo_tokens = dev::demo_tokens(&issuer);
+            config.demo_issuer = Some(issuer.clone());
             serve(config, Some((issuer, psql))).await
         }
     }

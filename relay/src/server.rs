@@ -160,7 +160,7 @@ impl Relay {
             },
             health: health.clone(),
             metrics,
-            demo_tokens: Arc::new(config.demo_tokens.clone()),
+            demo_issuer: config.demo_issuer.clone().map(Arc::new),
             admission: Admission::new(
                 config.limits.max_sockets,
                 config.limits.max_sockets_per_user,

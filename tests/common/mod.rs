@@ -571,13 +571,25 @@ impl RelayProcess {
         env: &[(&str, &str)],
         capture: bool,
     ) -> RelayProcess {
+        RelayProcess::start("serve", database_url, addr, env, capture).await
+    }
+
+    /// Starts `relay <command>` (`serve` or `dev`) with extra environment, its stdout piped if
+    /// `capture`, and waits until it is healthy.
+    pub async fn start(
+        command: &str,
+        database_url: &str,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> RelayProcess {
         let stdout = if capture {
             std::process::Stdio::piped()
         } else {
             std::process::Stdio::null()
         };
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .arg("serve")
+            .arg(command)
             .env("DATABASE_URL", database_url)
             .env("RELAY_JWT_SECRET", SECRET)
             .env("RELAY_BIND", addr.to_string())
