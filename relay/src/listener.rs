@@ -138,16 +138,13 @@ impl Listener {
         // Presence is registered on this connection, so it lives exactly as long as the LISTEN.
         // Before catching up: the connection's notifications are not read until then, and a
         // query behind a full buffer of them would never be answered.
-        match timed(presence::register(&client)).await {
-            Ok((instance, others)) => {
-                tracing::debug!(instance, "registered for presence");
-                self.presence.registered(instance, others);
-            }
+        let (instance, others) = match timed(presence::register(&client)).await {
+            Ok(registered) => registered,
             Err(e) => {
                 driver.abort();
                 return (e, false);
             }
-        }
+        };
         // LISTEN came first, so whatever commits from now on is notified; what committed before
         // is in the log.
         let caught_up = match self.hub.position() {
@@ -158,6 +155,11 @@ impl Listener {
             driver.abort();
             return (e, false);
         }
+        // The other instances' presence is taken in once the hand-overs missed meanwhile have
+        // been dispatched: they joined by those, and the sockets here that those took out of a
+        // session must not hear of them first.
+        tracing::debug!(instance, "registered for presence");
+        self.presence.registered(instance, others);
 
         if reconnect {
             self.hub

@@ -71,6 +71,9 @@ struct State {
     open_by_user: HashMap<Uuid, HashSet<Uuid>>,
     /// Per session: who is present anywhere, and which local sockets watch it.
     rooms: HashMap<Uuid, Room>,
+    /// Sessions named in the filter of a patient's or dentist's socket, and what is known of
+    /// their participants: a socket is in the room only while they include its user.
+    named: HashMap<Uuid, Named>,
     /// Local (session, user) pairs whose presence changed since the last write: role, present.
     pending: HashMap<(Uuid, Uuid), (Role, bool)>,
 }
@@ -93,7 +96,19 @@ struct Watcher {
     link: Link,
     /// Follows its user's open sessions (rather than one session).
     follows: bool,
+    /// The session its filter names, for a patient or dentist: it joins and leaves as the
+    /// participants change.
+    named: Option<Uuid>,
     sessions: HashSet<Uuid>,
+}
+
+/// A session named by patients' or dentists' sockets.
+#[derive(Default)]
+struct Named {
+    sockets: HashSet<SocketId>,
+    /// Its participants as of the last event dispatched for it since it was first named, or as
+    /// read from the database when there was none (`None`: not known yet; `Some(None)`: deleted).
+    owners: Option<Option<Owners>>,
 }
 
 #[derive(Default)]
@@ -206,9 +221,15 @@ impl Presence {
                 principal,
                 link,
                 follows,
+                named: None,
                 sessions: HashSet::new(),
             });
             watcher.follows = follows;
+            let named = match scope {
+                Scope::Session(session) if principal.role != Role::Admin => Some(session),
+                _ => None,
+            };
+            state.set_named(socket, named);
             let followers = state.followers.entry(principal.user_id).or_default();
             if follows {
                 followers.insert(socket);
@@ -219,10 +240,37 @@ impl Presence {
                 }
             }
             let target = match scope {
+                Scope::Session(session) if named.is_some() => state
+                    .known_owners(session)
+                    .filter(|owners| authz::may_see(&principal, Feed::ConsultationMessages, owners))
+                    .map(|_| HashSet::from([session]))
+                    .unwrap_or_default(),
                 Scope::Session(session) => HashSet::from([session]),
                 Scope::OwnOpenSessions => state.open_sessions_of(&principal),
             };
             state.set_sessions(socket, target, true, &mut outbox)
+        };
+        if wrote {
+            self.dirty.notify_one();
+        }
+        self.deliver(outbox);
+    }
+
+    /// The participants of a session named by a socket's filter, read from the database after the
+    /// socket began to watch it (`None`: no such session). Used only while no event for the
+    /// session has been dispatched since it was named, and it is not among the open sessions:
+    /// presence otherwise follows the events, in the order they are dispatched.
+    pub fn owners_read(&self, session: Uuid, owners: Option<Owners>) {
+        let mut outbox = Outbox::default();
+        let wrote = {
+            let mut state = self.lock();
+            if state.known_owners(session).is_some() || !state.named.contains_key(&session) {
+                return;
+            }
+            if let Some(named) = state.named.get_mut(&session) {
+                named.owners = Some(owners);
+            }
+            state.admit_named(session, &mut outbox)
         };
         if wrote {
             self.dirty.notify_one();
@@ -300,6 +348,9 @@ impl Presence {
                 session,
                 now.filter(|(_, open)| *open).map(|(owners, _)| owners),
             );
+            if let Some(named) = state.named.get_mut(&session) {
+                named.owners = Some(now.map(|(owners, _)| owners));
+            }
             let mut wrote = false;
             // Who leaves.
             let leaving: Vec<SocketId> = state
@@ -330,7 +381,9 @@ impl Presence {
             for socket in leaving {
                 wrote |= state.leave_room(socket, session, &mut outbox);
             }
-            // Who joins.
+            // Who joins: sockets that name the session and may now read it.
+            wrote |= state.admit_named(session, &mut outbox);
+            // Who joins: followers of their open sessions.
             if let Some((owners, true)) = now {
                 let joining: Vec<SocketId> = owners
                     .user_ids()
@@ -695,6 +748,67 @@ impl State {
             .collect()
     }
 
+    /// What is known of a session's participants, in dispatch order: from the events since it was
+    /// named (or the database read when there was none), else from the open sessions. `None`:
+    /// not known; `Some(Owners::default())`: no one's (deleted).
+    fn known_owners(&self, session: Uuid) -> Option<Owners> {
+        match self.named.get(&session).and_then(|named| named.owners) {
+            Some(owners) => Some(owners.unwrap_or_default()),
+            None => self.open.get(&session).copied(),
+        }
+    }
+
+    /// Records the session a socket's filter names (or none), forgetting the one before.
+    fn set_named(&mut self, socket: SocketId, session: Option<Uuid>) {
+        let Some(watcher) = self.sockets.get_mut(&socket) else {
+            return;
+        };
+        let before = std::mem::replace(&mut watcher.named, session);
+        if let Some(before) = before {
+            if let Some(named) = self.named.get_mut(&before) {
+                named.sockets.remove(&socket);
+                if named.sockets.is_empty() {
+                    self.named.remove(&before);
+                }
+            }
+        }
+        if let Some(session) = session {
+            self.named
+                .entry(session)
+                .or_default()
+                .sockets
+                .insert(socket);
+        }
+    }
+
+    /// Joins to a named session every socket naming it whose user may now read it. (Those that
+    /// may not are taken out by [`Presence::observe`].) Returns whether there is something new
+    /// to write.
+    fn admit_named(&mut self, session: Uuid, outbox: &mut Outbox) -> bool {
+        let Some(owners) = self.known_owners(session) else {
+            return false;
+        };
+        let Some(named) = self.named.get(&session) else {
+            return false;
+        };
+        let joining: Vec<SocketId> = named
+            .sockets
+            .iter()
+            .filter(|socket| {
+                self.sockets.get(socket).is_some_and(|watcher| {
+                    !watcher.sessions.contains(&session)
+                        && authz::may_see(&watcher.principal, Feed::ConsultationMessages, &owners)
+                })
+            })
+            .copied()
+            .collect();
+        let mut wrote = false;
+        for socket in joining {
+            wrote |= self.join_room(socket, session, outbox);
+        }
+        wrote
+    }
+
     /// Makes a socket watch exactly `target`, leaving and joining as needed; with `resend`, the
     /// sessions it already watched send it their list again. Returns whether there is something
     /// new to write.
@@ -815,6 +929,7 @@ impl State {
         for session in sessions {
             wrote |= self.leave_room(socket, session, outbox);
         }
+        self.set_named(socket, None);
         self.sockets.remove(&socket);
         if let Some(followers) = self.followers.get_mut(&user) {
             followers.remove(&socket);
@@ -973,6 +1088,22 @@ mod tests {
         json!({"type": "presence", "session_id": session, "joined": list(joined), "left": list(left)})
     }
 
+    /// Makes the sessions open, with these participants (patient, dentist), as at start.
+    fn opened(presence: &Presence, sessions: &[(Uuid, &Principal, &Principal)]) {
+        presence.open_sessions_loaded(
+            sessions
+                .iter()
+                .map(|(session, patient, dentist)| {
+                    let owners = Owners {
+                        patient_id: Some(patient.user_id),
+                        dentist_id: Some(dentist.user_id),
+                    };
+                    (*session, owners)
+                })
+                .collect(),
+        );
+    }
+
     fn pending(presence: &Presence) -> HashMap<(Uuid, Uuid), (Role, bool)> {
         presence.lock().pending.clone()
     }
@@ -1000,6 +1131,7 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        opened(&presence, &[(session, &patient, &dentist)]);
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         assert_eq!(received(&mut p), [frame(session, &[&patient], &[])]);
@@ -1045,6 +1177,10 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        opened(
+            &presence,
+            &[(first, &patient, &dentist), (second, &patient, &dentist)],
+        );
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(first));
         let d = hub.connect(dentist, None);
@@ -1062,6 +1198,7 @@ mod tests {
         presence.registered(1, Vec::new());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        opened(&presence, &[(session, &patient, &dentist)]);
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         received(&mut p);
@@ -1102,6 +1239,7 @@ mod tests {
             principal(Role::Dentist),
             principal(Role::Admin),
         );
+        opened(&presence, &[(session, &patient, &dentist)]);
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         presence.notified(
@@ -1145,6 +1283,7 @@ mod tests {
             principal(Role::Dentist),
             principal(Role::Admin),
         );
+        opened(&presence, &[(session, &patient, &dentist)]);
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         let mut d = hub.connect(dentist, None);
@@ -1174,6 +1313,7 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        opened(&presence, &[(session, &patient, &dentist)]);
         let p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session)); // fills its queue of one
         let mut d = hub.connect(dentist, None);
@@ -1243,6 +1383,7 @@ mod tests {
         let presence = Presence::new(hub.clone());
         let session = Uuid::new_v4();
         let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        opened(&presence, &[(session, &patient, &dentist)]);
         let mut p = hub.connect(patient, None);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
         let mut d = hub.connect(dentist, None);
@@ -1279,6 +1420,7 @@ mod tests {
             received(watcher);
         }
         let patient = principal(Role::Patient);
+        opened(&presence, &[(session, &patient, &principal(Role::Dentist))]);
         let mut current = hub.connect(patient, None);
         presence.watch(
             current.id,
@@ -1320,5 +1462,87 @@ mod tests {
             }
         }
         assert_eq!(reordered, 0, "watchers left thinking the patient absent");
+    }
+
+    /// A session handed to someone else after a socket's subscription was authorized, and
+    /// dispatched before its presence began: the socket gets no list, and no one hears it joined.
+    /// Handed back, it joins.
+    #[test]
+    fn a_socket_naming_a_session_no_longer_its_own_learns_nothing_until_it_is_again() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (former, patient, dentist) = (
+            principal(Role::Patient),
+            principal(Role::Patient),
+            principal(Role::Dentist),
+        );
+        opened(&presence, &[(session, &former, &dentist)]);
+        let mut d = hub.connect(dentist, None);
+        presence.watch(d.id, d.link.clone(), dentist, Scope::Session(session));
+        received(&mut d);
+        presence.observe(&session_event(session, patient.user_id, dentist.user_id));
+
+        let mut f = hub.connect(former, None);
+        presence.watch(f.id, f.link.clone(), former, Scope::Session(session));
+        // The database read after the watch began may be older than what was dispatched.
+        presence.owners_read(
+            session,
+            Some(Owners {
+                patient_id: Some(former.user_id),
+                dentist_id: Some(dentist.user_id),
+            }),
+        );
+        assert!(received(&mut f).is_empty());
+        assert!(
+            received(&mut d).is_empty(),
+            "no one hears the former patient joined"
+        );
+        assert_eq!(presence.members(session).len(), 1);
+
+        presence.observe(&session_event(session, former.user_id, dentist.user_id));
+        assert_eq!(
+            received(&mut f),
+            [frame(session, &[&former, &dentist], &[])]
+        );
+        assert_eq!(received(&mut d), [frame(session, &[&former], &[])]);
+    }
+
+    /// A session presence knows nothing of (not open, never seen): the socket joins once its
+    /// participants are read, if they include its user, and not before.
+    #[test]
+    fn a_session_presence_does_not_know_is_joined_once_read_and_only_if_allowed() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist, other) = (
+            principal(Role::Patient),
+            principal(Role::Dentist),
+            principal(Role::Dentist),
+        );
+        let owners = Owners {
+            patient_id: Some(patient.user_id),
+            dentist_id: Some(dentist.user_id),
+        };
+        let mut o = hub.connect(other, None);
+        presence.watch(o.id, o.link.clone(), other, Scope::Session(session));
+        let mut p = hub.connect(patient, None);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
+        assert!(received(&mut p).is_empty(), "nothing before the read");
+        presence.owners_read(session, Some(owners));
+        assert_eq!(received(&mut p), [frame(session, &[&patient], &[])]);
+        assert!(
+            received(&mut o).is_empty(),
+            "not the other dentist's session"
+        );
+        assert_eq!(presence.members(session).len(), 1);
+
+        // Once an event has been dispatched for it, a later read changes nothing.
+        let q = principal(Role::Patient);
+        presence.observe(&session_event(session, q.user_id, dentist.user_id));
+        assert_eq!(received(&mut p), Vec::<Value>::new(), "left, silently");
+        presence.owners_read(session, Some(owners));
+        assert!(received(&mut p).is_empty());
+        assert!(presence.members(session).is_empty());
     }
 }

@@ -445,17 +445,14 @@ impl Reader {
         if principal.role == Role::Admin {
             return;
         }
-        // Read the session's participants again now that presence follows the socket: a
-        // hand-over committed after the subscription was authorized, and dispatched before the
-        // watch began, went unseen by presence; one dispatched later is seen.
-        // A session that cannot be read now is left: presence never outlives the right to see.
-        let still = self.session_owners(session).await.is_ok_and(|owners| {
-            owners.is_some_and(|owners| {
-                authz::may_see(&principal, Feed::ConsultationMessages, &owners)
-            })
-        });
-        if !still {
-            presence.leave(self.id);
+        // Presence knows the participants of open sessions, and follows every session named in
+        // a filter through its events. For a session it knew nothing of, they are read now that
+        // presence follows the socket: a hand-over dispatched from here on is seen, and one
+        // committed before the read is in it. Until then the socket is not in the session's
+        // presence, so it learns nothing of a session that is no longer its own.
+        match self.session_owners(session).await {
+            Ok(owners) => presence.owners_read(session, owners),
+            Err(_) => presence.leave(self.id),
         }
     }
 
