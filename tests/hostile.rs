@@ -579,6 +579,47 @@ async fn origins_outside_the_allowlist_are_refused() {
         head.contains("access-control-allow-origin: https://dash.example.com"),
         "{head}"
     );
+    // Its refusals too, so that the page can read why.
+    for (path, auth, expected) in [
+        (path, String::new(), 401),
+        (
+            "/api/realtime/stats",
+            format!("Authorization: Bearer {token}\r\n"),
+            403,
+        ),
+        (
+            "/api/consultations/not-a-uuid/messages",
+            format!("Authorization: Bearer {token}\r\n"),
+            400,
+        ),
+    ] {
+        let (status, head) = request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nOrigin: https://dash.example.com\r\n{auth}"),
+        )
+        .await;
+        assert_eq!(status, expected, "{path}: {head}");
+        assert!(
+            head.contains("access-control-allow-origin: https://dash.example.com"),
+            "{path}: {head}"
+        );
+    }
+    // What is not the API answers no preflight.
+    for other in ["/metrics", "/ws", "/nothing"] {
+        let (status, head) = request(
+            addr,
+            &format!(
+                "OPTIONS {other} HTTP/1.1\r\nOrigin: https://dash.example.com\r\n\
+                 Access-Control-Request-Method: GET\r\n"
+            ),
+        )
+        .await;
+        assert_ne!(status, 200, "{other}: {head}");
+        assert!(
+            !head.contains("access-control-allow-origin"),
+            "{other}: {head}"
+        );
+    }
     for preflight in [true, false] {
         let method = if preflight { "OPTIONS" } else { "GET" };
         let (status, head) = request(

@@ -221,9 +221,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             Ok(warp::reply::json(&body))
         });
 
-    // The API answers pages of other origins (dashboards served elsewhere); the rest is for
-    // the relay's own page, probes and WebSocket clients.
-    let api = status.or(history).or(stats).with(cors);
+    // The API answers pages of other origins (dashboards served elsewhere), its errors
+    // included; the rest is for the relay's own page, probes and WebSocket clients, and no
+    // preflight is answered for it.
+    let api = under_api().and(status.or(history).or(stats).recover(recover).with(cors));
 
     ws.or(health)
         .or(page)
@@ -233,6 +234,19 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(metrics)
         .or(api)
         .recover(recover)
+}
+
+/// Requests whose path is under `/api/`, without taking the path.
+fn under_api() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::peek()
+        .and_then(|path: warp::path::Peek| async move {
+            if path.as_str().starts_with("api/") {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
 }
 
 /// Cross-origin access to the HTTP API, for dashboards served from another origin than the
