@@ -201,14 +201,16 @@ impl Relay {
         &self.health
     }
 
-    /// Stops accepting, closes every socket with 1001, and waits up to the shutdown grace for
-    /// sockets to close.
+    /// Stops accepting, closes every socket with 1001, and waits for sockets to close, for the
+    /// HTTP server to end and for this instance's presence to be forgotten: all within one
+    /// shutdown grace.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.hub.close_all(Close::going_away());
         let mut live = self.live.subscribe();
         let grace = self.config.shutdown_grace;
-        if tokio::time::timeout(grace, live.wait_for(|n| *n == 0))
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, live.wait_for(|n| *n == 0))
             .await
             .is_err()
         {
@@ -218,9 +220,14 @@ impl Relay {
                 "sockets still open after the shutdown grace"
             );
         }
-        let _ = tokio::time::timeout(grace, self.server).await;
+        let _ = tokio::time::timeout_at(deadline, self.server).await;
         // Others learn at once that this instance's users left, rather than at their next sweep.
-        let _ = tokio::time::timeout(grace, self.presence_writer).await;
+        if tokio::time::timeout_at(deadline, self.presence_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("presence not forgotten within the shutdown grace; others sweep it");
+        }
         self.listener.abort();
         tracing::info!("stopped");
     }
