@@ -433,6 +433,17 @@ async fn a_client_that_stops_reading_during_a_replay_is_cut_and_resumes_without_
     // It reads now: the reply, what the replay sent before the cut, then the close.
     let (received, _) = events_then_slow_consumer_close(&mut stalled).await;
     assert!(received.len() < ROWS, "cut before the replay ended");
+    // A replay cut short still counts the frames it queued: at least those the client read.
+    let replayed = relay
+        .hub()
+        .counters()
+        .replayed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        replayed >= received.len() as u64 && replayed > 0,
+        "replayed {replayed}, received {}",
+        received.len()
+    );
     let last = received.last().map(cursor).unwrap_or(start);
     let mut again = Ws::connect(addr, admin).await;
     let rest = again.resume("appointments", &last).await;

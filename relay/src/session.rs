@@ -562,6 +562,10 @@ impl Reader {
                         return Ok(());
                     }
                     replayed += 1;
+                    // Counted as each is queued, so a replay cut short counts what it sent.
+                    hub.counters()
+                        .replayed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 after = next;
             }
@@ -579,11 +583,7 @@ impl Reader {
                 Drained::Live | Drained::Gone => break,
             }
         }
-        let counters = hub.counters();
-        counters
-            .replayed
-            .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
-        counters
+        hub.counters()
             .replays
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(%feed, %cursor, %upto, replayed, "replayed, now live");
