@@ -50,7 +50,14 @@ pub enum Payload {
 /// feed goes on without them.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("payload is not a valid event object: {0}")]
+    /// Only the kind of fault and its place are told: serde's own message can quote a value
+    /// of the row, and the logs never carry row contents.
+    #[error(
+        "payload is not a valid event object ({}, at line {} column {})",
+        json_fault(.0),
+        .0.line(),
+        .0.column()
+    )]
     Json(#[from] serde_json::Error),
     #[error("event {id}: table {table:?} is not a watched table")]
     UnknownTable { id: i64, table: String },
@@ -62,6 +69,15 @@ pub enum DecodeError {
         op: &'static str,
         missing: &'static str,
     },
+}
+
+fn json_fault(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Eof => "cut short",
+        serde_json::error::Category::Data => "a field missing or of the wrong type",
+    }
 }
 
 /// The change as the database made it.
@@ -501,5 +517,17 @@ mod tests {
                 check(&value.to_string())?;
             }
         }
+    }
+
+    /// A payload whose row is not an object: the error names the fault, never the row's text.
+    #[test]
+    fn a_malformed_payload_is_reported_without_its_values() {
+        let bad = payload(json!({"id": 7, "table": "appointments", "op": "INSERT", "at": "t",
+                                 "new": "Mrs Example, tooth 36, private notes"}));
+        let error = Payload::decode(&bad).unwrap_err().to_string();
+        assert!(error.contains("wrong type"), "{error}");
+        assert!(!error.contains("private notes"), "{error}");
+        let error = Payload::decode("{\"id\": 7, \"new\": \"private").unwrap_err().to_string();
+        assert!(error.contains("cut short") && !error.contains("private"), "{error}");
     }
 }
