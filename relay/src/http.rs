@@ -174,7 +174,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             warp::reply::json(&json!({
                 "userId": principal.user_id,
                 "role": principal.role,
-                "subscriptions": state.session.hub.subscriptions_of(principal.user_id),
+                "subscriptions": state.session.hub.subscriptions_of(&principal),
             }))
         });
 

@@ -801,12 +801,14 @@ impl Hub {
     }
 
     /// The subscriptions held by one user's sockets.
-    pub fn subscriptions_of(&self, user_id: Uuid) -> Vec<SubscriptionInfo> {
+    /// The subscriptions of the sockets opened with this principal: the same user and role (a
+    /// token for the same user in another role sees nothing of them).
+    pub fn subscriptions_of(&self, principal: &Principal) -> Vec<SubscriptionInfo> {
         let index = self.read();
         let mut out: Vec<SubscriptionInfo> = index
             .sockets
             .iter()
-            .filter(|(_, s)| s.principal.user_id == user_id)
+            .filter(|(_, s)| s.principal == *principal)
             .flat_map(|(id, s)| {
                 Feed::ALL.into_iter().filter_map(move |feed| {
                     s.subscriptions[feed.index()].map(|filter| SubscriptionInfo {
@@ -1176,7 +1178,12 @@ mod tests {
             0
         );
         let c2 = join(&hub, dentist);
-        assert_eq!(hub.subscriptions_of(dentist.user_id).len(), 1);
+        assert_eq!(hub.subscriptions_of(&dentist).len(), 1);
+        let same_user_as_admin = Principal {
+            role: Role::Admin,
+            ..dentist
+        };
+        assert!(hub.subscriptions_of(&same_user_as_admin).is_empty());
         hub.disconnect(c2.id);
         hub.disconnect(c.id);
         assert_eq!(hub.snapshot().connected_sockets, 0);
