@@ -1,6 +1,6 @@
 //! Configuration: the command line, where every setting is both an environment variable and a
 //! flag of the same name (`RELAY_BIND` is `--relay-bind`), parsed and validated once at start-up.
-//! The README's Configuration table lists every setting.
+//! `docs/operations.md` lists every setting; the README's Configuration table, the common ones.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -255,9 +255,10 @@ pub struct Tuning {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub relay_max_sockets: u32,
 
-    /// Comma-separated `Origin` values browsers may open sockets from (e.g.
-    /// `https://dash.example.com`); an upgrade from any other origin is refused with HTTP 403.
-    /// Unset: every origin. Requests without an `Origin` header (not from a browser) are allowed.
+    /// Comma-separated `Origin` values browser pages may open sockets and call the HTTP API from
+    /// (e.g. `https://dash.example.com`); an upgrade or API request from any other origin is
+    /// refused with HTTP 403. Unset: every origin. Requests without an `Origin` header (not from a
+    /// browser) are allowed.
     #[arg(long = "relay-allowed-origins", env = "RELAY_ALLOWED_ORIGINS", value_delimiter = ',',
           value_parser = parse_origin)]
     pub relay_allowed_origins: Vec<String>,
