@@ -223,7 +223,8 @@ async fn every_send_rule_has_its_error_code_and_writes_nothing() {
         &mut events,
     )
     .await;
-    assert_eq!(error_code(&reply), "not_found", "{reply}");
+    // A session that does not exist is refused as someone else's is.
+    assert_eq!(error_code(&reply), "forbidden", "{reply}");
     for who in [admin, bot, stranger] {
         let mut ws = Ws::connect(addr, who).await;
         let reply = send(&mut ws, session, "hi", Uuid::new_v4(), "2", &mut events).await;
@@ -369,7 +370,7 @@ async fn only_its_dentist_starts_and_ends_a_session_and_participants_see_it() {
         "RL410"
     );
     let nowhere = as_user(&db, &dentist, start, Uuid::new_v4()).await;
-    assert_eq!(sqlstate(&nowhere), "RL404");
+    assert_eq!(sqlstate(&nowhere), "RL403", "as someone else's session");
 
     let fence = db.fence().await;
     let events = p.events_until(fence).await;

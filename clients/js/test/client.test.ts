@@ -223,7 +223,7 @@ describe("the relay client", () => {
     const { relay, client } = await started(patient);
     const missing = client.send(crypto.randomUUID(), "hello?");
     await expect(missing).rejects.toBeInstanceOf(SendError);
-    await expect(missing).rejects.toMatchObject({ code: "not_found" });
+    await expect(missing).rejects.toMatchObject({ code: "forbidden" });
     const session = await openSession();
     await expect(client.send(session, "   ")).rejects.toMatchObject({ code: "invalid_body" });
     expect(client.pendingSends).toBe(0);
