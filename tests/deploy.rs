@@ -253,6 +253,19 @@ fn ports_and_health_checks_match_what_the_relay_serves() {
             "one host port by default, a range when RELAY_PORTS says so: {mapping}"
         );
     }
+    // /metrics has its own port, and it is not published.
+    let metrics = environment
+        .iter()
+        .find(|(k, _)| k == "RELAY_METRICS_BIND")
+        .map(|(_, v)| port_of(v))
+        .expect("the relay's RELAY_METRICS_BIND");
+    assert_ne!(metrics, port);
+    for mapping in strings(&relay["ports"]) {
+        assert!(
+            !mapping.ends_with(&format!(":{metrics}")),
+            "/metrics is published: {mapping}"
+        );
+    }
     let health = strings(&relay["healthcheck"]["test"]).join(" ");
     assert!(
         health.contains(&format!("http://127.0.0.1:{port}{HEALTH_PATH}")),

@@ -920,3 +920,31 @@ async fn tokens_never_reach_the_logs_even_at_trace_level() {
         assert!(!output.contains(signature), "a token reached the log");
     }
 }
+
+/// With `RELAY_METRICS_BIND`, `/metrics` (event counts, positions, presence) is served only on
+/// its own address, which a deployment keeps from the public; the public address answers 404.
+#[tokio::test]
+async fn metrics_on_an_address_of_their_own_are_not_served_with_the_sockets() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let relay = common::start_with(config).await;
+    let public = relay.local_addr();
+    let private = relay.metrics_addr().expect("an address for /metrics");
+    assert_ne!(public, private);
+
+    let (status, head) = request(public, "GET /metrics HTTP/1.1\r\n").await;
+    assert_eq!(status, 404, "{head}");
+    let (status, head) = request(private, "GET /metrics HTTP/1.1\r\n").await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    // Only /metrics there: not the page, the API or sockets.
+    for path in ["/", "/api/realtime/health", "/ws"] {
+        let (status, head) = request(private, &format!("GET {path} HTTP/1.1\r\n")).await;
+        assert_eq!(status, 404, "{path}: {head}");
+    }
+    // The rest is served as before on the public address.
+    let (status, _) = common::http_get(public, "/api/realtime/health", None).await;
+    assert_eq!(status, 200);
+    relay.shutdown().await;
+}

@@ -196,6 +196,12 @@ pub struct Tuning {
     #[arg(long = "relay-bind", env = "RELAY_BIND", default_value = DEFAULT_BIND)]
     pub relay_bind: SocketAddr,
 
+    /// Address to serve `/metrics` on, apart from `RELAY_BIND` (e.g. `0.0.0.0:9090`, a port not
+    /// published beyond the monitoring network); `/metrics` is then not served on `RELAY_BIND`.
+    /// Unset: `/metrics` is served on `RELAY_BIND`, without authentication.
+    #[arg(long = "relay-metrics-bind", env = "RELAY_METRICS_BIND")]
+    pub relay_metrics_bind: Option<SocketAddr>,
+
     /// Frames each socket may have waiting to be sent; a socket whose queue fills is closed
     /// with code 4008.
     #[arg(long = "relay-socket-queue", env = "RELAY_SOCKET_QUEUE", default_value_t = DEFAULT_SOCKET_QUEUE,
@@ -314,6 +320,8 @@ pub struct Config {
     pub database: tokio_postgres::Config,
     pub tokens: TokenConfig,
     pub bind: SocketAddr,
+    /// Where `/metrics` is served apart from `bind`; `None`: on `bind`.
+    pub metrics_bind: Option<SocketAddr>,
     pub socket_queue: usize,
     pub pool_size: usize,
     pub shutdown_grace: Duration,
@@ -352,6 +360,7 @@ impl Config {
                 ..tokens
             },
             bind: tuning.relay_bind,
+            metrics_bind: tuning.relay_metrics_bind,
             socket_queue: tuning.relay_socket_queue as usize,
             pool_size: tuning.relay_pool_size as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
@@ -388,6 +397,7 @@ impl Tuning {
     pub fn defaults() -> Tuning {
         Tuning {
             relay_bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            relay_metrics_bind: None,
             relay_socket_queue: DEFAULT_SOCKET_QUEUE,
             relay_pool_size: DEFAULT_POOL_SIZE,
             relay_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,

@@ -522,12 +522,19 @@ mod tests {
     /// A payload whose row is not an object: the error names the fault, never the row's text.
     #[test]
     fn a_malformed_payload_is_reported_without_its_values() {
-        let bad = payload(json!({"id": 7, "table": "appointments", "op": "INSERT", "at": "t",
-                                 "new": "Mrs Example, tooth 36, private notes"}));
+        let bad = payload(
+            json!({"id": 7, "table": "appointments", "op": "INSERT", "at": "t",
+                                 "new": "Mrs Example, tooth 36, private notes"}),
+        );
         let error = Payload::decode(&bad).unwrap_err().to_string();
         assert!(error.contains("wrong type"), "{error}");
         assert!(!error.contains("private notes"), "{error}");
-        let error = Payload::decode("{\"id\": 7, \"new\": \"private").unwrap_err().to_string();
-        assert!(error.contains("cut short") && !error.contains("private"), "{error}");
+        let error = Payload::decode("{\"id\": 7, \"new\": \"private")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cut short") && !error.contains("private"),
+            "{error}"
+        );
     }
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `relay dev` only: signs the demo users' tokens, fresh for each request.
     pub demo_issuer: Option<Arc<Issuer>>,
+    /// `/metrics` is served on an address of its own (`RELAY_METRICS_BIND`), not with the rest.
+    pub metrics_apart: bool,
     /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
     pub admission: Arc<Admission>,
 }
@@ -73,6 +75,18 @@ fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let cors = api_cors(&state.session.limits.allowed_origins);
+    // Here unless RELAY_METRICS_BIND gives it an address of its own.
+    let metrics_here = !state.metrics_apart;
+    let metrics = warp::any()
+        .and_then(move || async move {
+            if metrics_here {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+        .and(metrics_route(state.clone()));
     let with_state = warp::any().map(move || state.clone());
 
     let ws = warp::path!("ws")
@@ -118,27 +132,6 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
                 StatusCode::SERVICE_UNAVAILABLE
             };
             warp::reply::with_status(warp::reply::json(&body), status)
-        });
-
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_state.clone())
-        .then(|state: AppState| async move {
-            let newest = async {
-                let client = state.session.pool.get().await.ok()?;
-                log::position(&**client).await.ok()
-            };
-            let newest = tokio::time::timeout(SCRAPE_QUERY_TIMEOUT, newest)
-                .await
-                .ok()
-                .flatten();
-            let scrape = Scrape {
-                listening: state.health.is_listening(),
-                newest_event: newest.map(|cursor| cursor.0),
-                presence_members: state.session.presence.member_count(),
-            };
-            let text = metrics::render(&state.session.hub, &state.metrics, &scrape);
-            warp::reply::with_header(text, "content-type", prometheus::TEXT_FORMAT)
         });
 
     let page = warp::path::end()
@@ -234,6 +227,39 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(metrics)
         .or(api)
         .recover(recover)
+}
+
+/// `GET /metrics`: the Prometheus text format.
+fn metrics_route(
+    state: AppState,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(warp::any().map(move || state.clone()))
+        .then(|state: AppState| async move {
+            let newest = async {
+                let client = state.session.pool.get().await.ok()?;
+                log::position(&**client).await.ok()
+            };
+            let newest = tokio::time::timeout(SCRAPE_QUERY_TIMEOUT, newest)
+                .await
+                .ok()
+                .flatten();
+            let scrape = Scrape {
+                listening: state.health.is_listening(),
+                newest_event: newest.map(|cursor| cursor.0),
+                presence_members: state.session.presence.member_count(),
+            };
+            let text = metrics::render(&state.session.hub, &state.metrics, &scrape);
+            warp::reply::with_header(text, "content-type", prometheus::TEXT_FORMAT)
+        })
+}
+
+/// What the address of `RELAY_METRICS_BIND` serves: `/metrics`, and a 404 for anything else.
+pub fn metrics_routes(
+    state: AppState,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    metrics_route(state).recover(recover)
 }
 
 /// Requests whose path is under `/api/`, without taking the path.

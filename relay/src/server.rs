@@ -48,6 +48,8 @@ pub struct Relay {
     /// Live session count; shutdown waits for it to reach zero.
     live: Arc<watch::Sender<usize>>,
     server: JoinHandle<()>,
+    /// `/metrics` on its own address (`RELAY_METRICS_BIND`), if it has one.
+    metrics_server: Option<(SocketAddr, JoinHandle<()>)>,
     listener: JoinHandle<()>,
     /// Writes this instance's presence; on shutdown, forgets it.
     presence_writer: JoinHandle<()>,
@@ -161,10 +163,31 @@ impl Relay {
             health: health.clone(),
             metrics,
             demo_issuer: config.demo_issuer.clone().map(Arc::new),
+            metrics_apart: config.metrics_bind.is_some(),
             admission: Admission::new(
                 config.limits.max_sockets,
                 config.limits.max_sockets_per_user,
             ),
+        };
+        let metrics_server = match config.metrics_bind {
+            Some(addr) => {
+                let tcp = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let metrics_addr = tcp
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let mut stopped_metrics = stopped.clone();
+                let serving = warp::serve(http::metrics_routes(state.clone()))
+                    .incoming(tcp)
+                    .graceful(async move {
+                        let _ = stopped_metrics.wait_for(|stop| *stop).await;
+                    })
+                    .run();
+                tracing::info!(addr = %metrics_addr, "serving /metrics");
+                Some((metrics_addr, tokio::spawn(serving)))
+            }
+            None => None,
         };
         let mut stopped_server = stopped;
         let server = tokio::spawn(
@@ -183,6 +206,7 @@ impl Relay {
             stop,
             live,
             server,
+            metrics_server,
             listener,
             presence_writer,
             config,
@@ -191,6 +215,11 @@ impl Relay {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` is served apart from [`Relay::local_addr`], if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -227,6 +256,9 @@ impl Relay {
             .is_err()
         {
             tracing::warn!("presence not forgotten within the shutdown grace; others sweep it");
+        }
+        if let Some((_, server)) = self.metrics_server {
+            server.abort();
         }
         self.listener.abort();
         tracing::info!("stopped");

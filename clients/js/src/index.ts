@@ -82,7 +82,7 @@ export interface SendResult {
   clientId: string;
 }
 
-/** A `send` the relay refused (not_found, forbidden, session_ended, invalid_body, conflict). */
+/** A `send` the relay refused (forbidden, session_ended, invalid_body, conflict). */
 export class SendError extends Error {
   constructor(
     readonly code: string,
