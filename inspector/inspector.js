@@ -7,7 +7,11 @@ const FEEDS = ["appointments", "availability", "consultation_sessions", "consult
 const MAX_EVENTS = 500;
 const MAX_ROWS = 1000;
 const RATE_WINDOW_MS = 10_000;
-const HEARTBEAT_MS = 25_000;
+// A ping every HEARTBEAT_MS; a socket that brings nothing within ANSWER_MS after one is given up
+// on at once. (Closing it and waiting for its close event would wait for a closing handshake a
+// vanished relay never answers: in Chromium, about a minute more.)
+const HEARTBEAT_MS = 15_000;
+const ANSWER_MS = 10_000;
 
 const $ = (selector) => document.querySelector(selector);
 const state = {
@@ -24,6 +28,7 @@ const state = {
   opened: false, // whether the current socket ever opened
   heard: true, // whether anything arrived since the last heartbeat
   heartbeat: null,
+  answer: null, // the deadline of the last heartbeat's answer
 };
 
 function setState(value, detail = "") {
@@ -87,55 +92,94 @@ function connect() {
     say("");
     for (const feed of state.feeds) subscribe(socket, feed);
     // A socket that stops answering is given up on, and the page reconnects.
-    state.heard = true;
     clearInterval(state.heartbeat);
     state.heartbeat = setInterval(() => {
-      if (!state.heard) return socket.close(4000, "no answer to the heartbeat");
       state.heard = false;
       socket.send(JSON.stringify({ type: "ping", ref: "heartbeat" }));
+      clearTimeout(state.answer);
+      state.answer = setTimeout(() => {
+        if (!state.heard && state.socket === socket) abandon(socket, "no answer to the heartbeat");
+      }, ANSWER_MS);
     }, HEARTBEAT_MS);
   };
   socket.onmessage = (message) => {
     state.heard = true;
     received(socket, JSON.parse(message.data));
   };
-  socket.onclose = (event) => {
-    if (state.socket !== socket) return;
-    state.socket = null;
-    clearInterval(state.heartbeat);
-    if (!state.wanted) {
-      setState("closed");
-      return;
-    }
-    if (!state.opened) void explainRefusal();
-    if (event.code === 4001 || event.code === 4003) {
-      state.wanted = false;
-      setState("closed", event.code === 4001 ? "token expired" : "identity changed");
-      say(`The relay closed the socket: ${event.reason || event.code}. Paste a fresh token.`);
-      return;
-    }
-    const delay = Math.min(10_000, 250 * 2 ** state.attempt) * (0.5 + Math.random());
-    state.attempt += 1;
-    setState("reconnecting", `in ${(delay / 1000).toFixed(1)} s`);
-    state.retry = setTimeout(connect, delay);
-  };
+  socket.onclose = (event) => closed(socket, event.code, event.reason);
 }
 
-/** The upgrade was refused (the browser cannot see why): ask the HTTP API, which says. */
-async function explainRefusal() {
+/** Gives up on a socket without waiting for its closing handshake. */
+function abandon(socket, why) {
+  socket.onclose = null;
+  socket.onmessage = null;
+  socket.close(4000, why);
+  say(`The relay stopped answering (${why}).`);
+  closed(socket, 4000, why);
+}
+
+function closed(socket, code, reason) {
+  if (state.socket !== socket) return;
+  state.socket = null;
+  clearInterval(state.heartbeat);
+  clearTimeout(state.answer);
+  if (!state.wanted) {
+    setState("closed");
+    return;
+  }
+  if (code === 4001 || code === 4003) {
+    state.wanted = false;
+    setState("closed", code === 4001 ? "token expired" : "identity changed");
+    say(`The relay closed the socket: ${reason || code}. Paste a fresh token.`);
+    return;
+  }
+  const delay = Math.min(10_000, 250 * 2 ** state.attempt) * (0.5 + Math.random());
+  state.attempt += 1;
+  setState("reconnecting", `in ${(delay / 1000).toFixed(1)} s`);
+  state.retry = setTimeout(connect, delay);
+  if (!state.opened) void explainRefusal(socket);
+}
+
+/**
+ * The socket closed before it opened: the upgrade was refused, or the relay is unreachable. The
+ * browser cannot see which, so ask the HTTP API: a token it refuses is given up on (it will not
+ * work later either); a token it accepts means one of the relay's limits, or the origin.
+ */
+async function explainRefusal(socket) {
+  const token = state.token;
+  let response;
   try {
-    const response = await fetch("/api/realtime/status", {
-      headers: { Authorization: `Bearer ${state.token}` },
-    });
-    if (response.ok) {
-      say("The relay refused the socket although the token is valid: is this page's origin in RELAY_ALLOWED_ORIGINS?");
-      return;
-    }
-    const body = await response.json();
-    say(`The relay refused the token: ${body.error}: ${body.message}`);
+    response = await fetch("/api/realtime/status", { headers: { Authorization: `Bearer ${token}` } });
   } catch {
     say("The relay cannot be reached.");
+    return;
   }
+  // Another connection has been asked for meanwhile: this answer is about an older one.
+  if (!state.wanted || state.token !== token || state.opened || state.socket !== null && state.socket !== socket) {
+    return;
+  }
+  if (response.ok) {
+    say(
+      "The relay refused the socket although the token is valid: too many sockets for this user " +
+        "(RELAY_MAX_SOCKETS_PER_USER), the relay full (RELAY_MAX_SOCKETS), or this page's origin " +
+        "not in RELAY_ALLOWED_ORIGINS. Retrying.",
+    );
+    return;
+  }
+  let body = {};
+  try {
+    body = await response.json();
+  } catch {
+    // Not the relay's JSON: say what there is.
+  }
+  if (response.status === 401 && body.error !== "token_not_yet_valid") {
+    state.wanted = false;
+    clearTimeout(state.retry);
+    setState("closed", "token refused");
+    say(`The relay refused the token: ${body.error}: ${body.message}. Paste a fresh one.`);
+    return;
+  }
+  say(`The relay answered ${response.status}${body.error ? ` ${body.error}: ${body.message}` : ""}. Retrying.`);
 }
 
 function received(socket, frame) {

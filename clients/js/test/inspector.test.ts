@@ -78,4 +78,46 @@ describe("the inspector page", () => {
     expect(foreign).toEqual([]);
     await page.close();
   });
+
+  it("gives up on a token the relay refuses, and says why", async () => {
+    const page = await browser.newPage();
+    await page.goto(`${relay.http}/`);
+    const good = await token(dentist);
+    // The same claims under a signature the relay's secret did not make.
+    const forged = good.slice(0, good.lastIndexOf(".") + 1) + "A".repeat(43);
+    await page.getByLabel("Access token").fill(forged);
+    await page.getByRole("button", { name: "Connect", exact: true }).click();
+    await page.locator('#state[data-state="closed"]').waitFor();
+    await expect(page.locator("#state").textContent()).resolves.toContain("token refused");
+    await expect(page.locator("#message").textContent()).resolves.toContain("invalid_signature");
+    await expect(page.getByRole("button", { name: "Connect", exact: true }).isEnabled()).resolves.toBe(true);
+    await page.close();
+  });
+
+  it("gives up on a relay that stops answering, and reconnects when it answers again", async () => {
+    const page = await browser.newPage();
+    // The page's timers run on a clock the test moves; the sockets are real.
+    await page.clock.install();
+    await page.goto(`${relay.http}/`);
+    await page.getByLabel("Access token").fill(await token(dentist));
+    await page.getByRole("button", { name: "Connect", exact: true }).click();
+    await page.locator('#state[data-state="open"]').waitFor();
+    relay.signal("SIGSTOP");
+    try {
+      // One heartbeat, and its answer's deadline.
+      await page.clock.runFor(15_000 + 10_000 + 1_000);
+      await page.locator('#state[data-state="reconnecting"]').waitFor();
+      await expect(page.locator("#message").textContent()).resolves.toContain("stopped answering");
+    } finally {
+      relay.signal("SIGCONT");
+    }
+    // Reconnects within its longest back-off, less than a minute.
+    for (let i = 0; i < 60; i += 1) {
+      if ((await page.locator("#state").getAttribute("data-state")) === "open") break;
+      await page.clock.runFor(1_000);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    await page.locator('#state[data-state="open"]').waitFor();
+    await page.close();
+  });
 });
