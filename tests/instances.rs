@@ -376,6 +376,46 @@ fn migrate_refused_for_good_stops_at_once_and_says_why() {
     }
 }
 
+/// `relay serve` on a database `relay migrate` never ran on: it keeps trying (the migration may be
+/// on its way), and its log says what is missing and what to run.
+#[tokio::test]
+async fn serving_an_unmigrated_database_says_to_migrate_it() {
+    use tokio::io::AsyncBufReadExt;
+    let name = format!("relay_unmigrated_{}", Uuid::new_v4().simple());
+    let admin = common::connect_to(&common::admin_url("postgres")).await;
+    admin
+        .batch_execute(&format!("create database {name}"))
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("serve")
+        .env("DATABASE_URL", common::admin_url(&name))
+        .env("RELAY_JWT_SECRET", common::SECRET)
+        .env("RELAY_BIND", common::free_address().to_string())
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(common::PATIENCE, lines.next_line())
+        .await
+        .expect("a log line in time")
+        .unwrap()
+        .expect("a log line");
+    assert!(
+        line.contains(r#"schema "relay" does not exist"#)
+            && line.contains("has `relay migrate` been run on this database?"),
+        "{line}"
+    );
+    child.kill().await.unwrap();
+    admin
+        .batch_execute(&format!("drop database {name} with (force)"))
+        .await
+        .unwrap();
+}
+
 /// Runs `relay <command>` to its end with `env`: how it exited, and everything it printed.
 fn run_relay(command: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))

@@ -77,7 +77,7 @@ pub const APPLICATION_NAME: &str = "relay-listen";
 
 #[derive(Debug, thiserror::Error)]
 enum ListenError {
-    #[error("{}", crate::Causes(.0))]
+    #[error("{}{}", crate::Causes(.0), unmigrated_hint(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("the connection closed")]
     Closed,
@@ -85,6 +85,21 @@ enum ListenError {
     Timeout(Duration),
     #[error("no connection from the pool: {}", crate::Causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// For an error that says the relay's schema or its functions are missing: the likely reason.
+fn unmigrated_hint(error: &tokio_postgres::Error) -> &'static str {
+    use tokio_postgres::error::SqlState;
+    match error.code() {
+        Some(code)
+            if *code == SqlState::INVALID_SCHEMA_NAME
+                || *code == SqlState::UNDEFINED_TABLE
+                || *code == SqlState::UNDEFINED_FUNCTION =>
+        {
+            " (has `relay migrate` been run on this database?)"
+        }
+        _ => "",
+    }
 }
 
 /// Runs until `shutdown` turns true.
