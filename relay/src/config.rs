@@ -203,9 +203,10 @@ pub struct Tuning {
     pub relay_metrics_bind: Option<SocketAddr>,
 
     /// Frames each socket may have waiting to be sent; a socket whose queue fills is closed
-    /// with code 4008.
+    /// with code 4008. At least 8: a replay leaves half the queue to live frames and its `live`
+    /// marker.
     #[arg(long = "relay-socket-queue", env = "RELAY_SOCKET_QUEUE", default_value_t = DEFAULT_SOCKET_QUEUE,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+          value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
     pub relay_socket_queue: u32,
 
     /// Connections in the pool used for queries (the LISTEN connection is separate).
@@ -547,7 +548,7 @@ mod tests {
             .collect(),
             serve(&["--relay-jwt-secret", "short"]),
             serve(&["--relay-jwt-secret", &secret, "--relay-bind", "nowhere"]),
-            serve(&["--relay-jwt-secret", &secret, "--relay-socket-queue", "0"]),
+            serve(&["--relay-jwt-secret", &secret, "--relay-socket-queue", "7"]),
             serve(&["--relay-jwt-secret", &secret, "--relay-retention", "0s"]),
             [
                 "relay",

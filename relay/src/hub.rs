@@ -23,14 +23,14 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
@@ -126,7 +126,32 @@ pub struct Link {
     cut: Arc<watch::Sender<Option<Close>>>,
     /// The socket itself, for frames that need not wait in the queue.
     direct: Option<Arc<dyn Direct>>,
+    /// Wakes a replay waiting for room in the queue.
+    room: Arc<Room>,
 }
+
+/// How a replay waiting for room in a socket's queue learns that the writer took frames from it.
+/// The replay waits without holding any of the queue's places, so live frames of the socket's
+/// other feeds, and its replies, still find the room there is.
+#[derive(Debug, Default)]
+pub struct Room {
+    /// Replays waiting (at most one per feed).
+    waiting: AtomicUsize,
+    taken: Notify,
+}
+
+impl Room {
+    /// The writer took frames from the queue (or may have): wakes the replays waiting for room.
+    pub fn taken(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.taken.notify_waiters();
+        }
+    }
+}
+
+/// How long a waiting replay trusts the writer's wake-up before it looks at the queue again.
+const ROOM_RECHECK: Duration = Duration::from_millis(100);
 
 /// How [`Hub::dispatch`] hands an event's frames to its sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,17 +198,41 @@ impl Link {
     /// room. Waits at most `stall`: a client that takes no frame for that long has stopped
     /// reading.
     pub async fn send_replayed(&self, outbound: Outbound, stall: Duration) -> Replayed {
-        let headroom = self.tx.max_capacity() / 2;
-        match tokio::time::timeout(stall, self.tx.reserve_many(headroom + 1)).await {
-            Ok(Ok(mut permits)) => {
-                if let Some(permit) = permits.next() {
-                    permit.send(Box::new(outbound));
-                }
-                Replayed::Queued
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
             }
-            Ok(Err(_)) => Replayed::Gone,
-            Err(_) => Replayed::Stalled,
         }
+        let headroom = self.tx.max_capacity() / 2;
+        let deadline = tokio::time::Instant::now() + stall;
+        let mut outbound = Box::new(outbound);
+        self.room.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.room.waiting);
+        loop {
+            let taken = self.room.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if self.tx.capacity() > headroom {
+                match self.tx.try_send(outbound) {
+                    Ok(()) => return Replayed::Queued,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Replayed::Gone,
+                    Err(mpsc::error::TrySendError::Full(back)) => outbound = back,
+                }
+            } else if self.tx.is_closed() {
+                return Replayed::Gone;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Replayed::Stalled;
+            }
+            let _ = tokio::time::timeout_at(deadline.min(now + ROOM_RECHECK), taken).await;
+        }
+    }
+
+    /// What the socket's writer signals as it takes frames, for [`Link::send_replayed`].
+    pub fn room(&self) -> Arc<Room> {
+        self.room.clone()
     }
 
     /// Asks the socket to close; the first reason given wins.
@@ -505,6 +554,7 @@ impl Hub {
             tx,
             cut: Arc::new(cut),
             direct,
+            room: Arc::new(Room::default()),
         };
         // Read under the index's write lock: `close_all` sets `closing` before it reads the
         // index, so a socket either sees the reason here or is in the index `close_all` walks.
@@ -1425,5 +1475,38 @@ mod tests {
         hub.skip(Cursor(9));
         hub.skip(Cursor(4));
         assert_eq!(hub.position(), Some(Cursor(9)));
+    }
+
+    /// A replay waiting for room in a socket's queue takes nothing from the live frames of the
+    /// socket's other feeds meanwhile: they still find the room there is, and the socket is not
+    /// cut as a slow consumer for it.
+    #[tokio::test]
+    async fn a_replay_waiting_for_room_leaves_the_room_there_is_to_live_frames() {
+        let hub = Hub::new(8);
+        let mut c = hub.connect(principal(Role::Admin), None);
+        for _ in 0..6 {
+            assert!(c.link.try_send(Bytes::from_static(b"queued")));
+        }
+        // Needs half the queue free besides its frame: it waits.
+        let replay = {
+            let link = c.link.clone();
+            tokio::spawn(async move {
+                let frame = Outbound::reply(Bytes::from_static(b"replayed"));
+                link.send_replayed(frame, Duration::from_secs(10)).await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!replay.is_finished());
+        assert!(
+            c.link.try_send(Bytes::from_static(b"live")),
+            "two places were free"
+        );
+        // The client reads: the replay goes on.
+        for _ in 0..7 {
+            c.outbox.recv().await.unwrap();
+        }
+        c.link.room().taken();
+        assert!(matches!(replay.await.unwrap(), Replayed::Queued));
+        assert_eq!(&*c.outbox.recv().await.unwrap().frame, "replayed");
     }
 }
