@@ -571,3 +571,74 @@ async fn sigterm_closes_every_socket_with_going_away_and_exits() {
         "nothing listens after shutdown"
     );
 }
+
+/// The database goes back while the relay is away from it (restored from a backup, or failed over
+/// to a standby that missed the last commits), and new events take the ids it already delivered.
+/// It notices when it reconnects: every socket is closed to fetch current state, and what is
+/// committed from then on is delivered, none of it mistaken for what was already sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered() {
+    let _serial = SERIAL.lock().await;
+    let db = common::TestDb::new().await;
+    let relay = common::start_with(db.config()).await;
+    let addr = relay.local_addr();
+    let (admin, dentist) = (db.user(Role::Admin).await, db.user(Role::Dentist).await);
+    async fn insert(client: &Client, dentist: Uuid, n: i32) {
+        let sql = "insert into availability (dentist_id, starts_at, ends_at) \
+                   select $1, now() + make_interval(days => n), \
+                          now() + make_interval(days => n, hours => 1) \
+                   from generate_series(1, $2) n";
+        client.execute(sql, &[&dentist, &n]).await.unwrap();
+    }
+    let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
+    for _ in 0..3 {
+        insert(&db.client, dentist.user_id, 1).await;
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let frame = ws.recv().await;
+        if frame["type"] == "event" {
+            ids.push(frame["id"].as_i64().unwrap());
+        }
+    }
+
+    // Back to just after the first event, with the relay shut out meanwhile.
+    let admin_db = common::connect_to(&common::admin_url("postgres")).await;
+    let allow = |yes: bool| format!("alter database {} allow_connections {yes}", db.name);
+    admin_db.batch_execute(&allow(false)).await.unwrap();
+    assert_eq!(kill_listen(&db.client).await, 1);
+    db.client
+        .batch_execute(&format!(
+            "begin;
+             set local session_replication_role = replica;
+             delete from availability where id in
+                 (select (new_row->>'id')::uuid from relay.events where id > {first});
+             delete from relay.events where id > {first};
+             select setval('relay.events_id_seq', {first});
+             commit;",
+            first = ids[0]
+        ))
+        .await
+        .unwrap();
+    // Committed before the relay is back: they take the ids it delivered, and one more.
+    insert(&db.client, dentist.user_id, 3).await;
+    admin_db.batch_execute(&allow(true)).await.unwrap();
+
+    match ws.next_message().await {
+        Some(Message::Close(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), relay::protocol::close::GOING_AWAY);
+            assert!(frame.reason.contains("went back"), "{}", frame.reason);
+        }
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
+    insert(&db.client, dentist.user_id, 1).await;
+    let frame = loop {
+        let frame = ws.recv().await;
+        if frame["type"] == "event" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["id"].as_i64(), Some(ids[0] + 4), "{frame}");
+    relay.shutdown().await;
+}

@@ -25,7 +25,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::event::{self, Payload};
 use crate::hub::{Close, Hub, Writes};
-use crate::log;
+use crate::log::{self, AT_TEXT};
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
 use crate::protocol::{close, Cursor};
@@ -114,6 +114,9 @@ pub struct Listener {
     pub presence: Arc<Presence>,
     /// Times each event from commit to dispatch.
     pub metrics: Arc<Metrics>,
+    /// The id and time of the last event dispatched, to tell after a reconnect whether the log
+    /// went back (a restore, a failover).
+    pub last_dispatched: std::sync::Mutex<Option<(i64, String)>>,
 }
 
 impl Listener {
@@ -164,7 +167,24 @@ impl Listener {
         // is in the log.
         let caught_up = match self.hub.position() {
             None => self.start().await,
-            Some(_) => self.catch_up().await,
+            Some(position) => {
+                match self.log_went_back(position).await {
+                    Ok(None) => self.catch_up().await,
+                    Ok(Some(why)) => {
+                        // Restored from a backup, or failed over to a standby that missed commits:
+                        // ids this relay delivered are taken again by other events, and clients'
+                        // views hold rows the database no longer has. Everyone starts over.
+                        tracing::error!(%position, %why,
+                        "the event log went back; closing every socket and starting from its newest event");
+                        self.hub.disconnect_all(Close {
+                        code: close::GOING_AWAY,
+                        reason: "the event log went back (a restore or a failover): fetch current state".into(),
+                    });
+                        self.start().await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         if let Err(e) = caught_up {
             driver.abort();
@@ -208,6 +228,45 @@ impl Listener {
         self.presence.open_sessions_loaded(open);
         self.hub.start_at(position);
         Ok(())
+    }
+
+    /// Whether the log is behind what this relay delivered, and why: its sequence has not handed
+    /// out the position's id, or the last event dispatched is no longer in the log as it was
+    /// (not pruned by retention, but gone or another event under its id).
+    async fn log_went_back(&self, position: Cursor) -> Result<Option<String>, ListenError> {
+        let last = self
+            .last_dispatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let client = self.pooled().await?;
+        let (last_id, last_at) = last.map_or((-1, None), |(id, at)| (id, Some(at)));
+        let row = timed(client.query_one(
+            &format!(
+                "select case when s.is_called then s.last_value else 0 end, h.pruned_through,                         (select {AT_TEXT} from relay.events e where e.id = $1)                  from relay.events_id_seq s, relay.log_horizon h"
+            ),
+            &[&last_id],
+        ))
+        .await?;
+        let issued: i64 = row.get(0);
+        let horizon: i64 = row.get(1);
+        let logged: Option<String> = row.get(2);
+        if issued < position.0 {
+            return Ok(Some(format!(
+                "its sequence has handed out ids up to {issued}, and this relay delivered up to {position}"
+            )));
+        }
+        Ok(match last_at {
+            Some(at) if last_id > horizon && logged.as_deref() != Some(at.as_str()) => {
+                Some(format!(
+                    "event {last_id}, delivered with the time {at}, is {} in the log",
+                    logged.map_or("no longer".to_string(), |other| format!(
+                        "another event (time {other})"
+                    ))
+                ))
+            }
+            _ => None,
+        })
     }
 
     /// Dispatches, in order, every event in the log after the hub's position.
@@ -262,6 +321,11 @@ impl Listener {
         // Unconstrained, so that those writes do not spend this task's cooperative budget: a
         // socket write refused for want of budget would be handed to the socket's writer instead,
         // which is what writing directly saves.
+        *self
+            .last_dispatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((event.id, event.at.clone()));
         let received = std::time::SystemTime::now();
         let delivered =
             tokio::task::unconstrained(async { self.hub.dispatch_with(event, writes) }).await;

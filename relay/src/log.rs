@@ -18,8 +18,18 @@ use crate::event::{DecodeError, Event, RawEvent};
 use crate::protocol::Cursor;
 
 /// The columns of an event, in the NOTIFY payload's field order, from offset `$first`.
-const EVENT_COLUMNS: &str = "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, \
-    e.old_session, e.xid::text, to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+/// An event's `at` as its frames carry it (RFC 3339 in UTC, microseconds), in SQL over `e`.
+macro_rules! at_text {
+    () => {
+        "to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    };
+}
+pub const AT_TEXT: &str = at_text!();
+
+const EVENT_COLUMNS: &str = concat!(
+    "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, e.old_session, e.xid::text, ",
+    at_text!()
+);
 
 /// How much of the log one page may hold, counted as Postgres stores the rows' values
 /// (compressed where they are large): a page ends at its count or at this, whichever comes first,

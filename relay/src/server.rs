@@ -142,6 +142,7 @@ impl Relay {
                 health: health.clone(),
                 presence: presence.clone(),
                 metrics: metrics.clone(),
+                last_dispatched: Default::default(),
             }
             .run(stopped.clone()),
         );
