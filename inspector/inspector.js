@@ -127,6 +127,15 @@ function closed(socket, code, reason) {
     setState("closed");
     return;
   }
+  if (code === 4010) {
+    // The relay's event log went back (a restore, a failover): start every feed over, live.
+    for (const feed of state.feeds) {
+      statsOf(feed).cursor = "";
+      rowsOf(feed).clear();
+      renderRows(feed);
+    }
+    say(`The relay closed the socket: ${reason || code}. Starting over live.`);
+  }
   if (code === 4001 || code === 4003) {
     state.wanted = false;
     setState("closed", code === 4001 ? "token expired" : "identity changed");

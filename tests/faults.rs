@@ -626,10 +626,10 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
 
     match ws.next_message().await {
         Some(Message::Close(Some(frame))) => {
-            assert_eq!(u16::from(frame.code), relay::protocol::close::GOING_AWAY);
+            assert_eq!(u16::from(frame.code), relay::protocol::close::STATE_LOST);
             assert!(frame.reason.contains("went back"), "{}", frame.reason);
         }
-        other => panic!("expected close 1001, got {other:?}"),
+        other => panic!("expected close 4010, got {other:?}"),
     }
     let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
     insert(&db.client, dentist.user_id, 1).await;

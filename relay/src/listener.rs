@@ -177,7 +177,7 @@ impl Listener {
                         tracing::error!(%position, %why,
                         "the event log went back; closing every socket and starting from its newest event");
                         self.hub.disconnect_all(Close {
-                        code: close::GOING_AWAY,
+                        code: close::STATE_LOST,
                         reason: "the event log went back (a restore or a failover): fetch current state".into(),
                     });
                         self.start().await

@@ -32,6 +32,10 @@ pub mod close {
     /// The socket's outbound queue was full: the client read too slowly. The reason names the
     /// cursor of the last event frame written; resume each feed from its last cursor.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The event log went back (a restore, a failover that lost commits): cursors no longer
+    /// name what they named, and rows the client holds may be gone. Fetch current state and
+    /// subscribe without `since`.
+    pub const STATE_LOST: u16 = 4010;
     /// The client sent more frames per second than `RELAY_MAX_FRAMES_PER_SECOND` allows.
     pub const RATE_LIMITED: u16 = 4029;
 }

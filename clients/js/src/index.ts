@@ -129,6 +129,8 @@ interface PendingSend {
 const OPEN = 1;
 /** Close codes after which reconnecting cannot help. */
 const FATAL_CLOSES = new Set([4003]);
+/** The relay's event log went back: every feed must be fetched again. */
+const STATE_LOST = 4010;
 /** What a message body may be, as the relay checks it (characters after trimming). */
 const MAX_BODY_CHARACTERS = 4000;
 /** Frames per second the client sends at most: below the relay's default limit of 50. */
@@ -425,6 +427,15 @@ export class RelayClient {
       this.emit("error", { code: `closed_${code}`, message: reason });
       this.close();
       return;
+    }
+    if (code === STATE_LOST) {
+      // The relay's log went back (a restore, a failover): no cursor can be resumed from, and
+      // rows the app holds may be gone. As for an expired cursor: report, and go on live.
+      for (const entry of this.entries.values()) {
+        entry.cursor = undefined;
+        entry.lastId = 0;
+        this.emit("error", { code: "cursor_expired", message: reason, feed: entry.feed });
+      }
     }
     if (code === 1002 || code === 1007 || code === 1009 || code === 4029) {
       // Something this client sent broke a rule; worth knowing, though reconnecting may help.

@@ -119,6 +119,35 @@ afterEach(() => {
   vi.useRealTimers();
 });
 
+describe("a relay whose event log went back (close 4010)", () => {
+  it("reports every feed's cursor expired, and goes on live with ids it had seen", async () => {
+    const client = await accepted();
+    const errors: RelayError[] = [];
+    client.on("error", (e) => errors.push(e));
+    const delivered: number[] = [];
+    client.subscribe("appointments", {}, (e) => delivered.push(e.id));
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: first?.ref, feed: "appointments", cursor: "10" });
+    socket.reply(event(11));
+    socket.reply(event(12));
+    socket.end(4010, "the event log went back (a restore or a failover): fetch current state");
+    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
+    await vi.advanceTimersByTimeAsync(20);
+    const again = latest();
+    expect(again).not.toBe(socket);
+    again.accept();
+    const [subscribe] = again.of("subscribe");
+    expect(subscribe?.since).toBeUndefined();
+    again.reply({ type: "subscribed", ref: subscribe?.ref, feed: "appointments", cursor: "9" });
+    // The restored log hands out ids the client saw before: they are new events.
+    again.reply(event(10));
+    again.reply(event(11));
+    expect(delivered).toEqual([11, 12, 10, 11]);
+    client.close();
+  });
+});
+
 describe("a replay that fails after `subscribed`", () => {
   it("is resumed from the last event delivered when the database was unavailable", async () => {
     const client = await accepted();
