@@ -90,7 +90,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Postgres connection URL.
-    #[arg(long = "database-url", env = "DATABASE_URL", value_parser = parse_database_url)]
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true,
+          value_parser = DatabaseUrl)]
     pub database_url: tokio_postgres::Config,
 }
 
@@ -98,7 +99,8 @@ pub struct MigrateArgs {
 pub struct ServeArgs {
     /// Postgres connection URL. The LISTEN connection must reach the primary directly, not
     /// through a transaction pooler.
-    #[arg(long = "database-url", env = "DATABASE_URL", value_parser = parse_database_url)]
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true,
+          value_parser = DatabaseUrl)]
     pub database_url: tokio_postgres::Config,
 
     #[command(flatten)]
@@ -193,13 +195,14 @@ impl AuthArgs {
 #[derive(Debug, Args, Clone)]
 pub struct Tuning {
     /// Address to serve HTTP and WebSockets on.
-    #[arg(long = "relay-bind", env = "RELAY_BIND", default_value = DEFAULT_BIND)]
+    #[arg(long = "relay-bind", env = "RELAY_BIND", default_value = DEFAULT_BIND,
+          value_parser = parse_address)]
     pub relay_bind: SocketAddr,
 
     /// Address to serve `/metrics` on, apart from `RELAY_BIND` (e.g. `0.0.0.0:9090`, a port not
     /// published beyond the monitoring network); `/metrics` is then not served on `RELAY_BIND`.
     /// Unset: `/metrics` is served on `RELAY_BIND`, without authentication.
-    #[arg(long = "relay-metrics-bind", env = "RELAY_METRICS_BIND")]
+    #[arg(long = "relay-metrics-bind", env = "RELAY_METRICS_BIND", value_parser = parse_address)]
     pub relay_metrics_bind: Option<SocketAddr>,
 
     /// Frames each socket may have waiting to be sent; a socket whose queue fills is closed
@@ -291,7 +294,7 @@ pub struct TokenArgs {
 pub struct DevArgs {
     /// Postgres connection URL; the database is created if missing.
     #[arg(long = "database-url", env = "DATABASE_URL", default_value = DEV_DATABASE_URL,
-          value_parser = parse_database_url)]
+          hide_env_values = true, value_parser = DatabaseUrl)]
     pub database_url: tokio_postgres::Config,
 
     /// HS256 secret; a fixed development secret if unset.
@@ -414,6 +417,38 @@ impl Tuning {
     }
 }
 
+/// Parses `DATABASE_URL`. Unlike the other settings, a refused value is not repeated in the
+/// error: it may hold a password.
+#[derive(Clone)]
+struct DatabaseUrl;
+
+impl clap::builder::TypedValueParser for DatabaseUrl {
+    type Value = tokio_postgres::Config;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let name = arg.map_or_else(|| "DATABASE_URL".to_string(), ToString::to_string);
+        value
+            .to_str()
+            .ok_or_else(|| "not UTF-8".to_string())
+            .and_then(parse_database_url)
+            .map_err(|reason| {
+                clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!(
+                        "invalid value for '{name}' (not repeated here: it may hold a password): \
+                         {reason}\n"
+                    ),
+                )
+                .with_cmd(cmd)
+            })
+    }
+}
+
 fn parse_database_url(value: &str) -> Result<tokio_postgres::Config, String> {
     let config = tokio_postgres::Config::from_str(value)
         .map_err(|e| format!("not a valid Postgres URL ({e})"))?;
@@ -421,6 +456,15 @@ fn parse_database_url(value: &str) -> Result<tokio_postgres::Config, String> {
         return Err("the URL must name a database, e.g. postgres://user@host:5432/clinic".into());
     }
     Ok(config)
+}
+
+/// An address to listen on: an IP address and a port.
+fn parse_address(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        "expected an IP address and a port, such as 127.0.0.1:8080 (this machine only) or \
+         0.0.0.0:8080 (every interface); a host name such as localhost is not taken"
+            .to_string()
+    })
 }
 
 fn parse_retention(value: &str) -> Result<Duration, String> {
@@ -571,6 +615,27 @@ mod tests {
                 .unwrap_or_default()
                 .to_string();
             assert!(first.starts_with("error: invalid value"), "{first}");
+        }
+    }
+
+    /// A refused `DATABASE_URL` is not printed back: it may hold a password. Nor is it shown by
+    /// `--help`.
+    #[test]
+    fn the_database_url_is_never_printed() {
+        let url = "postgres://relay:hunter2secret@db:5432";
+        let err = Cli::try_parse_from(["relay", "migrate", "--database-url", url]).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("hunter2secret"), "{text}");
+        assert!(text.contains("DATABASE_URL") && text.contains("must name a database"), "{text}");
+        let cli = Cli::command();
+        for command in ["serve", "migrate", "dev"] {
+            let url = cli
+                .find_subcommand(command)
+                .unwrap()
+                .get_arguments()
+                .find(|arg| arg.get_env() == Some(std::ffi::OsStr::new("DATABASE_URL")))
+                .unwrap();
+            assert!(url.is_hide_env_values_set(), "{command}");
         }
     }
 
