@@ -159,8 +159,13 @@ fn every_variable_the_relay_reads_is_set_or_documented() {
     }
     // No secret is filled in.
     for line in read(".env.example").lines() {
-        if let Some(value) = line.strip_prefix("RELAY_JWT_SECRET=") {
-            assert!(value.is_empty(), ".env.example must not carry a secret");
+        for secret in ["RELAY_JWT_SECRET=", "POSTGRES_PASSWORD="] {
+            if let Some(value) = line.strip_prefix(secret) {
+                assert!(
+                    value.is_empty(),
+                    ".env.example must not carry a secret: {line}"
+                );
+            }
         }
     }
 }

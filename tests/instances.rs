@@ -377,7 +377,7 @@ fn migrate_refused_for_good_stops_at_once_and_says_why() {
 }
 
 /// `relay serve` on a database `relay migrate` never ran on: it keeps trying (the migration may be
-/// on its way), and its log says what is missing and what to run.
+/// on its way), and its log, without colours in a pipe, says what is missing and what to run.
 #[tokio::test]
 async fn serving_an_unmigrated_database_says_to_migrate_it() {
     use tokio::io::AsyncBufReadExt;
@@ -405,10 +405,12 @@ async fn serving_an_unmigrated_database_says_to_migrate_it() {
         .unwrap()
         .expect("a log line");
     assert!(
-        line.contains(r#"schema "relay" does not exist"#)
+        line.contains("cannot listen for changes")
+            && line.contains(r#"schema "relay" does not exist"#)
             && line.contains("has `relay migrate` been run on this database?"),
         "{line}"
     );
+    assert!(!line.contains('\u{1b}'), "no terminal colours: {line:?}");
     child.kill().await.unwrap();
     admin
         .batch_execute(&format!("drop database {name} with (force)"))

@@ -626,7 +626,10 @@ mod tests {
         let err = Cli::try_parse_from(["relay", "migrate", "--database-url", url]).unwrap_err();
         let text = err.to_string();
         assert!(!text.contains("hunter2secret"), "{text}");
-        assert!(text.contains("DATABASE_URL") && text.contains("must name a database"), "{text}");
+        assert!(
+            text.contains("DATABASE_URL") && text.contains("must name a database"),
+            "{text}"
+        );
         let cli = Cli::command();
         for command in ["serve", "migrate", "dev"] {
             let url = cli

@@ -48,7 +48,7 @@ pub const DEMO_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("cannot reach Postgres ({target}): {source} (is it running? see the README)")]
+    #[error("cannot reach Postgres ({target}): {} (is it running? see the README)", crate::Causes(.source))]
     Connect {
         target: String,
         #[source]

@@ -135,7 +135,11 @@ impl Listener {
                 lost = true;
             }
             let delay = jitter(backoff);
-            tracing::error!(%cause, retry_in = ?delay, "LISTEN connection lost");
+            if was_listening {
+                tracing::error!(%cause, retry_in = ?delay, "LISTEN connection lost");
+            } else {
+                tracing::error!(%cause, retry_in = ?delay, "cannot listen for changes");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,

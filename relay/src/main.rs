@@ -55,7 +55,10 @@ fn main() -> ExitCode {
     // RUST_LOG filters globally, so that disabled levels cost nothing (the `log` records of the
     // WebSocket library are not even formatted); `never_secret` filters what is written.
     let format = match cli.relay_log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        // Colours only for a terminal: not in files, pipes or `docker compose logs`.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
