@@ -948,3 +948,27 @@ async fn metrics_on_an_address_of_their_own_are_not_served_with_the_sockets() {
     assert_eq!(status, 200);
     relay.shutdown().await;
 }
+
+/// A route asked with a method it does not take answers 405, not 404: the API's routes, the
+/// health check among them, as the rest.
+#[tokio::test]
+async fn every_route_answers_405_to_a_method_it_does_not_take() {
+    let db = common::TestDb::new().await;
+    let relay = common::start_with(db.config()).await;
+    let addr = relay.local_addr();
+    for path in [
+        "/api/realtime/health",
+        "/api/realtime/status",
+        "/api/realtime/stats",
+        "/ws",
+        "/",
+    ] {
+        let (status, head) = request(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nContent-Length: 0\r\n"),
+        )
+        .await;
+        assert_eq!(status, 405, "{path}: {head}");
+    }
+    relay.shutdown().await;
+}

@@ -217,10 +217,16 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     // The API answers pages of other origins (dashboards served elsewhere), its errors
     // included; the rest is for the relay's own page, probes and WebSocket clients, and no
     // preflight is answered for it.
-    let api = under_api().and(status.or(history).or(stats).recover(recover).with(cors));
+    let api = under_api().and(
+        health
+            .or(status)
+            .or(history)
+            .or(stats)
+            .recover(recover)
+            .with(cors),
+    );
 
-    ws.or(health)
-        .or(page)
+    ws.or(page)
         .or(script)
         .or(style)
         .or(demo_tokens)

@@ -332,33 +332,36 @@ impl Verifier {
     /// Checks a token and returns who it speaks for, and until when.
     pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let key = self.key_for(token)?;
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => TokenError::Expired,
-                    ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                    ErrorKind::InvalidSignature => TokenError::BadSignature,
-                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                        TokenError::invalid(format!("it must be signed with {}", self.algorithm))
-                    }
-                    ErrorKind::MissingRequiredClaim(claim) => {
-                        TokenError::invalid(format!("the `{claim}` claim is required"))
-                    }
-                    ErrorKind::InvalidAudience => {
-                        TokenError::invalid("its `aud` claim does not name this relay")
-                    }
-                    ErrorKind::InvalidIssuer => {
-                        TokenError::invalid("its `iss` claim is not the trusted issuer")
-                    }
-                    ErrorKind::InvalidClaimFormat(claim) => {
-                        TokenError::invalid(format!("its `{claim}` claim is malformed"))
-                    }
-                    ErrorKind::Json(_) => {
-                        TokenError::invalid("its claims are malformed (is `exp` a number?)")
-                    }
-                    _ => TokenError::invalid("it is not a well-formed JWT"),
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    TokenError::invalid(format!("it must be signed with {}", self.algorithm))
                 }
-            })?;
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    TokenError::invalid(format!("the `{claim}` claim is required"))
+                }
+                ErrorKind::InvalidAudience => {
+                    TokenError::invalid("its `aud` claim does not name this relay")
+                }
+                ErrorKind::InvalidIssuer => {
+                    TokenError::invalid("its `iss` claim is not the trusted issuer")
+                }
+                ErrorKind::InvalidClaimFormat(claim) => {
+                    TokenError::invalid(format!("its `{claim}` claim is malformed"))
+                }
+                ErrorKind::Json(cause) if cause.to_string().contains("missing field `exp`") => {
+                    TokenError::invalid("the `exp` claim is required")
+                }
+                ErrorKind::Json(_) => TokenError::invalid(
+                    "its claims are malformed: `exp`, `nbf` and `iat` are whole seconds since the \
+                         epoch, `sub` and `role` strings",
+                ),
+                _ => TokenError::invalid("it is not a well-formed JWT"),
+            },
+        )?;
         let claims = data.claims;
         let user_id = claims
             .sub
@@ -673,6 +676,12 @@ mod tests {
         ] {
             assert_eq!(code(&hs256(), &hs(&claims)), "invalid_token", "{claims}");
         }
+        // Each says what is wrong with it.
+        let message = |claims: Value| hs256().verify(&hs(&claims)).unwrap_err().to_string();
+        let missing = message(json!({"sub": Uuid::new_v4(), "role": "admin"}));
+        assert!(missing.contains("the `exp` claim is required"), "{missing}");
+        let fraction = message(json!({"sub": Uuid::new_v4(), "role": "admin", "exp": 1.5}));
+        assert!(fraction.contains("whole seconds"), "{fraction}");
         // alg "none": header {"alg":"none"}, no signature.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIwMDAwMDAwMC0wMDAwLTAwMDAtMDAwMC0wMDAwMDAwMDAwMDEiLCJyb2xlIjoiYWRtaW4iLCJleHAiOjk5OTk5OTk5OTl9.";
         assert_eq!(code(&hs256(), none), "invalid_token");
