@@ -345,6 +345,50 @@ async fn relay_dev_issues_the_demo_tokens_afresh_for_each_request() {
     }
 }
 
+/// `relay dev`'s banner works as printed, and again after a restart: its booking SQL (whose row
+/// each start takes out again), and a message in the demo consultation.
+#[tokio::test]
+async fn relay_dev_banner_lines_work_and_work_again_after_a_restart() {
+    let db = TestDb::new().await;
+    let book = "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at) \
+                values ('00000000-0000-4000-8000-0000000e00aa', '00000000-0000-4000-8000-00000000b001', \
+                '00000000-0000-4000-8000-00000000d001', now() + interval '1 day', \
+                now() + interval '1 day 1 hour')";
+    let patient = Principal {
+        user_id: relay::dev::DEMO_USERS[3].0,
+        role: Role::Patient,
+    };
+    assert_eq!(patient.role, relay::dev::DEMO_USERS[3].1);
+    for round in 0..2 {
+        let addr = common::free_address();
+        let mut dev =
+            RelayProcess::start("dev", &db.url, addr, &[("RUST_LOG", "error")], true).await;
+        db.client
+            .execute(book, &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the banner's booking failed: {e}"));
+        let session = relay::dev::DEMO_SESSION.to_string();
+        let mut ws = Ws::connect(addr, patient).await;
+        ws.send(
+            serde_json::json!({"type": "send", "ref": "m", "session_id": session,
+                                   "body": "Hello, doctor", "client_id": Uuid::new_v4()}),
+        )
+        .await;
+        let reply = ws.recv().await;
+        assert_eq!(reply["type"], "sent", "{reply}");
+        dev.terminate();
+        dev.child.wait().await.unwrap();
+        let banner = dev.output.take().unwrap().await.unwrap();
+        assert!(banner.contains(&session), "{banner}");
+        assert!(
+            banner.contains(&format!(
+                "RELAY_JWT_SECRET=<the one relay dev runs with> relay token --role patient"
+            )),
+            "{banner}"
+        );
+    }
+}
+
 /// `relay migrate` against a database that does not exist, or as a role that does not: it stops
 /// at once, not after its minute of patience for a database still starting, and says what
 /// Postgres said rather than tokio-postgres' bare "db error".

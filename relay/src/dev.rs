@@ -43,6 +43,13 @@ pub const DEMO_USERS: [(Uuid, Role, &str); 6] = [
     ),
 ];
 
+/// The demo consultation, waiting, of Pat Patient with Dr. Dana Molar.
+pub const DEMO_SESSION: Uuid = uuid!("00000000-0000-4000-8000-0000000c5001");
+
+/// The appointment the banner's SQL books and moves: taken out at each start, so the lines work
+/// again.
+const DEMO_BOOKING: Uuid = uuid!("00000000-0000-4000-8000-0000000e00aa");
+
 /// How long the printed tokens are valid.
 pub const DEMO_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -121,6 +128,16 @@ async fn seed(client: &tokio_postgres::Client) -> Result<(), DevError> {
             .await?;
     }
     client
+        .execute("delete from appointments where id = $1", &[&DEMO_BOOKING])
+        .await?;
+    client
+        .execute(
+            "insert into consultation_sessions (id, patient_id, dentist_id) values ($1, $2, $3) \
+             on conflict (id) do nothing",
+            &[&DEMO_SESSION, &DEMO_USERS[3].0, &DEMO_USERS[1].0],
+        )
+        .await?;
+    client
         .batch_execute(
             "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at, kind, notes)
              select * from (values
@@ -179,7 +196,13 @@ pub fn demo_tokens(issuer: &Issuer) -> Vec<crate::config::DemoToken> {
 }
 
 /// The text `relay dev` prints: a token and connection line per demo user, and SQL to try.
-pub fn banner(issuer: &Issuer, addr: std::net::SocketAddr, psql: &str) -> String {
+/// `token_command` is how to make more tokens with the secret it signs with.
+pub fn banner(
+    issuer: &Issuer,
+    addr: std::net::SocketAddr,
+    psql: &str,
+    token_command: &str,
+) -> String {
     let mut out = format!("\nrelay dev: serving on http://{addr}\n");
     let (id, role, name) = DEMO_USERS[1];
     let token = issuer.issue(&Principal { user_id: id, role }, DEMO_TOKEN_TTL);
@@ -202,6 +225,20 @@ pub fn banner(issuer: &Issuer, addr: std::net::SocketAddr, psql: &str) -> String
          '00000000-0000-4000-8000-00000000d001', now() + interval '1 day', now() + interval '1 day 1 hour')\"\n\
          {psql} -c \"update appointments set dentist_id = '00000000-0000-4000-8000-00000000d002' \
          where id = '00000000-0000-4000-8000-0000000e00aa'\"\n"
+    ));
+    out.push_str(&format!(
+        "\nChat in the demo consultation ({DEMO_SESSION}), as Pat Patient or Dr. Dana Molar: \
+         subscribe, then send (a new client_id for each message)\n  \
+         {{\"type\":\"subscribe\",\"ref\":\"2\",\"feed\":\"consultation_messages\",\
+         \"filter\":{{\"session_id\":\"{DEMO_SESSION}\"}}}}\n  \
+         {{\"type\":\"send\",\"ref\":\"3\",\"session_id\":\"{DEMO_SESSION}\",\
+         \"body\":\"Hello, doctor\",\"client_id\":\"{}\"}}\n",
+        Uuid::new_v4()
+    ));
+    out.push_str(&format!(
+        "\nA token for any user (a new uuid is a new user):\n  \
+         {token_command} relay token --role patient --sub {}\n",
+        Uuid::new_v4()
     ));
     out
 }

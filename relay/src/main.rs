@@ -156,10 +156,16 @@ async fn run(command: Command) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             let psql = dev::psql_command(&args.database_url);
             let issuer = Issuer::new(&args.relay_jwt_secret);
+            // The development secret is no secret; one of the user's own is not printed.
+            let token_command = if args.relay_jwt_secret.is(relay::config::DEV_JWT_SECRET) {
+                format!("RELAY_JWT_SECRET={}", relay::config::DEV_JWT_SECRET)
+            } else {
+                "RELAY_JWT_SECRET=<the one relay dev runs with>".to_string()
+            };
             let tokens = TokenConfig::hs256(args.relay_jwt_secret);
             let mut config = Config::from_parts(args.database_url, tokens, args.tuning);
             config.demo_issuer = Some(issuer.clone());
-            serve(config, Some((issuer, psql))).await
+            serve(config, Some((issuer, psql, token_command))).await
         }
     }
 }
@@ -203,10 +209,13 @@ fn refused_for_good(error: &tokio_postgres::Error) -> bool {
 }
 
 /// Serves until SIGINT or SIGTERM; `relay dev` also prints its banner, with tokens from `issuer`.
-async fn serve(config: Config, dev: Option<(Issuer, String)>) -> Result<(), String> {
+async fn serve(config: Config, dev: Option<(Issuer, String, String)>) -> Result<(), String> {
     let relay = Relay::start(config).await.map_err(|e| e.to_string())?;
-    if let Some((issuer, psql)) = dev {
-        println!("{}", dev::banner(&issuer, relay.local_addr(), &psql));
+    if let Some((issuer, psql, token_command)) = dev {
+        println!(
+            "{}",
+            dev::banner(&issuer, relay.local_addr(), &psql, &token_command)
+        );
     }
     relay::shutdown_signal().await;
     tracing::info!("shutting down");

@@ -47,6 +47,11 @@ impl Secret {
         Ok(Secret(value))
     }
 
+    /// Whether this is that secret.
+    pub fn is(&self, value: &str) -> bool {
+        self.bytes() == value.as_bytes()
+    }
+
     fn bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
@@ -332,8 +337,9 @@ impl Verifier {
     /// Checks a token and returns who it speaks for, and until when.
     pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let key = self.key_for(token)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(
-            |e| match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
@@ -360,8 +366,8 @@ impl Verifier {
                          epoch, `sub` and `role` strings",
                 ),
                 _ => TokenError::invalid("it is not a well-formed JWT"),
-            },
-        )?;
+            }
+            })?;
         let claims = data.claims;
         let user_id = claims
             .sub
