@@ -381,9 +381,9 @@ async fn relay_dev_banner_lines_work_and_work_again_after_a_restart() {
         let banner = dev.output.take().unwrap().await.unwrap();
         assert!(banner.contains(&session), "{banner}");
         assert!(
-            banner.contains(&format!(
+            banner.contains(
                 "RELAY_JWT_SECRET=<the one relay dev runs with> relay token --role patient"
-            )),
+            ),
             "{banner}"
         );
     }
