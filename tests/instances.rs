@@ -488,3 +488,18 @@ async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, body.to_string())
 }
+
+/// The pool's connections end on the server a query the relay gave up on, so that a connection
+/// returned to the pool is never busy for long with one no one awaits.
+#[tokio::test]
+async fn pooled_connections_end_queries_no_one_awaits() {
+    let db = TestDb::new().await;
+    let pool = relay::server::pool(&db.config()).unwrap();
+    let client = pool.get().await.unwrap();
+    let timeout: String = client
+        .query_one("show statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "30s");
+}
