@@ -18,17 +18,27 @@ import type {
 
 export * from "./types.js";
 
+/**
+ * An event handler property of a socket. The client only assigns handlers, and reads of each
+ * event only what `E` names, so a socket whose events carry more (the browser's, `ws`'s) must
+ * fit. As a plain function type it would not: TypeScript would check the property as if the
+ * client called the socket's own handler with a bare `E`. A method's parameter is checked both
+ * ways instead: events with more fields pass, events without the fields the client reads don't.
+ */
+export type SocketHandler<E> = { handle(event: E): void }["handle"];
+
 /** The part of the WebSocket API the client uses: the browser's, Node 22's, or `ws`'s. */
 export interface SocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  onopen: SocketHandler<unknown> | null;
+  onmessage: SocketHandler<{ data: unknown }> | null;
+  onclose: SocketHandler<{ code: number; reason: string }> | null;
+  onerror: SocketHandler<unknown> | null;
 }
 
+/** The browser's `WebSocket`, Node 22's, or the `ws` package's default export, as they are. */
 export type WebSocketConstructor = new (url: string) => SocketLike;
 
 export interface ConnectOptions {
@@ -137,6 +147,13 @@ const MAX_BODY_CHARACTERS = 4000;
 const FRAMES_PER_SECOND = 40;
 /** The relay's default `RELAY_MAX_FRAME_BYTES`. */
 const MAX_FRAME_BYTES = 65_536;
+/** The HTTP scheme of the relay's API beside a socket URL's. */
+const SCHEMES: Record<string, string> = {
+  "ws:": "http:",
+  "wss:": "https:",
+  "http:": "http:",
+  "https:": "https:",
+};
 /** The longest delay `setTimeout` keeps (about 24.8 days); longer ones fire at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -178,6 +195,13 @@ export class RelayClient {
   private reconnect: ReturnType<typeof setTimeout> | undefined;
   private retrySends: ReturnType<typeof setTimeout> | undefined;
   private connecting: ReturnType<typeof setTimeout> | undefined;
+  /** Whether the current socket has opened. */
+  private socketOpened = false;
+  /** The codes of errors reported since a socket last opened: a cause is reported once, not on
+   * every retry. */
+  private readonly reported = new Set<string>();
+  /** How the relay refused the last attempt's token, when it did. */
+  private refusedAs: string | undefined;
   /** Sessions whose first presence frame (the whole list) came since the last `subscribed` of
    * `consultation_messages` on this connection. */
   private readonly presenceListed = new Set<string>();
@@ -213,7 +237,9 @@ export class RelayClient {
       ...options,
     };
     this.token = options.token;
-    void this.open();
+    // Not at once: what the first attempt may report straight away (an expired token) must reach
+    // the listeners attached right after `connect()`.
+    queueMicrotask(() => void this.open());
   }
 
   /** connecting, open, reconnecting or closed. */
@@ -377,6 +403,7 @@ export class RelayClient {
       return;
     }
     this.socket = socket;
+    this.socketOpened = false;
     this.outbox = [];
     clearTimeout(this.connecting);
     this.connecting = setTimeout(() => {
@@ -386,7 +413,7 @@ export class RelayClient {
     }, this.options.connectTimeoutMs);
     socket.onopen = () => this.opened(socket);
     socket.onmessage = (event) => this.received(event.data);
-    socket.onclose = (event) => this.closed(socket, event.code, event.reason);
+    socket.onclose = (event) => this.closed(socket, event.code, event.reason, token);
     socket.onerror = () => {
       // A close follows; it decides what happens next.
     };
@@ -397,6 +424,9 @@ export class RelayClient {
       return;
     }
     clearTimeout(this.connecting);
+    this.socketOpened = true;
+    this.reported.clear();
+    this.refusedAs = undefined;
     this.awaitingPong = false;
     this.heartbeat = setInterval(() => this.beat(), this.options.heartbeatMs);
     this.scheduleRefresh();
@@ -413,7 +443,7 @@ export class RelayClient {
     this.setState("open");
   }
 
-  private closed(socket: SocketLike, code: number, reason: string): void {
+  private closed(socket: SocketLike, code: number, reason: string, token: string): void {
     if (socket !== this.socket) {
       return;
     }
@@ -421,6 +451,10 @@ export class RelayClient {
     this.stopTimers();
     if (this.closedByUser) {
       this.setState("closed");
+      return;
+    }
+    if (!this.socketOpened) {
+      void this.diagnose(token);
       return;
     }
     if (FATAL_CLOSES.has(code)) {
@@ -442,6 +476,96 @@ export class RelayClient {
       this.emit("error", { code: `closed_${code}`, message: reason });
     }
     this.scheduleReconnect();
+  }
+
+  /**
+   * A socket closed before it opened: the relay refused the upgrade (a token it rejects, one of
+   * its limits, an origin it does not allow) or could not be reached. Browsers and `ws` show
+   * neither the refusal's status nor its body, so the relay's HTTP API is asked about the token,
+   * as the relay's inspector page does. A refused token is reported, and given up on when
+   * nothing can replace it; a valid one means a limit or the origin, reported and retried.
+   */
+  private async diagnose(token: string): Promise<void> {
+    const answer = await this.askStatus(token);
+    if (this.closedByUser) {
+      return;
+    }
+    if (answer?.status === 401) {
+      const { code, message } = answer;
+      // A token not valid yet will be (a clock behind the relay's): worth waiting for.
+      const lasting = code !== "token_not_yet_valid";
+      // Without getToken the same token would be refused again; with it, a fresh one may work,
+      // but not when a fresh one was just refused the same way.
+      const stop = lasting && (!this.options.getToken || this.refusedAs === code);
+      this.refusedAs = lasting ? code : undefined;
+      this.report({ code, message });
+      if (stop) {
+        this.close();
+      } else {
+        this.scheduleReconnect();
+      }
+      return;
+    }
+    this.refusedAs = undefined;
+    if (answer?.status === 200) {
+      this.report({
+        code: "connection_refused",
+        message:
+          "the relay accepts the token but refused the socket: too many sockets for this user " +
+          "(RELAY_MAX_SOCKETS_PER_USER), the relay full (RELAY_MAX_SOCKETS), or this origin not " +
+          "in RELAY_ALLOWED_ORIGINS; reconnecting",
+      });
+    }
+    // Out of reach, or an answer that says nothing about the token: retry as ever.
+    this.scheduleReconnect();
+  }
+
+  /**
+   * GET /api/realtime/status with the token, on the relay's host; undefined when there is no
+   * fetch, or no answer (the relay out of reach, or, from a page of another origin, one that
+   * RELAY_ALLOWED_ORIGINS does not list).
+   */
+  private async askStatus(
+    token: string,
+  ): Promise<{ status: number; code: string; message: string } | undefined> {
+    const url = statusUrl(this.options.url);
+    if (typeof globalThis.fetch !== "function" || url === undefined) {
+      return undefined;
+    }
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), this.options.connectTimeoutMs);
+    try {
+      const response = await globalThis.fetch(url, {
+        headers: { Authorization: `Bearer ${token}` },
+        signal: abort.signal,
+      });
+      let body: { error?: unknown; message?: unknown } = {};
+      if (response.status === 401) {
+        try {
+          body = (await response.json()) as typeof body;
+        } catch {
+          // Not the relay's JSON (a proxy's page): the status says enough.
+        }
+      }
+      return {
+        status: response.status,
+        code: typeof body.error === "string" ? body.error : "invalid_token",
+        message:
+          typeof body.message === "string" ? body.message : `the relay answered ${response.status}`,
+      };
+    } catch {
+      return undefined;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Emits an error, unless one with its code was reported since a socket last opened. */
+  private report(error: RelayError): void {
+    if (!this.reported.has(error.code)) {
+      this.reported.add(error.code);
+      this.emit("error", error);
+    }
   }
 
   /** Gives up on a socket that stopped answering, and reconnects. */
@@ -800,6 +924,19 @@ function detach(socket: SocketLike): void {
   // Closing a socket that is still connecting reports an error; it is expected, and some
   // implementations (ws) throw an error no one listens to.
   socket.onerror = () => {};
+}
+
+/** The relay's `/api/realtime/status` beside a socket URL: the same host and port, over HTTP. */
+function statusUrl(socketUrl: string): string | undefined {
+  let url: URL;
+  try {
+    // A browser takes a socket URL relative to the page.
+    url = new URL(socketUrl, (globalThis as { location?: { href: string } }).location?.href);
+  } catch {
+    return undefined;
+  }
+  const scheme = SCHEMES[url.protocol];
+  return scheme === undefined ? undefined : `${scheme}//${url.host}/api/realtime/status`;
 }
 
 function claims(token: string): { exp?: unknown; iat?: unknown } | undefined {

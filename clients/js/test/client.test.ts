@@ -1,6 +1,8 @@
 // The client against a real relay and a real Postgres: reconnects lose nothing, tokens are
-// refreshed in place, sends made offline are delivered once, and a lost reply never duplicates.
+// refreshed in place, sends made offline are delivered once, a lost reply never duplicates, and
+// a socket the relay refuses is explained.
 
+import { createHmac, randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 
@@ -11,13 +13,22 @@ import {
   type ChangeEvent,
   type ConnectionState,
   type RelayClient,
-  type SocketLike,
+  type RelayError,
   type WebSocketConstructor,
 } from "../src/index.js";
-import { freePort, Relay, TestDb, token, until, type User } from "./support.js";
+import { freePort, Relay, SECRET, TestDb, token, until, type User } from "./support.js";
 
-// Node 20 has no WebSocket of its own; the client takes any that follows the standard API.
-const Socket = WebSocket as unknown as WebSocketConstructor;
+// Node 20 has no WebSocket of its own; the client takes any that follows the standard API. No
+// cast, for either: `npm run typecheck` checks that `ws`'s class and the browser's fit as they are.
+const Socket: WebSocketConstructor = WebSocket;
+const browserSocket: WebSocketConstructor | undefined = globalThis.WebSocket;
+
+/** An HS256 token with these claims, signed with `secret`: what `relay token` would not make. */
+function signed(claims: Record<string, unknown>, secret: string): string {
+  const part = (value: object) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const unsigned = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${unsigned}.${createHmac("sha256", secret).update(unsigned).digest("base64url")}`;
+}
 
 let db: TestDb;
 let patient: User;
@@ -181,7 +192,7 @@ describe("the relay client", () => {
     // A socket that loses the first `sent` reply together with its connection, as a network
     // failure right after the relay committed would.
     let lost = 0;
-    class LossySocket extends (WebSocket as unknown as new (url: string) => SocketLike) {
+    class LossySocket extends WebSocket {
       constructor(url: string) {
         super(url);
         queueMicrotask(() => {
@@ -200,7 +211,7 @@ describe("the relay client", () => {
     const client = connect({
       url: relay.url,
       getToken: () => token(patient),
-      WebSocket: LossySocket as unknown as WebSocketConstructor,
+      WebSocket: LossySocket,
       initialBackoffMs: 50,
       maxBackoffMs: 300,
     });
@@ -349,6 +360,69 @@ describe("the relay client", () => {
     expect(now.every((event) => event.row.session_id === second)).toBe(true);
     expect(old.every((session) => session === first)).toBe(true);
     client.close();
+    await relay.stop();
+  });
+
+  it("gives up on a token the relay refuses, and says why", async () => {
+    const port = await freePort();
+    const relay = await Relay.start(db, port);
+    const exp = Math.floor(Date.now() / 1000) + 600;
+    // Signed with another secret; a fixed token, as in the README's Node example.
+    const otherSecret = "another-secret-0123456789abcdef0123";
+    const forged = signed({ sub: dentist.id, role: "dentist", exp }, otherSecret);
+    const fixed = connect({ url: relay.url, token: forged, WebSocket });
+    const errors: RelayError[] = [];
+    fixed.on("error", (error) => errors.push(error));
+    await until(() => fixed.state === "closed", "the client to give up");
+    expect(errors).toMatchObject([{ code: "invalid_signature" }]);
+
+    // A role the relay does not know: a fresh token from getToken is tried, then given up on.
+    let issued = 0;
+    const unknownRole = connect({
+      url: relay.url,
+      getToken: () => {
+        issued += 1;
+        return signed({ sub: randomUUID(), role: "nurse", exp }, SECRET);
+      },
+      WebSocket,
+      initialBackoffMs: 50,
+    });
+    const refused: RelayError[] = [];
+    unknownRole.on("error", (error) => refused.push(error));
+    await until(() => unknownRole.state === "closed", "the client to give up");
+    expect(refused).toMatchObject([{ code: "invalid_token" }]);
+    expect(refused[0]?.message).toContain("role");
+    expect(issued).toBe(2);
+    await relay.stop();
+  });
+
+  it("reports a socket refused with a valid token once, and connects when there is room", async () => {
+    const oneEach = { RELAY_MAX_SOCKETS_PER_USER: "1" };
+    const { relay, client: first } = await started(dentist, {}, oneEach);
+    await until(() => first.state === "open", "the first connection");
+    let attempts = 0;
+    class Counted extends WebSocket {
+      constructor(url: string) {
+        super(url);
+        attempts += 1;
+      }
+    }
+    const second = connect({
+      url: relay.url,
+      getToken: () => token(dentist),
+      WebSocket: Counted,
+      initialBackoffMs: 50,
+      maxBackoffMs: 100,
+    });
+    const errors: RelayError[] = [];
+    second.on("error", (error) => errors.push(error));
+    await until(() => attempts >= 4, "a few refused attempts");
+    expect(errors).toMatchObject([{ code: "connection_refused" }]);
+    expect(second.state).toBe("reconnecting");
+    first.close();
+    await until(() => second.state === "open", "the second connection, once there is room");
+    expect(errors).toHaveLength(1);
+    second.close();
     await relay.stop();
   });
 });

@@ -1,6 +1,7 @@
 // The client against a scripted socket, on fake timers: what it does after a replay fails
-// part-way, across a dropped connection (pacing, retries), with oversized frames, and when it
-// refreshes tokens. The relay's side of each case is in docs/protocol.md.
+// part-way, across a dropped connection (pacing, retries), with oversized frames, when it
+// refreshes tokens, and when its socket is refused before it opens (the relay's HTTP API
+// played by a stubbed fetch). The relay's side of each case is in docs/protocol.md.
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
@@ -8,6 +9,7 @@ import {
   connect,
   SendError,
   type ConnectOptions,
+  type ConnectionState,
   type RelayClient,
   type RelayError,
   type SocketLike,
@@ -117,6 +119,170 @@ beforeEach(() => {
 
 afterEach(() => {
   vi.useRealTimers();
+  vi.unstubAllGlobals();
+});
+
+/** A client whose first socket has been made, not yet accepted. */
+async function connecting(options: Partial<ConnectOptions> = {}): Promise<RelayClient> {
+  const client = connect({
+    url: "ws://relay/ws",
+    token: jwt({ exp: seconds() + 3600 }),
+    WebSocket: Socket,
+    initialBackoffMs: 10,
+    maxBackoffMs: 10,
+    ...options,
+  });
+  await vi.advanceTimersByTimeAsync(0);
+  return client;
+}
+
+/** What the relay's GET /api/realtime/status answers a token, as the stubbed fetch plays it. */
+type StatusAnswer = 200 | { refused: string } | "unreachable";
+
+/** Stubs fetch as the relay's HTTP API; returns the requests it got. */
+function relayApi(answer: (token: string) => StatusAnswer): { url: string; token: string }[] {
+  const asked: { url: string; token: string }[] = [];
+  vi.stubGlobal("fetch", async (url: string, init?: RequestInit) => {
+    const token = (new Headers(init?.headers).get("Authorization") ?? "").replace(/^Bearer /, "");
+    asked.push({ url: String(url), token });
+    const reply = answer(token);
+    if (reply === "unreachable") {
+      throw new TypeError("fetch failed");
+    }
+    if (reply === 200) {
+      return Response.json({ userId: "u", role: "dentist", subscriptions: [] });
+    }
+    const body = { error: reply.refused, message: `refused: ${reply.refused}` };
+    return Response.json(body, { status: 401 });
+  });
+  return asked;
+}
+
+/** The relay refuses the latest socket's upgrade: it closes before it opens. */
+async function refuse(): Promise<void> {
+  latest().end(1006);
+  await vi.advanceTimersByTimeAsync(20);
+}
+
+function watch(client: RelayClient): { errors: RelayError[]; states: ConnectionState[] } {
+  const seen = { errors: [] as RelayError[], states: [] as ConnectionState[] };
+  client.on("error", (e) => seen.errors.push(e));
+  client.on("state", (s) => seen.states.push(s));
+  return seen;
+}
+
+describe("the first connection", () => {
+  it("reports an expired fixed token to listeners attached after connect()", async () => {
+    const client = connect({
+      url: "ws://relay/ws",
+      token: jwt({ exp: seconds() - 60 }),
+      WebSocket: Socket,
+    });
+    const { errors, states } = watch(client);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(errors).toMatchObject([{ code: "token_expired" }]);
+    expect(states).toEqual(["closed"]);
+    expect(ScriptedSocket.opened).toHaveLength(0);
+  });
+});
+
+describe("a socket refused before it opens", () => {
+  it("ends a client whose fixed token the relay refuses, with the relay's code", async () => {
+    const token = jwt({ exp: seconds() + 3600 });
+    const asked = relayApi(() => ({ refused: "invalid_signature" }));
+    const client = await connecting({ url: "wss://relay.example:8443/ws?tenant=a", token });
+    const { errors, states } = watch(client);
+    await refuse();
+    expect(asked).toEqual([{ url: "https://relay.example:8443/api/realtime/status", token }]);
+    expect(errors).toEqual([{ code: "invalid_signature", message: "refused: invalid_signature" }]);
+    expect(states).toEqual(["closed"]);
+    await vi.advanceTimersByTimeAsync(10_000);
+    expect(ScriptedSocket.opened).toHaveLength(1);
+  });
+
+  it("tries a fresh token, and gives up when that one is refused the same way", async () => {
+    let issued = 0;
+    const getToken = () => jwt({ exp: seconds() + 3600, n: ++issued });
+    const asked = relayApi(() => ({ refused: "invalid_token" }));
+    const client = await connecting({ token: undefined, getToken });
+    const { errors, states } = watch(client);
+    await refuse();
+    expect(errors).toMatchObject([{ code: "invalid_token" }]);
+    expect(states).toEqual(["reconnecting"]);
+    expect(ScriptedSocket.opened).toHaveLength(2);
+    await refuse();
+    // Each asked about with the token its socket was made with: two tokens.
+    const used = ScriptedSocket.opened.map((s) => new URL(s.url).searchParams.get("access_token"));
+    expect(asked.map((a) => a.token)).toEqual(used);
+    expect(new Set(used).size).toBe(2);
+    expect(errors).toHaveLength(1);
+    expect(states).toEqual(["reconnecting", "closed"]);
+    await vi.advanceTimersByTimeAsync(10_000);
+    expect(issued).toBe(2);
+  });
+
+  it("goes on with a fresh token that the relay accepts", async () => {
+    const [stale, fresh] = [jwt({ exp: seconds() - 60 }), jwt({ exp: seconds() + 3600 })];
+    let issued = 0;
+    const getToken = () => (issued++ === 0 ? stale : fresh);
+    relayApi((token) => (token === stale ? { refused: "token_expired" } : 200));
+    const client = await connecting({ token: undefined, getToken });
+    const { errors } = watch(client);
+    await refuse();
+    expect(errors).toMatchObject([{ code: "token_expired" }]);
+    latest().accept();
+    expect(client.state).toBe("open");
+    client.close();
+  });
+
+  it("reports a refused socket with a valid token once, and keeps reconnecting", async () => {
+    relayApi(() => 200);
+    const client = await connecting();
+    const { errors } = watch(client);
+    await refuse();
+    await refuse();
+    await refuse();
+    expect(errors).toMatchObject([{ code: "connection_refused" }]);
+    expect(errors[0]?.message).toContain("RELAY_MAX_SOCKETS_PER_USER");
+    expect(client.state).toBe("reconnecting");
+    expect(ScriptedSocket.opened).toHaveLength(4);
+    // Once per cause until a socket opens: refused again after that, it is reported again.
+    latest().accept();
+    latest().end(1001);
+    await vi.advanceTimersByTimeAsync(20);
+    await refuse();
+    expect(errors.map((e) => e.code)).toEqual(["connection_refused", "connection_refused"]);
+    client.close();
+  });
+
+  it("waits, reporting it once, for a token the relay says is not valid yet", async () => {
+    relayApi(() => ({ refused: "token_not_yet_valid" }));
+    const client = await connecting();
+    const { errors } = watch(client);
+    await refuse();
+    await refuse();
+    await refuse();
+    expect(errors).toMatchObject([{ code: "token_not_yet_valid" }]);
+    expect(client.state).toBe("reconnecting");
+    expect(ScriptedSocket.opened).toHaveLength(4);
+    client.close();
+  });
+
+  it("keeps reconnecting silently when the relay's API is out of reach, or not there", async () => {
+    relayApi(() => "unreachable");
+    const client = await connecting();
+    const { errors } = watch(client);
+    await refuse();
+    await refuse();
+    vi.stubGlobal("fetch", undefined);
+    await refuse();
+    expect(errors).toEqual([]);
+    expect(client.state).toBe("reconnecting");
+    expect(ScriptedSocket.opened).toHaveLength(4);
+    latest().accept();
+    expect(client.state).toBe("open");
+    client.close();
+  });
 });
 
 describe("a relay whose event log went back (close 4010)", () => {
