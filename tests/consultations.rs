@@ -920,3 +920,66 @@ async fn an_unfiltered_subscription_follows_its_open_sessions() {
         json!({"type": "pong", "ref": "after"})
     );
 }
+
+/// A hand-over under REPEATABLE READ or SERIALIZABLE could leave a message committed after its
+/// snapshot with the old participants: it is refused, with a hint. Other changes to a session are
+/// not, and under READ COMMITTED the hand-over is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_outside_read_committed_is_refused_with_a_clear_error() {
+    let db = common::TestDb::new().await;
+    let (patient, dentist, other) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Dentist).await,
+    );
+    let session = db.open_session(&patient, &dentist).await;
+    let hand_over = format!(
+        "update consultation_sessions set dentist_id = '{}' where id = '{session}'",
+        other.user_id
+    );
+    for level in ["repeatable read", "serializable"] {
+        db.exec(&format!("begin isolation level {level}")).await;
+        let err = db
+            .client
+            .batch_execute(&hand_over)
+            .await
+            .expect_err("a hand-over must be refused under this level");
+        db.exec("rollback").await;
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+            "{level}: {err}"
+        );
+        let db_error = err.as_db_error().unwrap();
+        assert!(
+            db_error.message().contains("handed over")
+                && db_error.message().contains(&level.to_uppercase()),
+            "{}",
+            db_error.message()
+        );
+        assert!(db_error
+            .hint()
+            .unwrap_or_default()
+            .contains("READ COMMITTED"));
+        // The same level takes other changes.
+        db.exec(&format!(
+            "begin isolation level {level}; \
+             update consultation_sessions set notes = 'x' where id = '{session}'; commit"
+        ))
+        .await;
+    }
+    db.exec(&format!(
+        "begin isolation level read committed; {hand_over}; commit"
+    ))
+    .await;
+    let now: Uuid = db
+        .client
+        .query_one(
+            "select dentist_id from consultation_sessions where id = $1",
+            &[&session],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(now, other.user_id);
+}

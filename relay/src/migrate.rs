@@ -42,6 +42,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/007_fewer_calls.sql"),
     migration!("triggers/008_single_change.sql"),
     migration!("triggers/009_truncate.sql"),
+    migration!("triggers/010_hand_over_isolation.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
