@@ -632,6 +632,24 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
         other => panic!("expected close 4010, got {other:?}"),
     }
     let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
+    // The next reconnect, before anything new was dispatched, finds the log as the relay left
+    // it: the socket stays.
+    let reconnects = || {
+        relay
+            .hub()
+            .counters()
+            .listen_reconnects
+            .load(Ordering::Relaxed)
+    };
+    let before = reconnects();
+    assert_eq!(kill_listen(&db.client).await, 1);
+    tokio::time::timeout(PATIENCE, async {
+        while reconnects() == before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the relay listens again");
     insert(&db.client, dentist.user_id, 1).await;
     let frame = loop {
         let frame = ws.recv().await;

@@ -133,7 +133,9 @@ async fn seed(client: &tokio_postgres::Client) -> Result<(), DevError> {
     client
         .execute(
             "insert into consultation_sessions (id, patient_id, dentist_id) values ($1, $2, $3) \
-             on conflict (id) do nothing",
+             on conflict (id) do update set patient_id = excluded.patient_id, \
+                 dentist_id = excluded.dentist_id, status = 'waiting', started_at = null, \
+                 ended_at = null",
             &[&DEMO_SESSION, &DEMO_USERS[3].0, &DEMO_USERS[1].0],
         )
         .await?;

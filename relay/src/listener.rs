@@ -171,24 +171,11 @@ impl Listener {
         // is in the log.
         let caught_up = match self.hub.position() {
             None => self.start().await,
-            Some(position) => {
-                match self.log_went_back(position).await {
-                    Ok(None) => self.catch_up().await,
-                    Ok(Some(why)) => {
-                        // Restored from a backup, or failed over to a standby that missed commits:
-                        // ids this relay delivered are taken again by other events, and clients'
-                        // views hold rows the database no longer has. Everyone starts over.
-                        tracing::error!(%position, %why,
-                        "the event log went back; closing every socket and starting from its newest event");
-                        self.hub.disconnect_all(Close {
-                        code: close::STATE_LOST,
-                        reason: "the event log went back (a restore or a failover): fetch current state".into(),
-                    });
-                        self.start().await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+            Some(position) => match self.log_went_back(position).await {
+                Ok(None) => self.catch_up().await,
+                Ok(Some(why)) => self.start_over(position, &why).await,
+                Err(e) => Err(e),
+            },
         };
         if let Err(e) = caught_up {
             driver.abort();
@@ -228,9 +215,36 @@ impl Listener {
         .await?;
         let position = timed(log::position(&*tx)).await?;
         let open = timed(presence::open_sessions(&*tx)).await?;
+        // The newest event, as if dispatched: what a later reconnect checks the log against.
+        let newest = timed(tx.query_opt(
+            &format!("select e.id, {AT_TEXT} from relay.events e order by e.id desc limit 1"),
+            &[],
+        ))
+        .await?
+        .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)));
         timed(tx.commit()).await?;
+        *self
+            .last_dispatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = newest;
         self.presence.open_sessions_loaded(open);
         self.hub.start_at(position);
+        Ok(())
+    }
+
+    /// The log went back (restored from a backup, or failed over to a standby that missed
+    /// commits): ids this relay delivered are taken again by other events, and clients' views
+    /// hold rows the database no longer has. Everyone starts over, once the hub stands at the
+    /// log's newest event: a client that reconnects at once is never told the old position.
+    async fn start_over(&self, position: Cursor, why: &str) -> Result<(), ListenError> {
+        tracing::error!(%position, %why,
+            "the event log went back; closing every socket and starting from its newest event");
+        self.presence.log_went_back();
+        self.start().await?;
+        self.hub.disconnect_all(Close {
+            code: close::STATE_LOST,
+            reason: "the event log went back (a restore or a failover): fetch current state".into(),
+        });
         Ok(())
     }
 

@@ -278,6 +278,19 @@ impl Presence {
         self.deliver(outbox);
     }
 
+    /// The event log went back (a restore, a failover): what was learnt of named sessions'
+    /// participants from its events may no longer hold. Read again as sockets name them.
+    pub fn log_went_back(&self) {
+        for named in self.lock().named.values_mut() {
+            named.owners = None;
+        }
+    }
+
+    /// Whether presence knows a session's participants (it is open, or named and followed).
+    pub fn knows(&self, session: Uuid) -> bool {
+        self.lock().known_owners(session).is_some()
+    }
+
     /// Replaces what is known of open sessions (`id`, participants), read in the snapshot of the
     /// position the relay starts from; sockets that follow their open sessions are set to them.
     pub fn open_sessions_loaded(&self, sessions: Vec<(Uuid, Owners)>) {
@@ -763,6 +776,9 @@ impl State {
         let Some(watcher) = self.sockets.get_mut(&socket) else {
             return;
         };
+        if watcher.named == session {
+            return;
+        }
         let before = std::mem::replace(&mut watcher.named, session);
         if let Some(before) = before {
             if let Some(named) = self.named.get_mut(&before) {
@@ -1544,5 +1560,37 @@ mod tests {
         presence.owners_read(session, Some(owners));
         assert!(received(&mut p).is_empty());
         assert!(presence.members(session).is_empty());
+    }
+
+    /// Subscribing again to an ended session it names: the list again, and no one hears the user
+    /// leave and come back.
+    #[test]
+    fn subscribing_again_to_an_ended_session_resends_the_list_and_tells_no_one() {
+        let hub = Hub::new(16);
+        let presence = Presence::new(hub.clone());
+        let session = Uuid::new_v4();
+        let (patient, dentist) = (principal(Role::Patient), principal(Role::Dentist));
+        let owners = Owners {
+            patient_id: Some(patient.user_id),
+            dentist_id: Some(dentist.user_id),
+        };
+        let mut p = hub.connect(patient, None);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
+        presence.owners_read(session, Some(owners));
+        // An admin watching: it names no session, so the patient's socket is the only one.
+        let admin = principal(Role::Admin);
+        let mut d = hub.connect(admin, None);
+        presence.watch(d.id, d.link.clone(), admin, Scope::Session(session));
+        received(&mut p);
+        received(&mut d);
+        presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
+        assert_eq!(
+            received(&mut p),
+            [frame(session, &[&patient, &admin], &[])]
+        );
+        assert!(received(&mut d).is_empty(), "{:?}", received(&mut d));
+        assert!(
+            pending(&presence).get(&(session, patient.user_id)) != Some(&(Role::Patient, false))
+        );
     }
 }

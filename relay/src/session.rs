@@ -451,6 +451,9 @@ impl Reader {
         // presence follows the socket: a hand-over dispatched from here on is seen, and one
         // committed before the read is in it. Until then the socket is not in the session's
         // presence, so it learns nothing of a session that is no longer its own.
+        if presence.knows(session) {
+            return;
+        }
         match self.session_owners(session).await {
             Ok(owners) => presence.owners_read(session, owners),
             Err(_) => presence.leave(self.id),
