@@ -146,7 +146,7 @@ function closed(socket, code, reason) {
   state.attempt += 1;
   setState("reconnecting", `in ${(delay / 1000).toFixed(1)} s`);
   state.retry = setTimeout(connect, delay);
-  if (!state.opened) void explainRefusal(socket);
+  if (!state.opened) void explainRefusal();
 }
 
 /**
@@ -154,7 +154,7 @@ function closed(socket, code, reason) {
  * browser cannot see which, so ask the HTTP API: a token it refuses is given up on (it will not
  * work later either); a token it accepts means one of the relay's limits, or the origin.
  */
-async function explainRefusal(socket) {
+async function explainRefusal() {
   const token = state.token;
   let response;
   try {
@@ -163,8 +163,9 @@ async function explainRefusal(socket) {
     say("The relay cannot be reached.");
     return;
   }
-  // Another connection has been asked for meanwhile: this answer is about an older one.
-  if (!state.wanted || state.token !== token || state.opened || state.socket !== null && state.socket !== socket) {
+  // Stopped, another token, or a later attempt opened meanwhile: this answer is about the past.
+  // (A later attempt still connecting, with the same token, is answered by it too.)
+  if (!state.wanted || state.token !== token || state.opened) {
     return;
   }
   if (response.ok) {

@@ -147,6 +147,14 @@ const MAX_BODY_CHARACTERS = 4000;
 const FRAMES_PER_SECOND = 40;
 /** The relay's default `RELAY_MAX_FRAME_BYTES`. */
 const MAX_FRAME_BYTES = 65_536;
+/** The codes of the relay's 401 for a token it refuses. */
+const TOKEN_REFUSALS = new Set([
+  "missing_token",
+  "invalid_token",
+  "token_expired",
+  "token_not_yet_valid",
+  "invalid_signature",
+]);
 /** The HTTP scheme of the relay's API beside a socket URL's. */
 const SCHEMES: Record<string, string> = {
   "ws:": "http:",
@@ -200,8 +208,6 @@ export class RelayClient {
   /** The codes of errors reported since a socket last opened: a cause is reported once, not on
    * every retry. */
   private readonly reported = new Set<string>();
-  /** How the relay refused the last attempt's token, when it did. */
-  private refusedAs: string | undefined;
   /** Sessions whose first presence frame (the whole list) came since the last `subscribed` of
    * `consultation_messages` on this connection. */
   private readonly presenceListed = new Set<string>();
@@ -426,7 +432,6 @@ export class RelayClient {
     clearTimeout(this.connecting);
     this.socketOpened = true;
     this.reported.clear();
-    this.refusedAs = undefined;
     this.awaitingPong = false;
     this.heartbeat = setInterval(() => this.beat(), this.options.heartbeatMs);
     this.scheduleRefresh();
@@ -454,6 +459,8 @@ export class RelayClient {
       return;
     }
     if (!this.socketOpened) {
+      // Retry as ever; what the relay says of the token may yet stop the retries.
+      this.scheduleReconnect();
       void this.diagnose(token);
       return;
     }
@@ -487,26 +494,21 @@ export class RelayClient {
    */
   private async diagnose(token: string): Promise<void> {
     const answer = await this.askStatus(token);
-    if (this.closedByUser) {
+    // Closed meanwhile, or a later attempt has opened: this answer is about the past.
+    if (this.closedByUser || this.socketOpened) {
       return;
     }
     if (answer?.status === 401) {
       const { code, message } = answer;
-      // A token not valid yet will be (a clock behind the relay's): worth waiting for.
-      const lasting = code !== "token_not_yet_valid";
-      // Without getToken the same token would be refused again; with it, a fresh one may work,
-      // but not when a fresh one was just refused the same way.
-      const stop = lasting && (!this.options.getToken || this.refusedAs === code);
-      this.refusedAs = lasting ? code : undefined;
       this.report({ code, message });
-      if (stop) {
+      // Without getToken the same token would be refused again; with it, each attempt fetches
+      // a fresh one, which may work (a rolling deploy of a new key, a secret being fixed). A
+      // token not valid yet will be (a clock behind the relay's).
+      if (code !== "token_not_yet_valid" && !this.options.getToken) {
         this.close();
-      } else {
-        this.scheduleReconnect();
       }
       return;
     }
-    this.refusedAs = undefined;
     if (answer?.status === 200) {
       this.report({
         code: "connection_refused",
@@ -516,8 +518,7 @@ export class RelayClient {
           "in RELAY_ALLOWED_ORIGINS; reconnecting",
       });
     }
-    // Out of reach, or an answer that says nothing about the token: retry as ever.
-    this.scheduleReconnect();
+    // Out of reach, or an answer that says nothing about the token: the retry goes on.
   }
 
   /**
@@ -533,7 +534,7 @@ export class RelayClient {
       return undefined;
     }
     const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), this.options.connectTimeoutMs);
+    const timer = setTimeout(() => abort.abort(), Math.min(this.options.connectTimeoutMs, 5_000));
     try {
       const response = await globalThis.fetch(url, {
         headers: { Authorization: `Bearer ${token}` },
@@ -544,12 +545,16 @@ export class RelayClient {
         try {
           body = (await response.json()) as typeof body;
         } catch {
-          // Not the relay's JSON (a proxy's page): the status says enough.
+          // Not the relay's JSON: something else answered.
+        }
+        // Only the relay's own refusal of a token says anything about the token.
+        if (typeof body.error !== "string" || !TOKEN_REFUSALS.has(body.error)) {
+          return undefined;
         }
       }
       return {
         status: response.status,
-        code: typeof body.error === "string" ? body.error : "invalid_token",
+        code: typeof body.error === "string" ? body.error : "",
         message:
           typeof body.message === "string" ? body.message : `the relay answered ${response.status}`,
       };
@@ -926,7 +931,11 @@ function detach(socket: SocketLike): void {
   socket.onerror = () => {};
 }
 
-/** The relay's `/api/realtime/status` beside a socket URL: the same host and port, over HTTP. */
+/**
+ * The relay's `/api/realtime/status` beside a socket URL: the same host and port, over HTTP, and
+ * the same path before `/ws` (a relay behind a path prefix). None for a socket path that does not
+ * end in `/ws`: the token is never sent to what may be another service.
+ */
 function statusUrl(socketUrl: string): string | undefined {
   let url: URL;
   try {
@@ -936,7 +945,11 @@ function statusUrl(socketUrl: string): string | undefined {
     return undefined;
   }
   const scheme = SCHEMES[url.protocol];
-  return scheme === undefined ? undefined : `${scheme}//${url.host}/api/realtime/status`;
+  if (scheme === undefined || !url.pathname.endsWith("/ws")) {
+    return undefined;
+  }
+  const prefix = url.pathname.slice(0, -"/ws".length);
+  return `${scheme}//${url.host}${prefix}/api/realtime/status`;
 }
 
 function claims(token: string): { exp?: unknown; iat?: unknown } | undefined {

@@ -195,30 +195,57 @@ describe("a socket refused before it opens", () => {
     await refuse();
     expect(asked).toEqual([{ url: "https://relay.example:8443/api/realtime/status", token }]);
     expect(errors).toEqual([{ code: "invalid_signature", message: "refused: invalid_signature" }]);
-    expect(states).toEqual(["closed"]);
+    expect(states).toEqual(["reconnecting", "closed"]);
     await vi.advanceTimersByTimeAsync(10_000);
     expect(ScriptedSocket.opened).toHaveLength(1);
   });
 
-  it("tries a fresh token, and gives up when that one is refused the same way", async () => {
+  it("keeps trying fresh tokens from getToken, reporting the refusal once", async () => {
     let issued = 0;
     const getToken = () => jwt({ exp: seconds() + 3600, n: ++issued });
     const asked = relayApi(() => ({ refused: "invalid_token" }));
     const client = await connecting({ token: undefined, getToken });
     const { errors, states } = watch(client);
     await refuse();
-    expect(errors).toMatchObject([{ code: "invalid_token" }]);
-    expect(states).toEqual(["reconnecting"]);
-    expect(ScriptedSocket.opened).toHaveLength(2);
     await refuse();
-    // Each asked about with the token its socket was made with: two tokens.
-    const used = ScriptedSocket.opened.map((s) => new URL(s.url).searchParams.get("access_token"));
+    await refuse();
+    // Each asked about with the token its socket was made with, each a fresh one.
+    const used = ScriptedSocket.opened.slice(0, 3).map((s) => new URL(s.url).searchParams.get("access_token"));
     expect(asked.map((a) => a.token)).toEqual(used);
-    expect(new Set(used).size).toBe(2);
-    expect(errors).toHaveLength(1);
-    expect(states).toEqual(["reconnecting", "closed"]);
-    await vi.advanceTimersByTimeAsync(10_000);
-    expect(issued).toBe(2);
+    expect(new Set(used).size).toBe(3);
+    expect(errors).toMatchObject([{ code: "invalid_token" }]);
+    expect(states.at(-1)).toBe("reconnecting");
+    expect(ScriptedSocket.opened).toHaveLength(4);
+    client.close();
+  });
+
+  it("asks beside the socket's path, and never when the path is not the relay's", async () => {
+    const token = jwt({ exp: seconds() + 3600 });
+    const asked = relayApi(() => ({ refused: "invalid_signature" }));
+    const client = await connecting({ url: "wss://app.example/realtime/ws", token });
+    await refuse();
+    expect(asked).toEqual([{ url: "https://app.example/realtime/api/realtime/status", token }]);
+    client.close();
+    const other = await connecting({ url: "wss://app.example/live", token });
+    const { errors } = watch(other);
+    await refuse();
+    expect(asked).toHaveLength(1);
+    expect(errors).toEqual([]);
+    expect(other.state).toBe("reconnecting");
+    other.close();
+  });
+
+  it("takes a 401 that is not the relay's refusal of a token as no answer", async () => {
+    vi.stubGlobal(
+      "fetch",
+      vi.fn(async () => new Response("<html>sign in</html>", { status: 401 })),
+    );
+    const client = await connecting();
+    const { errors } = watch(client);
+    await refuse();
+    expect(errors).toEqual([]);
+    expect(client.state).toBe("reconnecting");
+    client.close();
   });
 
   it("goes on with a fresh token that the relay accepts", async () => {
