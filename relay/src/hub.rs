@@ -113,6 +113,11 @@ pub trait Direct: Send + Sync + std::fmt::Debug {
     /// Writes the frame now if the socket can take it without waiting; false if it cannot, and
     /// the frame must be queued. Called only while the socket's queue is empty.
     fn try_write(&self, outbound: &Outbound) -> bool;
+
+    /// What its writer signals as it takes frames from the queue, for [`Link::send_replayed`].
+    fn room(&self) -> Option<&Room> {
+        None
+    }
 }
 
 /// The hub's handle on one socket: its queue and its close signal.
@@ -126,13 +131,12 @@ pub struct Link {
     cut: Arc<watch::Sender<Option<Close>>>,
     /// The socket itself, for frames that need not wait in the queue.
     direct: Option<Arc<dyn Direct>>,
-    /// Wakes a replay waiting for room in the queue.
-    room: Arc<Room>,
 }
 
 /// How a replay waiting for room in a socket's queue learns that the writer took frames from it.
 /// The replay waits without holding any of the queue's places, so live frames of the socket's
-/// other feeds, and its replies, still find the room there is.
+/// other feeds, and its replies, still find the room there is. It lives in the socket's writer
+/// side (the outlet), which is allocated with the socket anyway.
 #[derive(Debug, Default)]
 pub struct Room {
     /// Replays waiting (at most one per feed).
@@ -207,10 +211,14 @@ impl Link {
         let headroom = self.tx.max_capacity() / 2;
         let deadline = tokio::time::Instant::now() + stall;
         let mut outbound = Box::new(outbound);
-        self.room.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.room.waiting);
+        // Without a writer that signals (a socket of the unit tests), the queue is looked at
+        // every ROOM_RECHECK.
+        let unsignalled = Room::default();
+        let room = self.direct.as_deref().and_then(Direct::room).unwrap_or(&unsignalled);
+        room.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&room.waiting);
         loop {
-            let taken = self.room.taken.notified();
+            let taken = room.taken.notified();
             tokio::pin!(taken);
             taken.as_mut().enable();
             if self.tx.capacity() > headroom {
@@ -228,11 +236,6 @@ impl Link {
             }
             let _ = tokio::time::timeout_at(deadline.min(now + ROOM_RECHECK), taken).await;
         }
-    }
-
-    /// What the socket's writer signals as it takes frames, for [`Link::send_replayed`].
-    pub fn room(&self) -> Arc<Room> {
-        self.room.clone()
     }
 
     /// Asks the socket to close; the first reason given wins.
@@ -554,7 +557,6 @@ impl Hub {
             tx,
             cut: Arc::new(cut),
             direct,
-            room: Arc::new(Room::default()),
         };
         // Read under the index's write lock: `close_all` sets `closing` before it reads the
         // index, so a socket either sees the reason here or is in the index `close_all` walks.
@@ -1505,7 +1507,6 @@ mod tests {
         for _ in 0..7 {
             c.outbox.recv().await.unwrap();
         }
-        c.link.room().taken();
         assert!(matches!(replay.await.unwrap(), Replayed::Queued));
         assert_eq!(&*c.outbox.recv().await.unwrap().frame, "replayed");
     }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 use tungstenite::Message;
 
-use crate::hub::{Direct, Outbound};
+use crate::hub::{Direct, Outbound, Room};
 use crate::protocol::Cursor;
 use crate::upgrade::Socket;
 
@@ -41,6 +41,8 @@ pub enum Pumped {
 /// The socket, for reading and writing.
 pub struct Outlet {
     state: Mutex<State>,
+    /// Wakes a replay waiting for room in the socket's queue as the writer takes frames.
+    room: Room,
 }
 
 struct State {
@@ -72,6 +74,7 @@ impl Outlet {
                 last_cursor: None,
                 writer: None,
             }),
+            room: Room::default(),
         }
     }
 
@@ -163,6 +166,9 @@ impl Outlet {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        if taken > 0 {
+            self.room.taken();
+        }
         if ended {
             return Poll::Ready(Pumped::Ended);
         }
@@ -213,6 +219,10 @@ impl Outlet {
 }
 
 impl Direct for Outlet {
+    fn room(&self) -> Option<&Room> {
+        Some(&self.room)
+    }
+
     fn try_write(&self, outbound: &Outbound) -> bool {
         let Ok(mut guard) = self.state.try_lock() else {
             return false;

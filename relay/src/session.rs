@@ -100,8 +100,7 @@ async fn serve(socket: Socket, verified: Verified, context: SessionContext) {
     } = context.hub.connect(principal, Some(outlet.clone()));
     tracing::debug!(socket = id, "connected");
 
-    let writer =
-        tokio::spawn(write(outlet.clone(), outbox, closed.clone(), link.room()).in_current_span());
+    let writer = tokio::spawn(write(outlet.clone(), outbox, closed.clone()).in_current_span());
     // However serving ends, even by a panic, the hub forgets the socket and its writer stops.
     let leave = Leave {
         hub: context.hub.clone(),
@@ -659,7 +658,6 @@ async fn write(
     outlet: Arc<Outlet>,
     mut outbox: mpsc::Receiver<Box<Outbound>>,
     mut closed: watch::Receiver<Option<Close>>,
-    room: Arc<hub::Room>,
 ) {
     let reason = {
         let closing = closed.wait_for(Option::is_some);
@@ -667,11 +665,7 @@ async fn write(
         tokio::select! {
             biased;
             reason = &mut closing => reason.ok().and_then(|r| r.clone()),
-            pumped = std::future::poll_fn(|cx| {
-                let pumped = outlet.pump(&mut outbox, cx);
-                room.taken();
-                pumped
-            }) => match pumped {
+            pumped = std::future::poll_fn(|cx| outlet.pump(&mut outbox, cx)) => match pumped {
                 Pumped::Ended => None,
                 Pumped::Failed => return,
             },
