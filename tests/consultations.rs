@@ -983,3 +983,48 @@ async fn a_hand_over_outside_read_committed_is_refused_with_a_clear_error() {
         .get(0);
     assert_eq!(now, other.user_id);
 }
+
+/// A full presence write (after registering anew) replaces what the instance held: a row it no
+/// longer has (written by an earlier attempt that committed though the relay did not learn it,
+/// for a user who has left since) goes, and the other instances hear that the user left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_presence_write_removes_rows_the_instance_no_longer_has() {
+    let db = TestDb::new().await;
+    let listen = common::connect_to(&db.url).await;
+    let (instance, _) = relay::presence::register(&listen).await.unwrap();
+    let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
+    db.client
+        .execute(
+            "insert into relay.presence (instance, session_id, user_id, role) \
+             values ($1, $2, $3, 'patient')",
+            &[&instance, &session, &user],
+        )
+        .await
+        .unwrap();
+    let presence = relay::presence::Presence::new(relay::hub::Hub::new(16));
+    presence.registered(instance, Vec::new());
+    let pool = relay::server::pool(&db.config()).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(presence.clone().run(pool, stopped));
+    tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            let left: i64 = db
+                .client
+                .query_one(
+                    "select count(*) from relay.presence where instance = $1",
+                    &[&instance],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the row the instance no longer has was never removed");
+    stop.send(true).unwrap();
+    writer.await.unwrap();
+}

@@ -214,7 +214,11 @@ impl Link {
         // Without a writer that signals (a socket of the unit tests), the queue is looked at
         // every ROOM_RECHECK.
         let unsignalled = Room::default();
-        let room = self.direct.as_deref().and_then(Direct::room).unwrap_or(&unsignalled);
+        let room = self
+            .direct
+            .as_deref()
+            .and_then(Direct::room)
+            .unwrap_or(&unsignalled);
         room.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&room.waiting);
         loop {

@@ -239,7 +239,7 @@ impl Listener {
     async fn start_over(&self, position: Cursor, why: &str) -> Result<(), ListenError> {
         tracing::error!(%position, %why,
             "the event log went back; closing every socket and starting from its newest event");
-        self.presence.log_went_back();
+        self.presence.events_lost();
         self.start().await?;
         self.hub.disconnect_all(Close {
             code: close::STATE_LOST,
@@ -312,6 +312,10 @@ impl Listener {
                     reason: "events were lost to retention; resume or refetch".into(),
                 });
                 self.hub.skip(page.horizon);
+                // What presence knew of sessions came from events; some of those are gone.
+                let open = timed(presence::open_sessions(&**client)).await?;
+                self.presence.events_lost();
+                self.presence.open_sessions_loaded(open);
                 continue;
             }
             let more = page.more;

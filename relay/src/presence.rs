@@ -278,9 +278,10 @@ impl Presence {
         self.deliver(outbox);
     }
 
-    /// The event log went back (a restore, a failover): what was learnt of named sessions'
-    /// participants from its events may no longer hold. Read again as sockets name them.
-    pub fn log_went_back(&self) {
+    /// Events were lost to this relay (a log that went back, events pruned before they were
+    /// dispatched): what was learnt of named sessions' participants from events may no longer
+    /// hold. Read again as sockets name them.
+    pub fn events_lost(&self) {
         for named in self.lock().named.values_mut() {
             named.owners = None;
         }
@@ -568,14 +569,17 @@ impl Presence {
             };
             (instance, changes, state.previous.take(), full)
         };
-        if changes.is_empty() && previous.is_none() {
+        // A full write with no rows still replaces what the instance holds.
+        if changes.is_empty() && previous.is_none() && !full {
             return Ok(());
         }
-        let written =
-            tokio::time::timeout(QUERY_TIMEOUT, apply(pool, instance, &changes, previous))
-                .await
-                .map_err(|_| WriteError::Timeout)
-                .and_then(|outcome| outcome);
+        let written = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            apply(pool, instance, &changes, previous, full),
+        )
+        .await
+        .map_err(|_| WriteError::Timeout)
+        .and_then(|outcome| outcome);
         if let Err(e) = written {
             let mut state = self.lock();
             if full {
@@ -589,6 +593,13 @@ impl Presence {
                 state.previous = previous;
             }
             return Err(e);
+        }
+        if let Some(previous) = previous {
+            // Forgotten: a number the database hands out again (after a restore) is another's.
+            let mut state = self.lock();
+            if state.instance != Some(previous) {
+                state.own.remove(&previous);
+            }
         }
         Ok(())
     }
@@ -610,14 +621,17 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Writes changes under `instance`, then forgets `previous`, in one transaction: the others see
-/// the new rows before the old ones go, so no one seems to leave and come back.
+/// the new rows before the old ones go, so no one seems to leave and come back. A `full` write
+/// replaces the instance's rows: those it holds that are not among `changes` go too (an earlier
+/// full write may have committed though it was not known to, and users have left since).
 async fn apply(
     pool: &Pool,
     instance: i64,
     changes: &[Change],
     previous: Option<i64>,
+    full: bool,
 ) -> Result<(), WriteError> {
-    let rows: Vec<serde_json::Value> = changes
+    let mut rows: Vec<serde_json::Value> = changes
         .iter()
         .map(|((session, user), (role, present))| {
             json!({"session_id": session, "user_id": user, "role": role, "present": present})
@@ -625,6 +639,23 @@ async fn apply(
         .collect();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    if full {
+        let held = tx
+            .query(
+                "select session_id, user_id, role from relay.presence where instance = $1",
+                &[&instance],
+            )
+            .await?;
+        let current: HashSet<(Uuid, Uuid)> = changes.iter().map(|(key, _)| *key).collect();
+        for row in held {
+            let key: (Uuid, Uuid) = (row.get(0), row.get(1));
+            if !current.contains(&key) {
+                let role: String = row.get(2);
+                rows.push(json!({"session_id": key.0, "user_id": key.1, "role": role,
+                                 "present": false}));
+            }
+        }
+    }
     let registered: bool = tx
         .query_one(
             "select relay.presence_apply($1, $2)",
@@ -1584,10 +1615,7 @@ mod tests {
         received(&mut p);
         received(&mut d);
         presence.watch(p.id, p.link.clone(), patient, Scope::Session(session));
-        assert_eq!(
-            received(&mut p),
-            [frame(session, &[&patient, &admin], &[])]
-        );
+        assert_eq!(received(&mut p), [frame(session, &[&patient, &admin], &[])]);
         assert!(received(&mut d).is_empty(), "{:?}", received(&mut d));
         assert!(
             pending(&presence).get(&(session, patient.user_id)) != Some(&(Role::Patient, false))
