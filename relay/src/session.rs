@@ -408,7 +408,14 @@ impl Reader {
             }
         };
         if feed == Feed::ConsultationMessages {
-            self.watch_presence(filter).await;
+            if let Err((code, message)) = self.watch_presence(filter).await {
+                // Presence could not be set up: end the subscription, and say why (the client
+                // subscribes again, as after a replay that failed).
+                self.context.hub.unsubscribe(self.id, feed, None);
+                self.context.presence.leave(self.id);
+                self.reply(protocol::error(reference, code, &message));
+                return;
+            }
         }
         if let Some(cursor) = since {
             let view = View {
@@ -430,7 +437,7 @@ impl Reader {
     /// A `consultation_messages` subscription watches presence: of the session its filter names,
     /// or, unfiltered, of every open session of its patient or dentist (admins watch presence only
     /// of a session they name). What it watched before is replaced.
-    async fn watch_presence(&self, filter: Filter) {
+    async fn watch_presence(&self, filter: Filter) -> Result<(), (ErrorCode, String)> {
         let presence = &self.context.presence;
         let (link, principal) = (self.link.clone(), self.principal);
         let Some(session) = filter.session_id else {
@@ -439,11 +446,11 @@ impl Reader {
             } else {
                 presence.watch(self.id, link, principal, Scope::OwnOpenSessions);
             }
-            return;
+            return Ok(());
         };
         presence.watch(self.id, link, principal, Scope::Session(session));
         if principal.role == Role::Admin {
-            return;
+            return Ok(());
         }
         // Presence knows the participants of open sessions, and follows every session named in
         // a filter through its events. For a session it knew nothing of, they are read now that
@@ -451,12 +458,11 @@ impl Reader {
         // committed before the read is in it. Until then the socket is not in the session's
         // presence, so it learns nothing of a session that is no longer its own.
         if presence.knows(session) {
-            return;
+            return Ok(());
         }
-        match self.session_owners(session).await {
-            Ok(owners) => presence.owners_read(session, owners),
-            Err(_) => presence.leave(self.id),
-        }
+        let owners = self.session_owners(session).await?;
+        presence.owners_read(session, owners);
+        Ok(())
     }
 
     /// A session's participants (None: no such session), within the lookup timeout.
