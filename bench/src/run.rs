@@ -197,6 +197,30 @@ async fn relay_histograms_since(
 }
 
 /// Waits until the relay has dispatched every event up to `position`.
+/// Waits until the relay holds no socket: the client processes' are closed.
+async fn sockets_gone(relay: SocketAddr, issuer: &Issuer) -> Result<(), Error> {
+    let admin = Principal {
+        user_id: Uuid::new_v4(),
+        role: Role::Admin,
+    };
+    let token = issuer.issue(&admin, Duration::from_secs(600));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, body)) = get(relay, "/api/realtime/stats", Some(&token)).await {
+            let stats: serde_json::Value = serde_json::from_str(&body)?;
+            if stats["connectedSockets"].as_u64() == Some(0) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(
+                "the relay still held sockets 60 s after the client processes ended".into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn caught_up(relay: SocketAddr, issuer: &Issuer, position: Cursor) -> Result<(), Error> {
     let admin = Principal {
         user_id: Uuid::new_v4(),
@@ -283,7 +307,6 @@ async fn start_clients(
     }
     let me = std::env::current_exe()?;
     let mut clients = Vec::new();
-    let start = Instant::now();
     for (i, chunk) in shares.iter().enumerate() {
         let mut child = Command::new(&me)
             .arg("worker")
@@ -313,17 +336,19 @@ async fn start_clients(
         process.send(&plan).await?;
         clients.push(process);
     }
-    let mut slowest = 0f64;
+    let (mut began, mut ended) = (i64::MAX, i64::MIN);
     for process in &mut clients {
         let ready: Ready = process.receive().await?;
-        slowest = slowest.max(ready.seconds);
+        began = began.min(ready.began_micros);
+        ended = ended.max(ready.ended_micros);
     }
-    let seconds = start.elapsed().as_secs_f64();
+    // From the first socket's connect to the last one's `subscribed`, over every process.
+    let span = (ended - began).max(1) as f64 / 1e6;
     Ok((
         clients,
         Setup {
-            sockets_per_second: members.len() as f64 / slowest.max(1e-9),
-            seconds,
+            sockets_per_second: members.len() as f64 / span,
+            seconds: span,
         },
     ))
 }
@@ -742,16 +767,20 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
     }
     drop(writers);
 
+    // The client processes have reported everything; they hold nothing else. They go before the
+    // replay: its 10,000 events, written in a few large transactions, would otherwise also go live
+    // to every admin's socket at once, overflow their queues and have the relay cut them, and
+    // the replay would be timed on a relay busy with that.
+    for process in &mut clients {
+        let _ = process.child.kill().await;
+    }
     let replay = if options.replay > 0 {
         eprintln!("relay-bench: replay of {} missed events", options.replay);
+        sockets_gone(relay.addr, &issuer).await?;
         Some(replay(&db, relay.addr, &issuer, options.replay).await?)
     } else {
         None
     };
-    // The client processes have reported everything; they hold nothing else.
-    for process in &mut clients {
-        let _ = process.child.kill().await;
-    }
     relay.stop().await;
     Ok(Results {
         machine: machine(),

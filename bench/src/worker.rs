@@ -43,6 +43,11 @@ pub struct Ready {
     pub sockets: usize,
     /// From the first connect to the last `subscribed` reply.
     pub seconds: f64,
+    /// When the first connect began and the last `subscribed` came, in microseconds since the
+    /// epoch: the processes start one after another, so the rate over all of them is taken from
+    /// the earliest start to the latest end.
+    pub began_micros: i64,
+    pub ended_micros: i64,
 }
 
 /// The answer to `reset` and `mark`, once done.
@@ -309,6 +314,7 @@ pub async fn run() -> Result<(), Error> {
     let stats: Shared = Arc::new(Mutex::new(Stats::new()));
 
     let start = Instant::now();
+    let began_micros = crate::system::now_micros();
     let plan = Arc::new(plan);
     let opened: Vec<Result<Socket, Error>> = futures::stream::iter(0..plan.sockets.len())
         .map(|i| {
@@ -319,12 +325,19 @@ pub async fn run() -> Result<(), Error> {
         .collect()
         .await;
     let seconds = start.elapsed().as_secs_f64();
+    let ended_micros = crate::system::now_micros();
     let mut sockets = 0;
     for socket in opened {
         tokio::spawn(read(socket?, stats.clone()));
         sockets += 1;
     }
-    say(&mut out, &Ready { sockets, seconds }).await?;
+    let ready = Ready {
+        sockets,
+        seconds,
+        began_micros,
+        ended_micros,
+    };
+    say(&mut out, &ready).await?;
 
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str::<Command>(&line)? {

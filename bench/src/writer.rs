@@ -62,7 +62,9 @@ pub struct Writer {
     statements: Statements,
     cast: Arc<Cast>,
     rng: Rng,
-    booked: Vec<(Uuid, Uuid)>,
+    /// Appointments this writer booked and has not deleted: id, dentist, status (none: the
+    /// table's default).
+    booked: Vec<(Uuid, Uuid, Option<&'static str>)>,
     acknowledged: Vec<(u64, i64)>,
 }
 
@@ -152,7 +154,7 @@ impl Writer {
         );
         let book = self.statements.book.clone();
         self.commit(&book, &[&id, &patient, &dentist]).await?;
-        self.booked.push((id, dentist));
+        self.booked.push((id, dentist, None));
         Ok(())
     }
 
@@ -166,20 +168,31 @@ impl Writer {
         match self.rng.below(100) {
             0..=54 => return self.book().await,
             55..=69 => {
-                let (id, _) = self.booked[self.rng.below(self.booked.len())];
-                let status = STATUSES[self.rng.below(STATUSES.len())];
+                // Always another status: a change that changes nothing commits without an event.
+                let slot = self.rng.below(self.booked.len());
+                let (id, _, current) = self.booked[slot];
+                let others: Vec<&'static str> = STATUSES
+                    .into_iter()
+                    .filter(|s| Some(*s) != current)
+                    .collect();
+                let status = others[self.rng.below(others.len())];
                 self.commit(&s.set_status, &[&id, &status]).await?;
+                self.booked[slot].2 = Some(status);
             }
             70..=79 => {
+                // Always another dentist, for the same reason.
                 let slot = self.rng.below(self.booked.len());
-                let dentist = pick(&mut self.rng, &cast.dentists);
-                let id = self.booked[slot].0;
+                let (id, current, _) = self.booked[slot];
+                let mut dentist = pick(&mut self.rng, &cast.dentists);
+                while dentist == current && cast.dentists.len() > 1 {
+                    dentist = pick(&mut self.rng, &cast.dentists);
+                }
                 self.commit(&s.reassign, &[&id, &dentist]).await?;
                 self.booked[slot].1 = dentist;
             }
             80..=84 => {
                 let slot = self.rng.below(self.booked.len());
-                let (id, _) = self.booked.swap_remove(slot);
+                let (id, _, _) = self.booked.swap_remove(slot);
                 self.commit(&s.delete, &[&id]).await?;
             }
             85..=89 => {

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -323,7 +323,7 @@ impl Listener {
                 match event {
                     // A page of the log: more events are waiting behind each one.
                     Ok(event) => {
-                        self.dispatch(&event, Writes::Queued).await;
+                        self.dispatch(&event, Writes::Queued, None).await;
                     }
                     Err(cause) => {
                         self.hub.skip_malformed(&cause);
@@ -338,7 +338,14 @@ impl Listener {
     }
 
     /// Hands an event to the hub, and to presence (which follows sessions changing hands).
-    async fn dispatch(&self, event: &event::Event, writes: Writes) -> usize {
+    /// `arrived`: when its notification was read from the connection (none for one read from the
+    /// log, which counts as received when dispatched).
+    async fn dispatch(
+        &self,
+        event: &event::Event,
+        writes: Writes,
+        arrived: Option<SystemTime>,
+    ) -> usize {
         // With `Writes::Direct` the hub writes most frames straight to their sockets.
         // Unconstrained, so that those writes do not spend this task's cooperative budget: a
         // socket write refused for want of budget would be handed to the socket's writer instead,
@@ -348,11 +355,11 @@ impl Listener {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some((event.id, event.at.clone()));
-        let received = std::time::SystemTime::now();
+        let received = arrived.unwrap_or_else(SystemTime::now);
         let delivered =
             tokio::task::unconstrained(async { self.hub.dispatch_with(event, writes) }).await;
         self.metrics
-            .dispatched(&event.at, received, std::time::SystemTime::now());
+            .dispatched(&event.at, received, SystemTime::now());
         self.presence.observe(event);
         delivered
     }
@@ -366,17 +373,13 @@ impl Listener {
         }
     }
 
-    async fn handle_messages(
-        &self,
-        client: &Client,
-        messages: &mut mpsc::Receiver<Result<AsyncMessage, tokio_postgres::Error>>,
-    ) -> ListenError {
+    async fn handle_messages(&self, client: &Client, messages: &mut Messages) -> ListenError {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
         loop {
             tokio::select! {
                 message = messages.recv() => match message {
-                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == event::CHANNEL => {
+                    Some((Ok(AsyncMessage::Notification(n)), arrived)) if n.channel() == event::CHANNEL => {
                         // The dispatch writes an event's frames itself while nothing waits behind
                         // it. Once notifications queue up, each event's writes go to the sockets'
                         // writers, on every runtime thread, so that the backlog clears in
@@ -386,17 +389,17 @@ impl Listener {
                         } else {
                             Writes::Queued
                         };
-                        if let Err(e) = self.handle(n.payload(), writes).await {
+                        if let Err(e) = self.handle(n.payload(), writes, arrived).await {
                             return e;
                         }
                         heartbeat.reset();
                     }
-                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == presence::CHANNEL => {
+                    Some((Ok(AsyncMessage::Notification(n)), _)) if n.channel() == presence::CHANNEL => {
                         self.presence.notified(n.payload());
                         heartbeat.reset();
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return e.into(),
+                    Some((Ok(_), _)) => {}
+                    Some((Err(e), _)) => return e.into(),
                     None => return ListenError::Closed,
                 },
                 _ = heartbeat.tick() => {
@@ -414,11 +417,16 @@ impl Listener {
     /// its ids, or a notification no trigger sent), the log says what really committed. An event
     /// too large for NOTIFY, or a payload that cannot be decoded, is read from the log too, with
     /// everything before it.
-    async fn handle(&self, payload: &str, writes: Writes) -> Result<(), ListenError> {
+    async fn handle(
+        &self,
+        payload: &str,
+        writes: Writes,
+        arrived: SystemTime,
+    ) -> Result<(), ListenError> {
         let position = self.hub.position().unwrap_or_default();
         match Payload::decode(payload) {
             Ok(Payload::Inline(event)) if position.0.checked_add(1) == Some(event.id) => {
-                let delivered = self.dispatch(&event, writes).await;
+                let delivered = self.dispatch(&event, writes, Some(arrived)).await;
                 tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
             }
@@ -452,7 +460,8 @@ async fn timed<T>(
     }
 }
 
-type Messages = mpsc::Receiver<Result<AsyncMessage, tokio_postgres::Error>>;
+/// What the LISTEN connection brings, each with when it was read from the connection.
+type Messages = mpsc::Receiver<(Result<AsyncMessage, tokio_postgres::Error>, SystemTime)>;
 
 /// Opens the LISTEN connection. Its driver runs in its own task and forwards every message,
 /// so that notifications are collected before LISTEN is even sent.
@@ -467,7 +476,9 @@ async fn connect(
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             let failed = message.is_err();
-            if tx.send(message).await.is_err() || failed {
+            // Timed here, so that the time an event waits behind earlier ones' dispatch counts
+            // as the relay's, not as the database's.
+            if tx.send((message, SystemTime::now())).await.is_err() || failed {
                 break;
             }
         }
