@@ -196,9 +196,14 @@ async fn relay_histograms_since(
     }
 }
 
-/// Waits until the relay has dispatched every event up to `position`.
-/// Waits until the relay holds no socket: the client processes' are closed.
-async fn sockets_gone(relay: SocketAddr, issuer: &Issuer) -> Result<(), Error> {
+/// Polls the relay's stats (as an admin) until `done` says so, for at most a minute; `what` names
+/// the wait in the error.
+async fn stats_until(
+    relay: SocketAddr,
+    issuer: &Issuer,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(), Error> {
     let admin = Principal {
         user_id: Uuid::new_v4(),
         role: Role::Admin,
@@ -207,40 +212,37 @@ async fn sockets_gone(relay: SocketAddr, issuer: &Issuer) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((200, body)) = get(relay, "/api/realtime/stats", Some(&token)).await {
-            let stats: serde_json::Value = serde_json::from_str(&body)?;
-            if stats["connectedSockets"].as_u64() == Some(0) {
+            if done(&serde_json::from_str(&body)?) {
                 return Ok(());
             }
         }
         if Instant::now() > deadline {
-            return Err(
-                "the relay still held sockets 60 s after the client processes ended".into(),
-            );
+            return Err(format!("{what} within 60 s").into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Waits until the relay holds no socket: the client processes' are closed.
+async fn sockets_gone(relay: SocketAddr, issuer: &Issuer) -> Result<(), Error> {
+    stats_until(relay, issuer, "the relay still held sockets", |stats| {
+        stats["connectedSockets"].as_u64() == Some(0)
+    })
+    .await
+}
+
+/// Waits until the relay has dispatched every event up to `position`.
 async fn caught_up(relay: SocketAddr, issuer: &Issuer, position: Cursor) -> Result<(), Error> {
-    let admin = Principal {
-        user_id: Uuid::new_v4(),
-        role: Role::Admin,
-    };
-    let token = issuer.issue(&admin, Duration::from_secs(600));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((200, body)) = get(relay, "/api/realtime/stats", Some(&token)).await {
-            let stats: serde_json::Value = serde_json::from_str(&body)?;
+    stats_until(
+        relay,
+        issuer,
+        "the relay did not catch up with the log",
+        |stats| {
             let at: Option<i64> = stats["position"].as_str().and_then(|p| p.parse().ok());
-            if at.is_some_and(|at| at >= position.0) {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err("the relay did not catch up with the log within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            at.is_some_and(|at| at >= position.0)
+        },
+    )
+    .await
 }
 
 /// Creates the run's database and migrates it.

@@ -87,15 +87,7 @@ const seconds = () => Math.floor(Date.now() / 1000);
 
 /** A client whose first connection the relay has accepted. */
 async function accepted(options: Partial<ConnectOptions> = {}): Promise<RelayClient> {
-  const client = connect({
-    url: "ws://relay/ws",
-    token: jwt({ exp: seconds() + 3600 }),
-    WebSocket: Socket,
-    initialBackoffMs: 10,
-    maxBackoffMs: 10,
-    ...options,
-  });
-  await vi.advanceTimersByTimeAsync(0);
+  const client = await connecting(options);
   latest().accept();
   return client;
 }
