@@ -140,7 +140,12 @@ impl Outlet {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return Poll::Ready(Pumped::Failed),
                 // The client is not reading: wait until the socket takes more.
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if taken > 0 {
+                        self.room.taken();
+                    }
+                    return Poll::Pending;
+                }
             }
             match outbox.poll_recv(cx) {
                 Poll::Ready(Some(frame)) => {
@@ -159,15 +164,16 @@ impl Outlet {
                 Poll::Pending => break false,
             }
         };
+        // Room in the queue, whether or not the socket takes the frames at once.
+        if taken > 0 {
+            self.room.taken();
+        }
         if state.unflushed {
             match socket.as_mut().poll_flush(cx) {
                 Poll::Ready(Ok(())) => state.unflushed = false,
                 Poll::Ready(Err(_)) => return Poll::Ready(Pumped::Failed),
                 Poll::Pending => return Poll::Pending,
             }
-        }
-        if taken > 0 {
-            self.room.taken();
         }
         if ended {
             return Poll::Ready(Pumped::Ended);
