@@ -464,6 +464,8 @@ async fn phase(
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
     let cpu = system::cpu_time(context.relay_pid).unwrap_or_default() - cpu_before;
     let clients_cpu = clients_cpu(clients).saturating_sub(clients_cpu_before);
+    // The span the CPU times cover; not the reading of the histograms below.
+    let elapsed = start.elapsed().as_secs_f64();
     let histograms = match &histograms_before {
         Some(before) => {
             relay_histograms_since(context.relay_addr, before, expected.len() as u64).await
@@ -472,7 +474,6 @@ async fn phase(
     };
     let relay_received_ms = histograms.as_ref().and_then(|h| h.received.percentiles());
     let relay_queued_ms = histograms.as_ref().and_then(|h| h.queued.percentiles());
-    let elapsed = start.elapsed().as_secs_f64();
     let mut latency = worker::latency_histogram();
     let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
     for report in &reports {

@@ -1,5 +1,5 @@
-//! The benchmark's `--quick` run, so the tool never rots: a fresh database, a real relay process,
-//! a few hundred real sockets from two client processes, every phase. Figures are reported, not
+//! The benchmark's `--quick` run, in both workloads, so the tool never rots: a fresh database, a
+//! real relay process, a few hundred real sockets from two client processes, every phase. Figures are reported, not
 //! asserted; what must hold is that the run completes, accounts for every delivery with nothing
 //! lost or extra, and writes its three results.
 
@@ -7,13 +7,22 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
-fn a_quick_run_completes_and_loses_nothing() {
+fn a_quick_run_of_the_role_mix_completes_and_loses_nothing() {
+    quick_run("mix");
+}
+
+#[test]
+fn a_quick_run_of_the_fan_out_completes_and_loses_nothing() {
+    quick_run("fanout");
+}
+
+fn quick_run(mode: &str) {
     let bench = Path::new(env!("CARGO_BIN_EXE_relay-bench"));
     // `cargo test --workspace` builds the relay binary beside this one.
     let relay = bench.with_file_name("relay");
-    let out = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("relay-bench-{mode}-{}", std::process::id()));
     let status = Command::new(bench)
-        .args(["--quick", "--relay-bin"])
+        .args(["--quick", "--mode", mode, "--relay-bin"])
         .arg(&relay)
         .arg("--out")
         .arg(&out)
