@@ -271,7 +271,6 @@ async fn a_relay_process_reports_metrics_and_writes_json_logs_without_tokens() {
     assert!(socket_lines > 0, "no line in the socket's span:\n{log}");
 }
 
-/// A GET whose body is text.
 /// An empty `RUST_LOG` would switch every log line off, errors included: like any other empty
 /// setting, it stops the relay at start with a line that names it.
 #[test]
@@ -477,6 +476,7 @@ fn run_relay(command: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, 
     (output.status, printed)
 }
 
+/// A GET whose body is text.
 async fn http_text(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
