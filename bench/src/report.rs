@@ -188,23 +188,25 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | events/s | deliveries/s | of ceiling | lost | extra | within run | p50 | p90 | p99 | p99.9 | max | relay CPU | cores per 100k deliveries/s |"
+            "\n| phase | events/s | deliveries/s | of ceiling | lost | extra | sockets wrong | within run | p50 | p90 | p99 | p99.9 | max | relay CPU | cores per 100k deliveries/s |"
         );
         let _ = writeln!(
             out,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let l = &p.latency_ms;
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.0} % | {} | {} | {:.2} % | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.1} ms | {:.0} % | {:.2} |",
+                "| {} | {:.0} | {:.0} | {:.0} % | {} | {} | {} of {} | {:.2} % | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.1} ms | {:.0} % | {:.2} |",
                 p.name,
                 p.events_per_second,
                 p.deliveries_per_second,
                 p.ratio_to_ceiling * 100.0,
                 p.accounting.lost,
                 p.accounting.extra,
+                p.accounting.sockets_wrong,
+                p.accounting.sockets_checked,
                 p.delivered_within_run * 100.0,
                 l.p50,
                 l.p90,

@@ -407,6 +407,36 @@ fn merged(reports: &[Report]) -> HashMap<i64, u64> {
     per_event
 }
 
+/// The events in `(after, upto]` each socket received, indexed like [`Cast::members`]: the
+/// sockets were dealt out in turn, so process `p`'s `j`-th socket is member `j × processes + p`.
+async fn received_per_socket(
+    clients: &mut [Clients],
+    after: Cursor,
+    upto: Cursor,
+) -> Result<Vec<Option<expect::Digest>>, Error> {
+    let processes = clients.len();
+    broadcast(
+        clients,
+        worker::Command::PerSocket {
+            after: after.0,
+            upto: upto.0,
+        },
+    )
+    .await?;
+    let mut sockets = Vec::new();
+    for (p, process) in clients.iter_mut().enumerate() {
+        let answer: worker::PerSocket = process.receive().await?;
+        for (j, digest) in answer.sockets.into_iter().enumerate() {
+            let member = j * processes + p;
+            if sockets.len() <= member {
+                sockets.resize(member + 1, None);
+            }
+            sockets[member] = Some(digest);
+        }
+    }
+    Ok(sockets)
+}
+
 /// Sends a command to every client process and waits until each has carried it out.
 async fn command(clients: &mut [Clients], command: worker::Command) -> Result<(), Error> {
     broadcast(clients, command).await?;
@@ -459,6 +489,7 @@ async fn phase(
     let expect::Expected {
         deliveries: expected,
         xids,
+        per_socket,
     } = expect::expected(context.db, context.audience, before, after).await?;
     let reports = drain(clients, &expected).await?;
     // The relay's CPU over the phase, including the drain: all the work the phase's events cost.
@@ -482,7 +513,11 @@ async fn phase(
         out_of_order += report.out_of_order;
         closed += report.closed;
     }
-    let accounting = expect::account(&expected, &merged(&reports));
+    let mut accounting = expect::account(&expected, &merged(&reports));
+    (accounting.sockets_checked, accounting.sockets_wrong) = expect::compare_sockets(
+        &per_socket,
+        &received_per_socket(clients, before, after).await?,
+    );
     let (latency_from_acknowledgement_ms, arrived_before_acknowledgement, acknowledged_events) =
         measured_from(clients, acknowledgements(&xids, &written.acknowledged)).await?;
     let from_commit_timestamp = match commit_timestamps(context.db, before, after).await? {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::expect::Digest;
 use crate::Error;
 
 /// What one client process does.
@@ -69,6 +70,18 @@ pub enum Command {
     Acknowledged {
         commits: Vec<(i64, i64)>,
     },
+    /// The events with ids in `(after, upto]` each socket received, as one digest per socket in
+    /// the plan's order. Answered with [`PerSocket`].
+    PerSocket {
+        after: i64,
+        upto: i64,
+    },
+}
+
+/// The answer to [`Command::PerSocket`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PerSocket {
+    pub sockets: Vec<Digest>,
 }
 
 /// Latency measured from the writer's commit acknowledgement instead of the event's `at`, over
@@ -100,8 +113,9 @@ pub struct Report {
 struct Stats {
     latency: Histogram<u64>,
     per_event: HashMap<i64, u32>,
-    /// Every delivery: (event id, arrival in microseconds since the epoch).
-    arrivals: Vec<(i64, i64)>,
+    /// Every delivery: (event id, arrival in microseconds since the epoch, the socket's place
+    /// in the plan).
+    arrivals: Vec<(i64, i64, u32)>,
     deliveries: u64,
     at_mark: u64,
     out_of_order: u64,
@@ -156,7 +170,7 @@ impl Stats {
         let commits: HashMap<i64, i64> = commits.iter().copied().collect();
         let mut latency = latency_histogram();
         let mut early = 0;
-        for (id, arrived) in &self.arrivals {
+        for (id, arrived, _) in &self.arrivals {
             let Some(committed) = commits.get(id) else {
                 continue;
             };
@@ -170,6 +184,18 @@ impl Stats {
             latency_us: recorded(&latency),
             early,
         }
+    }
+
+    fn per_socket(&self, sockets: usize, after: i64, upto: i64) -> PerSocket {
+        let mut digests = vec![Digest::default(); sockets];
+        for (id, _, socket) in &self.arrivals {
+            if (after + 1..=upto).contains(id) {
+                if let Some(digest) = digests.get_mut(*socket as usize) {
+                    digest.add(*id);
+                }
+            }
+        }
+        PerSocket { sockets: digests }
     }
 }
 
@@ -266,7 +292,7 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
 }
 
 /// Reads one socket's frames until it closes, recording each event.
-async fn read(mut ws: Socket, stats: Shared) {
+async fn read(mut ws: Socket, stats: Shared, socket: u32) {
     let mut last_id = 0i64;
     while let Some(message) = ws.next().await {
         let Ok(Message::Text(text)) = message else {
@@ -287,7 +313,7 @@ async fn read(mut ws: Socket, stats: Shared) {
         }
         last_id = id;
         *stats.per_event.entry(id).or_default() += 1;
-        stats.arrivals.push((id, arrived as i64));
+        stats.arrivals.push((id, arrived as i64, socket));
         if let Some(latency) = latency {
             stats.latency.saturating_record(latency);
         }
@@ -316,10 +342,11 @@ pub async fn run() -> Result<(), Error> {
     let start = Instant::now();
     let began_micros = crate::system::now_micros();
     let plan = Arc::new(plan);
-    let opened: Vec<Result<Socket, Error>> = futures::stream::iter(0..plan.sockets.len())
+    // Opened in any order; each keeps its place in the plan, which names it in the accounting.
+    let opened: Vec<(usize, Result<Socket, Error>)> = futures::stream::iter(0..plan.sockets.len())
         .map(|i| {
             let plan = plan.clone();
-            async move { open(&plan, &plan.sockets[i]).await }
+            async move { (i, open(&plan, &plan.sockets[i]).await) }
         })
         .buffer_unordered(plan.concurrency.max(1))
         .collect()
@@ -327,8 +354,8 @@ pub async fn run() -> Result<(), Error> {
     let seconds = start.elapsed().as_secs_f64();
     let ended_micros = crate::system::now_micros();
     let mut sockets = 0;
-    for socket in opened {
-        tokio::spawn(read(socket?, stats.clone()));
+    for (place, socket) in opened {
+        tokio::spawn(read(socket?, stats.clone(), place as u32));
         sockets += 1;
     }
     let ready = Ready {
@@ -364,6 +391,10 @@ pub async fn run() -> Result<(), Error> {
                 let answer = lock(&stats).since_acknowledgements(&commits);
                 say(&mut out, &answer).await?;
             }
+            Command::PerSocket { after, upto } => {
+                let answer = lock(&stats).per_socket(plan.sockets.len(), after, upto);
+                say(&mut out, &answer).await?;
+            }
         }
     }
     Ok(())
@@ -378,7 +409,7 @@ mod tests {
         let mut stats = Stats::new();
         // Event 1 acknowledged at 1,000 µs: deliveries at 1,500 and 900 (before the
         // acknowledgement reached the writer). Event 2 has no acknowledgement and is left out.
-        stats.arrivals = vec![(1, 1_500), (1, 900), (2, 5_000)];
+        stats.arrivals = vec![(1, 1_500, 0), (1, 900, 1), (2, 5_000, 0)];
         let answer = stats.since_acknowledgements(&[(1, 1_000)]);
         assert_eq!(answer.early, 1);
         let recorded: u64 = answer.latency_us.iter().map(|(_, n)| n).sum();

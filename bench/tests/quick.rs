@@ -40,6 +40,9 @@ fn quick_run(mode: &str) {
         assert_eq!(accounting["lost"], 0, "{phase}");
         assert_eq!(accounting["extra"], 0, "{phase}");
         assert_eq!(accounting["expected"], accounting["received"], "{phase}");
+        // Every socket got exactly its own events.
+        assert_eq!(accounting["sockets_checked"], results["sockets"], "{phase}");
+        assert_eq!(accounting["sockets_wrong"], 0, "{phase}");
         assert_eq!(phase["out_of_order"], 0, "{phase}");
         assert_eq!(phase["closed_sockets"], 0, "{phase}");
         // Measured from the writers' acknowledgements too: never later than from `at`, which
