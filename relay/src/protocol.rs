@@ -141,6 +141,9 @@ pub enum ErrorCode {
     InvalidBody,
     /// A `send` whose `client_id` was already used for another message.
     Conflict,
+    /// A history request while the same user's earlier ones hold all of the user's share of the
+    /// database pool (HTTP 429).
+    TooManyRequests,
 }
 
 impl ErrorCode {
@@ -161,6 +164,7 @@ impl ErrorCode {
             ErrorCode::SessionEnded => "session_ended",
             ErrorCode::InvalidBody => "invalid_body",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::TooManyRequests => "too_many_requests",
         }
     }
 }
@@ -200,6 +204,23 @@ impl FrameError {
     }
 }
 
+/// The longest `ref` a frame may carry. Every reply echoes it, and a socket's queue holds up to
+/// `RELAY_SOCKET_QUEUE` replies: a client that sends long refs and reads nothing must not make
+/// the relay hold its frames many times over.
+pub const MAX_REF_BYTES: usize = 128;
+
+/// The most of a client's value an error message quotes, in characters.
+const SHOWN_CHARS: usize = 64;
+
+/// A client's value as an error message quotes it: cut to [`SHOWN_CHARS`] characters, with `…`
+/// when cut, so that a reply is never much larger than the request's meaningful part.
+fn shown(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}…", &value[..cut]).into(),
+        None => value.into(),
+    }
+}
+
 impl ClientFrame {
     /// Parses one text frame.
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
@@ -213,7 +234,13 @@ impl ClientFrame {
         };
         let reference = match object.remove("ref") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
+            Some(Value::String(s)) if s.len() <= MAX_REF_BYTES => Some(s),
+            Some(Value::String(_)) => {
+                return Err(bad(
+                    None,
+                    format!("`ref` is longer than {MAX_REF_BYTES} bytes"),
+                ))
+            }
             Some(_) => return Err(bad(None, "`ref` must be a string".into())),
         };
         let kind = match object.remove("type") {
@@ -240,8 +267,10 @@ impl ClientFrame {
             "ping" => ClientFrame::Ping {
                 reference: reference.clone(),
             },
+            // An empty token is a malformed one: refused with `invalid_token` when verified, as
+            // over HTTP.
             "auth" => match object.remove("access_token") {
-                Some(Value::String(token)) if !token.is_empty() => ClientFrame::Auth {
+                Some(Value::String(token)) => ClientFrame::Auth {
                     reference: reference.clone(),
                     token: RawToken(token),
                 },
@@ -270,15 +299,16 @@ impl ClientFrame {
                 return Err(bad(
                     reference,
                     format!(
-                    "unknown type {other:?}: expected subscribe, unsubscribe, ping, auth or send"
-                ),
+                        "unknown type {:?}: expected subscribe, unsubscribe, ping, auth or send",
+                        shown(other)
+                    ),
                 ))
             }
         };
         if let Some(field) = object.keys().next() {
             return Err(bad(
                 reference,
-                format!("unknown field `{field}` in a {kind} frame"),
+                format!("unknown field `{}` in a {} frame", shown(field), kind),
             ));
         }
         Ok(frame)
@@ -295,8 +325,9 @@ fn take_feed(
                 reference.clone(),
                 ErrorCode::UnknownFeed,
                 format!(
-                    "unknown feed {name:?}: expected one of appointments, availability, \
-                     consultation_sessions, consultation_messages"
+                    "unknown feed {:?}: expected one of appointments, availability, \
+                     consultation_sessions, consultation_messages",
+                    shown(&name)
                 ),
             )
         }),
@@ -372,14 +403,15 @@ fn take_filter(
     let session_id = match filter.remove("session_id") {
         Some(Value::String(s)) => Some(
             Uuid::parse_str(&s)
-                .map_err(|_| bad(format!("filter.session_id {s:?} is not a uuid")))?,
+                .map_err(|_| bad(format!("filter.session_id {:?} is not a uuid", shown(&s))))?,
         ),
         Some(Value::Null) | None => None,
         Some(_) => return Err(bad("filter.session_id must be a uuid string".into())),
     };
     if let Some(field) = filter.keys().next() {
         return Err(bad(format!(
-            "unknown filter field `{field}`: consultation_messages filters by session_id only"
+            "unknown filter field `{}`: consultation_messages filters by session_id only",
+            shown(field)
         )));
     }
     Ok(Filter { session_id })
@@ -681,6 +713,39 @@ mod tests {
                 ErrorCode::BadRequest
             );
         }
+    }
+
+    #[test]
+    fn replies_never_echo_much_more_than_the_frame_means() {
+        // A ref at the limit is echoed; one byte over is refused, without the echo.
+        let at_limit = "r".repeat(MAX_REF_BYTES);
+        let err = parse(json!({"ref": at_limit, "type": "nope"})).unwrap_err();
+        assert_eq!(err.reference.as_deref(), Some(at_limit.as_str()));
+        let over = "r".repeat(MAX_REF_BYTES + 1);
+        let err = parse(json!({"ref": over, "type": "ping"})).unwrap_err();
+        assert_eq!((err.code, err.reference), (ErrorCode::BadRequest, None));
+        assert!(
+            err.message.contains("`ref` is longer than 128 bytes"),
+            "{}",
+            err.message
+        );
+        // Long values named in a refusal are cut: type, field, feed, filter and its fields.
+        let long = "\"x".repeat(20_000);
+        let cases = [
+            json!({"type": long}),
+            json!({"type": "ping", long.clone(): 1}),
+            json!({"type": "subscribe", "feed": long}),
+            json!({"type": "subscribe", "feed": "consultation_messages", "filter": {"session_id": long}}),
+            json!({"type": "subscribe", "feed": "consultation_messages", "filter": {long.clone(): 1}}),
+        ];
+        for value in cases {
+            let err = parse(value.clone()).unwrap_err();
+            assert!(err.to_frame().len() < 512, "{}", err.message);
+            assert!(err.message.contains('…'), "{}", err.message);
+        }
+        // Short values are quoted whole.
+        let err = parse(json!({"type": "subscribe", "feed": "appointmentz"})).unwrap_err();
+        assert!(err.message.contains(r#""appointmentz""#), "{}", err.message);
     }
 
     #[test]
