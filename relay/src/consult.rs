@@ -10,20 +10,16 @@
 //! higher one: a client that subscribes with `since` set to it gets exactly what the history
 //! lacks, with no gap and no duplicate.
 
-use std::time::Duration;
-
-use deadpool_postgres::Pool;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use crate::authz::{self, Feed, Owners, Principal, Role};
+use crate::db::{self, ClientPool};
 use crate::log;
 use crate::protocol::ErrorCode;
 
-/// How long a send or a history read may take.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages per history page when the request names no limit, and the most it may name.
 pub const DEFAULT_PAGE: i64 = 50;
 pub const MAX_PAGE: i64 = 200;
@@ -103,7 +99,7 @@ fn claims(principal: &Principal) -> String {
 /// Sends a message as `principal`; returns its id. A retry with the same `client_id` returns the
 /// same id and creates nothing.
 pub async fn send(
-    pool: &Pool,
+    db: &ClientPool,
     principal: &Principal,
     session_id: Uuid,
     body: &str,
@@ -116,31 +112,37 @@ pub async fn send(
             "a message body may not contain NUL characters",
         ));
     }
-    let work = async {
-        let mut client = pool.get().await.map_err(|e| Refusal::unavailable(&e))?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| Refusal::unavailable(&e))?;
-        tx.execute(
-            "select set_config('request.jwt.claims', $1, true)",
-            &[&claims(principal)],
-        )
+    let (_share, client) = db
+        .get(principal.user_id)
         .await
         .map_err(|e| Refusal::unavailable(&e))?;
-        let row = tx
-            .query_one(
-                "select id from public.send_consultation_message($1, $2, $3)",
-                &[&session_id, &body, &client_id],
+    let claims = claims(principal);
+    let body = body.to_string();
+    let outcome = db::bounded(client, move |client| {
+        Box::pin(async move {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| Refusal::unavailable(&e))?;
+            tx.execute(
+                "select set_config('request.jwt.claims', $1, true)",
+                &[&claims],
             )
             .await
-            .map_err(refusal_of)?;
-        tx.commit().await.map_err(|e| Refusal::unavailable(&e))?;
-        Ok(row.get(0))
-    };
-    tokio::time::timeout(QUERY_TIMEOUT, work)
-        .await
-        .map_err(|e| Refusal::unavailable(&e))?
+            .map_err(|e| Refusal::unavailable(&e))?;
+            let row = tx
+                .query_one(
+                    "select id from public.send_consultation_message($1, $2, $3)",
+                    &[&session_id, &body, &client_id],
+                )
+                .await
+                .map_err(refusal_of)?;
+            tx.commit().await.map_err(|e| Refusal::unavailable(&e))?;
+            Ok(row.get(0))
+        })
+    })
+    .await;
+    outcome.map_err(|e| Refusal::unavailable(&e))?
 }
 
 /// Where a history page ends: before this message (by id), or before a position given by an
@@ -195,67 +197,84 @@ pub struct History {
 /// Reads up to `limit` messages of a session before `before`, if `principal` may read the
 /// session's messages (by the same rule as the feed).
 pub async fn history(
-    pool: &Pool,
+    db: &ClientPool,
     principal: &Principal,
     session_id: Uuid,
     limit: i64,
     before: Option<Before>,
 ) -> Result<History, Refusal> {
-    let work = async {
-        let mut client = pool.get().await.map_err(|e| Refusal::unavailable(&e))?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(|e| Refusal::unavailable(&e))?;
-        let unavailable = |e: tokio_postgres::Error| Refusal::unavailable(&e);
-        // The first query takes the snapshot every later one reads.
-        let position = log::position(&*tx).await.map_err(unavailable)?;
-        let session = owners(&*tx, session_id).await.map_err(unavailable)?;
-        // As for a subscription's filter, a session that does not exist and one that is someone
-        // else's look the same; only admins, who may read every session, learn which it is.
-        match session {
-            Some(owners) if authz::may_see(principal, Feed::ConsultationMessages, &owners) => {}
-            None if principal.role == Role::Admin => {
-                return Err(Refusal::new(
-                    ErrorCode::NotFound,
-                    format!("session {session_id} does not exist"),
-                ))
+    // A request waits for one of its user's shares of the pool as long as a query may take,
+    // then is refused: many requests at once from one user queue behind each other, not in
+    // front of other users'.
+    let share = tokio::time::timeout(db::QUERY_TIMEOUT, db.share(principal.user_id))
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "this user already has {} requests at work; wait for them, then try again",
+                    db.per_user()
+                ),
+            )
+        })?;
+    let client = db.pool.get().await.map_err(|e| Refusal::unavailable(&e))?;
+    let principal = *principal;
+    let outcome = db::bounded(client, move |client| {
+        Box::pin(async move {
+            let tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| Refusal::unavailable(&e))?;
+            let unavailable = |e: tokio_postgres::Error| Refusal::unavailable(&e);
+            // The first query takes the snapshot every later one reads.
+            let position = log::position(&*tx).await.map_err(unavailable)?;
+            let session = owners(&*tx, session_id).await.map_err(unavailable)?;
+            // As for a subscription's filter, a session that does not exist and one that is someone
+            // else's look the same; only admins, who may read every session, learn which it is.
+            match session {
+                Some(owners) if authz::may_see(&principal, Feed::ConsultationMessages, &owners) => {
+                }
+                None if principal.role == Role::Admin => {
+                    return Err(Refusal::new(
+                        ErrorCode::NotFound,
+                        format!("session {session_id} does not exist"),
+                    ))
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        format!("session {session_id} is not one of yours"),
+                    ))
+                }
             }
-            _ => {
-                return Err(Refusal::new(
-                    ErrorCode::Forbidden,
-                    format!("session {session_id} is not one of yours"),
-                ))
-            }
-        }
-        let key = match before {
-            None => None,
-            Some(Before::Key(micros, id)) => Some((micros, id)),
-            Some(Before::Message(id)) => {
-                let row = tx
-                    .query_opt(
-                        "select (extract(epoch from created_at) * 1000000)::bigint \
+            let key = match before {
+                None => None,
+                Some(Before::Key(micros, id)) => Some((micros, id)),
+                Some(Before::Message(id)) => {
+                    let row = tx
+                        .query_opt(
+                            "select (extract(epoch from created_at) * 1000000)::bigint \
                          from public.consultation_messages where id = $1 and session_id = $2",
-                        &[&id, &session_id],
-                    )
-                    .await
-                    .map_err(unavailable)?
-                    .ok_or_else(|| {
-                        Refusal::new(
-                            ErrorCode::BadRequest,
-                            format!(
-                                "`before` names no message of session {session_id}; pass the \
-                                 `next_before` of the previous page"
-                            ),
+                            &[&id, &session_id],
                         )
-                    })?;
-                Some((row.get(0), id))
-            }
-        };
-        let rows = tx
+                        .await
+                        .map_err(unavailable)?
+                        .ok_or_else(|| {
+                            Refusal::new(
+                                ErrorCode::BadRequest,
+                                format!(
+                                    "`before` names no message of session {session_id}; pass the \
+                                 `next_before` of the previous page"
+                                ),
+                            )
+                        })?;
+                    Some((row.get(0), id))
+                }
+            };
+            let rows = tx
             .query(
                 "select to_jsonb(m), (extract(epoch from m.created_at) * 1000000)::bigint, m.id \
                  from public.consultation_messages m \
@@ -273,23 +292,24 @@ pub async fn history(
             )
             .await
             .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        let more = rows.len() as i64 > limit;
-        let page = &rows[..rows.len().min(limit as usize)];
-        let next_before = more
-            .then(|| page.last())
-            .flatten()
-            .map(|row| format!("{}.{}", row.get::<_, i64>(1), row.get::<_, Uuid>(2)));
-        Ok(History {
-            session_id,
-            messages: page.iter().map(|row| row.get(0)).collect(),
-            cursor: before.is_none().then(|| position.to_string()),
-            next_before,
+            tx.commit().await.map_err(unavailable)?;
+            let more = rows.len() as i64 > limit;
+            let page = &rows[..rows.len().min(limit as usize)];
+            let next_before = more
+                .then(|| page.last())
+                .flatten()
+                .map(|row| format!("{}.{}", row.get::<_, i64>(1), row.get::<_, Uuid>(2)));
+            Ok(History {
+                session_id,
+                messages: page.iter().map(|row| row.get(0)).collect(),
+                cursor: before.is_none().then(|| position.to_string()),
+                next_before,
+            })
         })
-    };
-    tokio::time::timeout(QUERY_TIMEOUT, work)
-        .await
-        .map_err(|e| Refusal::unavailable(&e))?
+    })
+    .await;
+    drop(share);
+    outcome.map_err(|e| Refusal::unavailable(&e))?
 }
 
 #[cfg(test)]

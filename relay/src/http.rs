@@ -181,8 +181,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
              principal: Principal,
              query: HashMap<String, String>| async move {
                 let (session_id, limit, before) = history_request(&session, &query)?;
-                let pool = &state.session.pool;
-                consult::history(pool, &principal, session_id, limit, before)
+                consult::history(&state.session.db, &principal, session_id, limit, before)
                     .await
                     .map(|history| warp::reply::json(&history))
                     .map_err(|refusal| {
@@ -190,6 +189,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
                             ErrorCode::NotFound => StatusCode::NOT_FOUND,
                             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
                             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                            ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
                             _ => StatusCode::SERVICE_UNAVAILABLE,
                         };
                         refused(status, refusal.code.as_str(), refusal.message)
@@ -244,7 +244,7 @@ fn metrics_route(
         .and(warp::any().map(move || state.clone()))
         .then(|state: AppState| async move {
             let newest = async {
-                let client = state.session.pool.get().await.ok()?;
+                let client = state.session.db.pool.get().await.ok()?;
                 log::position(&**client).await.ok()
             };
             let newest = tokio::time::timeout(SCRAPE_QUERY_TIMEOUT, newest)

@@ -28,6 +28,7 @@
 pub mod authz;
 pub mod config;
 pub mod consult;
+pub mod db;
 pub mod dev;
 pub mod event;
 pub mod http;

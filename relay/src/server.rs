@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 
 use crate::config::Config;
+use crate::db::{self, ClientPool};
 use crate::http::{self, AppState};
 use crate::hub::{Close, Hub};
 use crate::limits::Admission;
@@ -56,41 +56,9 @@ pub struct Relay {
     config: Config,
 }
 
-/// How long a query on a pooled connection may run on the server. The relay gives up on its
-/// queries sooner (5 s); this ends, on the server too, one it gave up on, so that the connection
-/// it returned to the pool is free again rather than busy with a query no one awaits.
-const POOL_STATEMENT_TIMEOUT: &str = "30s";
-
-/// The pool for queries. Its connections notice a vanished database host within about a minute
-/// (keepalives while idle, `TCP_USER_TIMEOUT` while a query waits), rather than the kernel's 15.
+/// The clients' pool: `RELAY_POOL_SIZE` connections.
 pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
-    let mut database = config.database.clone();
-    database
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30))
-        .keepalives_interval(Duration::from_secs(10))
-        .keepalives_retries(3)
-        .tcp_user_timeout(Duration::from_secs(60));
-    let manager = Manager::from_config(
-        database,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(config.pool_size)
-        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
-            Box::pin(async move {
-                client
-                    .batch_execute(&format!(
-                        "SET statement_timeout = '{POOL_STATEMENT_TIMEOUT}'"
-                    ))
-                    .await
-                    .map_err(deadpool_postgres::HookError::Backend)
-            })
-        }))
-        .build()
+    db::pool(&config.database, config.pool_size)
 }
 
 /// Connections waiting to be accepted. Larger than the 128 of `TcpListener::bind`, so that the
@@ -145,6 +113,7 @@ impl Relay {
     pub async fn start(config: Config) -> Result<Relay, StartError> {
         let verifier = Arc::new(Verifier::load(&config.tokens)?);
         let pool = pool(&config)?;
+        let internal = db::pool(&config.database, db::INTERNAL_POOL_SIZE)?;
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
             source,
@@ -163,7 +132,7 @@ impl Relay {
         let listener = tokio::spawn(
             Listener {
                 database: config.database.clone(),
-                pool: pool.clone(),
+                pool: internal.clone(),
                 hub: hub.clone(),
                 health: health.clone(),
                 presence: presence.clone(),
@@ -172,7 +141,7 @@ impl Relay {
             }
             .run(stopped.clone()),
         );
-        let presence_writer = tokio::spawn(presence.clone().run(pool.clone(), stopped.clone()));
+        let presence_writer = tokio::spawn(presence.clone().run(internal, stopped.clone()));
         tokio::spawn(crate::log::prune_periodically(
             pool.clone(),
             config.retention,
@@ -181,7 +150,7 @@ impl Relay {
         let state = AppState {
             session: SessionContext {
                 hub: hub.clone(),
-                pool,
+                db: ClientPool::new(pool),
                 live: live.clone(),
                 verifier,
                 limits: Arc::new(config.limits.clone()),

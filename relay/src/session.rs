@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::authz::{self, Feed, Owners, Principal, Reach, Role};
 use crate::config::Limits;
 use crate::consult;
+use crate::db::{self, ClientPool};
 use crate::hub::{
     self, Close, Connection, Drained, Hub, Link, Outbound, Replayed, SocketId, Start,
     SubscribeError, View,
@@ -35,8 +36,6 @@ use crate::upgrade::Socket;
 /// How long a close frame may take to send before the socket is dropped without one. Long enough
 /// for a slow reader to drain what its socket already holds and receive the close code.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a subscribe-time check, or one page of a replay, may wait for the database.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a replay waits for room in its socket's queue before cutting the socket as a slow
 /// consumer. A client that takes not one frame in this time has stopped reading; live frames of
 /// the feed being replayed wait in the replay's buffer meanwhile, and could never fill the queue.
@@ -48,8 +47,9 @@ const REPLAY_PAGE: i64 = 2000;
 #[derive(Clone)]
 pub struct SessionContext {
     pub hub: Arc<Hub>,
-    /// For subscribe-time checks (does a filtered session belong to the caller?).
-    pub pool: deadpool_postgres::Pool,
+    /// For clients' database work: subscribe-time checks (does a filtered session belong to the
+    /// caller?), replays, sends and history, each user within their share.
+    pub db: ClientPool,
     /// Counts live sessions, so shutdown can wait for them to close.
     pub live: Arc<watch::Sender<usize>>,
     /// Verifies the fresh tokens of `auth` frames.
@@ -308,15 +308,14 @@ impl Reader {
                 body,
                 client_id,
             }) => {
-                let pool = &self.context.pool;
-                let reply = match consult::send(pool, &self.principal, session_id, &body, client_id)
-                    .await
-                {
-                    Ok(id) => protocol::sent(reference.as_deref(), id, client_id),
-                    Err(refusal) => {
-                        protocol::error(reference.as_deref(), refusal.code, &refusal.message)
-                    }
-                };
+                let db = &self.context.db;
+                let reply =
+                    match consult::send(db, &self.principal, session_id, &body, client_id).await {
+                        Ok(id) => protocol::sent(reference.as_deref(), id, client_id),
+                        Err(refusal) => {
+                            protocol::error(reference.as_deref(), refusal.code, &refusal.message)
+                        }
+                    };
                 self.reply(reply);
             }
             Ok(ClientFrame::Subscribe {
@@ -467,27 +466,37 @@ impl Reader {
 
     /// A session's participants (None: no such session), within the lookup timeout.
     async fn session_owners(&self, session: Uuid) -> Result<Option<Owners>, (ErrorCode, String)> {
-        let lookup = async {
-            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
-            consult::owners(&**client, session)
-                .await
-                .map_err(|e| unavailable(&e))
-        };
-        tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+        let user = self.principal.user_id;
+        let (_share, client) = self
+            .context
+            .db
+            .get(user)
             .await
-            .map_err(|e| unavailable(&e))?
+            .map_err(|e| unavailable(&e))?;
+        db::bounded(client, |client| {
+            Box::pin(async move { consult::owners(&***client, session).await })
+        })
+        .await
+        .map_err(|e| unavailable(&e))?
+        .map_err(|e| unavailable(&e))
     }
 
     /// Refuses a cursor that cannot be resumed from: older than retention, or not from this
     /// database.
     async fn check_cursor(&self, cursor: Cursor) -> Result<(), (ErrorCode, String)> {
-        let bounds = async {
-            let client = self.context.pool.get().await.map_err(|e| unavailable(&e))?;
-            log::bounds(&**client).await.map_err(|e| unavailable(&e))
-        };
-        let bounds = tokio::time::timeout(LOOKUP_TIMEOUT, bounds)
+        let user = self.principal.user_id;
+        let (_share, client) = self
+            .context
+            .db
+            .get(user)
             .await
-            .map_err(|e| unavailable(&e))??;
+            .map_err(|e| unavailable(&e))?;
+        let bounds = db::bounded(client, |client| {
+            Box::pin(async move { log::bounds(&***client).await })
+        })
+        .await
+        .map_err(|e| unavailable(&e))?
+        .map_err(|e| unavailable(&e))?;
         if bounds.admits(cursor) {
             Ok(())
         } else {
@@ -525,17 +534,18 @@ impl Reader {
         // Reads one page of the log; spawned, so that the next page is read while this one is
         // sent.
         let fetch = |after: Cursor, upto: Cursor| {
-            let pool = self.context.pool.clone();
+            let db = self.context.db.clone();
+            let user = self.principal.user_id;
             let read = async move {
-                let page = async {
-                    let client = pool.get().await.map_err(|e| unavailable(&e))?;
-                    log::read_range(&**client, after, upto, Some(feed), REPLAY_PAGE)
-                        .await
-                        .map_err(|e| unavailable(&e))
-                };
-                tokio::time::timeout(LOOKUP_TIMEOUT, page)
-                    .await
-                    .map_err(|e| unavailable(&e))?
+                let (_share, client) = db.get(user).await.map_err(|e| unavailable(&e))?;
+                db::bounded(client, |client| {
+                    Box::pin(async move {
+                        log::read_range(&***client, after, upto, Some(feed), REPLAY_PAGE).await
+                    })
+                })
+                .await
+                .map_err(|e| unavailable(&e))?
+                .map_err(|e| unavailable(&e))
             };
             tokio::spawn(read.in_current_span())
         };
