@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -40,6 +40,11 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The wait before a failed presence write is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The least time between two presence writes: changes that come faster are written together.
+/// Each write is a transaction with a NOTIFY, which every committing transaction in the cluster
+/// queues behind; a user subscribing and unsubscribing as fast as the frame limit allows must
+/// not turn into hundreds of them a second.
+const WRITE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// This instance's presence state, shared by the sessions, the listener and the writer.
 pub struct Presence {
@@ -510,6 +515,7 @@ impl Presence {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = false;
+        let mut last_write: Option<Instant> = None;
         loop {
             if retry {
                 retry = false;
@@ -520,6 +526,14 @@ impl Presence {
             }
             tokio::select! {
                 _ = self.dirty.notified() => {
+                    let since = last_write.map_or(WRITE_INTERVAL, |at| at.elapsed());
+                    if let Some(wait) = WRITE_INTERVAL.checked_sub(since).filter(|w| !w.is_zero()) {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stopped(&mut shutdown) => break,
+                        }
+                    }
+                    last_write = Some(Instant::now());
                     if let Err(cause) = self.write(&pool).await {
                         tracing::warn!(cause = %crate::Causes(&cause), retry_in = ?RETRY_DELAY, "presence write failed");
                         retry = true;
