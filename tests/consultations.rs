@@ -327,6 +327,8 @@ async fn only_its_dentist_starts_and_ends_a_session_and_participants_see_it() {
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let (other_dentist, admin) = (db.user(Role::Dentist).await, db.user(Role::Admin).await);
     let session = db.open_session(&patient, &dentist).await;
+    // The session's INSERT is dispatched before anyone subscribes: only its changes are asserted.
+    common::settle(&db, addr).await;
     let feeds = ["consultation_sessions"];
     let mut p = Ws::subscribed(addr, patient, &feeds).await;
     let mut other = Ws::subscribed(addr, other_dentist, &feeds).await;
@@ -401,16 +403,22 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let session = db.open_session(&patient, &dentist).await;
     let send_sql = "select id from send_consultation_message($1, $2, gen_random_uuid())";
-    // The writer: 120 messages before the history is read, and more while it is.
+    // The writer: 120 messages before the history is read, and more while it is. Given a gate,
+    // it writes the second half once the gate opens.
     let writer = {
         let url = db.url.clone();
         let (patient, dentist) = (patient, dentist);
-        move |count: usize| {
+        move |count: usize, mut gate: Option<tokio::sync::oneshot::Receiver<()>>| {
             let url = url.clone();
             async move {
                 let client = common::connect_to(&url).await;
                 let mut ids = Vec::new();
                 for i in 0..count {
+                    if i == count / 2 {
+                        if let Some(gate) = gate.take() {
+                            let _ = gate.await;
+                        }
+                    }
                     let who = if i % 3 == 0 { dentist } else { patient };
                     client.batch_execute("begin").await.unwrap();
                     common::act_as(&client, &who).await.unwrap();
@@ -425,14 +433,17 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
             }
         }
     };
-    let mut all: Vec<Uuid> = writer(120).await;
-    let mut concurrent = Some(tokio::spawn(writer(150)));
+    let mut all: Vec<Uuid> = writer(120, None).await;
+    // Half of these race the first page; the rest wait for its cursor, so some are live.
+    let (after_cursor, gate) = tokio::sync::oneshot::channel();
+    let mut concurrent = Some(tokio::spawn(writer(150, Some(gate))));
 
     // The first page, then older pages until the end, while the writer goes on.
     let (status, page) = history(addr, &patient, session, "").await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["session_id"], json!(session));
     let cursor = page["cursor"].as_str().expect("a cursor").to_string();
+    let _ = after_cursor.send(());
     let mut pages = vec![page];
     while let Some(before) = pages.last().unwrap()["next_before"]
         .as_str()
@@ -888,7 +899,9 @@ async fn an_unfiltered_subscription_follows_its_open_sessions() {
     );
 
     // The dentist comes online on instance two, subscribed to all their messages: present in
-    // every open session of theirs (not the ended one), and the patient hears of it.
+    // every open session of theirs (not the ended one), and the patient hears of it. Instance
+    // two knows the sessions from their events: dispatched first, so that it knows which ended.
+    common::settle(&db, two.local_addr()).await;
     let mut d = Ws::connect(two.local_addr(), dentist).await;
     d.subscribe("consultation_messages").await;
     presence_until(&mut d, waiting, members(&[&patient, &dentist])).await;

@@ -211,6 +211,8 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
     let seen = ws.events_until(fence).await;
     let (oldest, newest) = (cursor(&seen[0]), cursor(&seen[1]));
     let kept = db.book(&patient, &dentist, "recent").await;
+    // Dispatched before the late client resumes, so it is in the replay, not after it.
+    common::settle(&db, relay.local_addr()).await;
 
     // The first events are two days old; retention is one.
     db.client
@@ -300,6 +302,9 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
         booked.push(db.book(&patient, &dentist, &notes).await);
         caught_up(booked.len()).await;
     }
+    // The stalled client reads now, before the relay gives up sending it the close: what was
+    // written before the cut, then the close.
+    let (received, reason) = events_then_slow_consumer_close(&mut stalled).await;
     for _ in 0..10 {
         booked.push(db.book(&patient, &dentist, "after the cut").await);
         caught_up(booked.len()).await;
@@ -309,8 +314,6 @@ async fn a_stalled_reader_is_cut_others_are_not_and_it_resumes_without_loss() {
     let everything = reading.await.unwrap();
     assert_eq!(everything.len(), count, "the reading client got everything");
 
-    // The stalled client reads now: what was written before the cut, then the close.
-    let (received, reason) = events_then_slow_consumer_close(&mut stalled).await;
     assert!(
         received.len() < count,
         "the stalled client was cut before the end"

@@ -249,7 +249,9 @@ fn ports_and_health_checks_match_what_the_relay_serves() {
         relay["container_name"].is_badvalue(),
         "a container_name prevents --scale"
     );
-    for mapping in strings(&relay["ports"]) {
+    let ports = strings(&relay["ports"]);
+    assert!(!ports.is_empty(), "the relay publishes its port");
+    for mapping in &ports {
         let (host, container) = mapping.rsplit_once(':').expect("host:container");
         assert_eq!(container.parse::<u16>().ok(), Some(port), "{mapping}");
         assert_eq!(
@@ -265,7 +267,7 @@ fn ports_and_health_checks_match_what_the_relay_serves() {
         .map(|(_, v)| port_of(v))
         .expect("the relay's RELAY_METRICS_BIND");
     assert_ne!(metrics, port);
-    for mapping in strings(&relay["ports"]) {
+    for mapping in &ports {
         assert!(
             !mapping.ends_with(&format!(":{metrics}")),
             "/metrics is published: {mapping}"

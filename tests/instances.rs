@@ -95,7 +95,7 @@ async fn client(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_stopped_instance_resume_on_another_without_loss_or_duplicate() {
     let db = TestDb::new().await;
-    let (addr_a, addr_b) = (common::free_address(), common::free_address());
+    let [addr_a, addr_b] = common::free_addresses();
     let a = RelayProcess::spawn(&db.url, addr_a).await;
     let _b = RelayProcess::spawn(&db.url, addr_b).await;
 
@@ -332,8 +332,9 @@ async fn relay_dev_issues_the_demo_tokens_afresh_for_each_request() {
             .collect::<Vec<_>>()
     };
     let first = expiries().await;
-    // The tokens' times are whole seconds: ask again once the clock has passed the next one.
-    let issued = first[0] - relay::dev::DEMO_TOKEN_TTL;
+    // The tokens' times are whole seconds: ask again once the clock has passed the next one
+    // after the last of them (one request may sign across a second's turn).
+    let issued = *first.iter().max().unwrap() - relay::dev::DEMO_TOKEN_TTL;
     while std::time::SystemTime::now() < issued + std::time::Duration::from_secs(1) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -638,6 +638,14 @@ pub fn free_address() -> SocketAddr {
     probe.local_addr().unwrap()
 }
 
+/// `N` distinct addresses no one listens on: the probes are held open until all are chosen, so
+/// none is handed out twice.
+pub fn free_addresses<const N: usize>() -> [SocketAddr; N] {
+    let probes: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    probes.map(|probe| probe.local_addr().unwrap())
+}
+
 pub async fn healthy(addr: SocketAddr) -> bool {
     if tokio::net::TcpStream::connect(addr).await.is_err() {
         return false;

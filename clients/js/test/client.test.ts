@@ -134,14 +134,21 @@ describe("the relay client", () => {
     const port = await freePort();
     // No leeway: a token is dead the second it expires.
     const relay = await Relay.start(db, port, { RELAY_JWT_LEEWAY: "0s" });
+    // Signed here, at once: 12 s tokens, refreshed halfway through their life (the margin is at
+    // most half the lifetime), which leaves 6 s for the refresh to reach the relay.
+    const ttl = 12;
     let issued = 0;
+    let firstExpiry = 0;
     const client = connect({
       url: relay.url,
       getToken: () => {
         issued += 1;
-        return token(dentist, "4s");
+        const iat = Math.floor(Date.now() / 1000);
+        if (issued === 1) firstExpiry = (iat + ttl) * 1000;
+        return signed({ sub: dentist.id, role: dentist.role, iat, exp: iat + ttl }, SECRET);
       },
       WebSocket: Socket,
+      refreshMarginMs: 6_000,
     });
     const seen = states(client);
     const refreshed: string[] = [];
@@ -153,7 +160,8 @@ describe("the relay client", () => {
     await until(() => subscription.cursor !== undefined, "the subscription");
 
     // Two refreshes take the socket past its first token's expiry.
-    await until(() => refreshed.length >= 2, "two token refreshes", 20_000);
+    await until(() => refreshed.length >= 2, "two token refreshes");
+    await until(() => Date.now() > firstExpiry, "the first token's expiry");
     const id = await db.book(patient, dentist);
     await until(() => received.some((event) => event.row.id === id), "an event after expiry");
     expect(issued).toBeGreaterThanOrEqual(3);
@@ -249,7 +257,7 @@ describe("the relay client", () => {
       url: relay.url,
       token: await token(dentist),
       WebSocket: Socket,
-      heartbeatMs: 300,
+      heartbeatMs: 2_000,
       initialBackoffMs: 50,
       maxBackoffMs: 300,
     });
@@ -391,6 +399,8 @@ describe("the relay client", () => {
     const refused: RelayError[] = [];
     unknownRole.on("error", (error) => refused.push(error));
     await until(() => issued >= 3, "fresh tokens to be tried");
+    // Reported by a status request of its own, which may answer after the retries.
+    await until(() => refused.length > 0, "the refusal to be reported");
     expect(refused).toMatchObject([{ code: "invalid_token" }]);
     expect(refused[0]?.message).toContain("role");
     expect(unknownRole.state).not.toBe("closed");
@@ -419,6 +429,7 @@ describe("the relay client", () => {
     const errors: RelayError[] = [];
     second.on("error", (error) => errors.push(error));
     await until(() => attempts >= 4, "a few refused attempts");
+    await until(() => errors.length > 0, "the refusal to be reported");
     expect(errors).toMatchObject([{ code: "connection_refused" }]);
     expect(second.state).toBe("reconnecting");
     first.close();

@@ -102,6 +102,8 @@ describe("the inspector page", () => {
     await page.getByLabel("Access token").fill(await token(dentist));
     await page.getByRole("button", { name: "Connect", exact: true }).click();
     await page.locator('#state[data-state="open"]').waitFor();
+    // Subscribed before the relay freezes: a late answer must not count as the heartbeat's.
+    await page.locator('#stats tr[data-feed="appointments"] td:nth-child(5):not(:empty)').waitFor();
     relay.signal("SIGSTOP");
     try {
       // One heartbeat, and its answer's deadline.
