@@ -6,13 +6,12 @@
 use std::path::Path;
 use std::process::Command;
 
+/// One workload after the other: run side by side, two relays, their client processes and
+/// writers as fast as Postgres commits would share two cores, and a run starved that much can
+/// see its slowest sockets cut by its own relay.
 #[test]
-fn a_quick_run_of_the_role_mix_completes_and_loses_nothing() {
+fn a_quick_run_of_each_workload_completes_and_loses_nothing() {
     quick_run("mix");
-}
-
-#[test]
-fn a_quick_run_of_the_fan_out_completes_and_loses_nothing() {
     quick_run("fanout");
 }
 
