@@ -212,7 +212,9 @@ pub struct Tuning {
           value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
     pub relay_socket_queue: u32,
 
-    /// Connections in the pool used for queries (the LISTEN connection is separate).
+    /// Connections in the pool for clients' requests: subscribe-time checks, replays, sends and
+    /// history. Each user may hold half of them at once. The LISTEN connection and the two the
+    /// relay keeps for itself (catching up on the log, presence) are separate.
     #[arg(long = "relay-pool-size", env = "RELAY_POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub relay_pool_size: u32,

@@ -39,6 +39,16 @@ impl Refusal {
         }
     }
 
+    fn not_leased(error: db::GetError) -> Refusal {
+        match error {
+            db::GetError::Busy(_) => Refusal::new(
+                ErrorCode::Unavailable,
+                format!("{error}; try again once they are answered (a send with the same client_id never creates a second message)"),
+            ),
+            other => Refusal::unavailable(&other),
+        }
+    }
+
     fn unavailable(cause: &(dyn std::error::Error + 'static)) -> Refusal {
         tracing::warn!(cause = %crate::Causes(cause), "a consultation query failed");
         Refusal::new(
@@ -112,13 +122,13 @@ pub async fn send(
             "a message body may not contain NUL characters",
         ));
     }
-    let (_share, client) = db
+    let lease = db
         .get(principal.user_id)
         .await
-        .map_err(|e| Refusal::unavailable(&e))?;
+        .map_err(Refusal::not_leased)?;
     let claims = claims(principal);
     let body = body.to_string();
-    let outcome = db::bounded(client, move |client| {
+    let outcome = db::bounded(lease, move |client| {
         Box::pin(async move {
             let tx = client
                 .transaction()
@@ -203,23 +213,17 @@ pub async fn history(
     limit: i64,
     before: Option<Before>,
 ) -> Result<History, Refusal> {
-    // A request waits for one of its user's shares of the pool as long as a query may take,
-    // then is refused: many requests at once from one user queue behind each other, not in
-    // front of other users'.
-    let share = tokio::time::timeout(db::QUERY_TIMEOUT, db.share(principal.user_id))
-        .await
-        .map_err(|_| {
-            Refusal::new(
-                ErrorCode::TooManyRequests,
-                format!(
-                    "this user already has {} requests at work; wait for them, then try again",
-                    db.per_user()
-                ),
-            )
-        })?;
-    let client = db.pool.get().await.map_err(|e| Refusal::unavailable(&e))?;
+    // Many requests at once from one user queue behind each other, not in front of other
+    // users'; one that waited its whole time for the user's share is refused.
+    let lease = db.get(principal.user_id).await.map_err(|e| match e {
+        db::GetError::Busy(_) => Refusal::new(
+            ErrorCode::TooManyRequests,
+            format!("{e}; wait for them to be answered, then try again"),
+        ),
+        other => Refusal::not_leased(other),
+    })?;
     let principal = *principal;
-    let outcome = db::bounded(client, move |client| {
+    let outcome = db::bounded(lease, move |client| {
         Box::pin(async move {
             let tx = client
                 .build_transaction()
@@ -308,7 +312,6 @@ pub async fn history(
         })
     })
     .await;
-    drop(share);
     outcome.map_err(|e| Refusal::unavailable(&e))?
 }
 

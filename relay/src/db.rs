@@ -66,30 +66,97 @@ pub fn pool(
         .build()
 }
 
-/// Runs `work` on `client` for at most [`QUERY_TIMEOUT`]. When it takes longer, its query is
-/// cancelled on the server before the connection goes back to the pool: returned at once, the
-/// connection would still be busy with the abandoned query, and whoever got it next would wait
-/// behind it and time out in turn.
-pub async fn bounded<T, E>(
-    mut client: Object,
-    work: impl for<'a> FnOnce(&'a mut Object) -> BoxFuture<'a, Result<T, E>>,
-) -> Result<Result<T, E>, tokio::time::error::Elapsed> {
-    let outcome = tokio::time::timeout(QUERY_TIMEOUT, work(&mut client)).await;
-    if outcome.is_err() {
+/// A pooled connection that goes back to the pool only when the work on it has finished
+/// ([`Lease::finish`]). Dropped before that (its query timed out, or whoever waited for it went
+/// away), its query is cancelled on the server and the connection closed: returned as it was,
+/// it would still be busy with the abandoned query, and whoever got it next would wait behind
+/// it and time out in turn. The user's share, if any, is held until the cancel is sent.
+pub struct Lease {
+    client: Option<Object>,
+    share: Option<Share>,
+}
+
+impl Lease {
+    /// The work on it is done: the connection goes back to the pool.
+    pub fn finish(mut self) {
+        self.client.take();
+    }
+
+    pub fn client(&mut self) -> &mut Object {
+        self.client
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        self.client
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let share = self.share.take();
         let cancel = client.cancel_token();
-        tokio::spawn(async move {
-            match cancel.cancel_query(NoTls).await {
-                Ok(()) => drop(client),
-                Err(cause) => {
-                    // The query may still be running: close the connection rather than pool it.
-                    tracing::warn!(cause = %crate::Causes(&cause),
-                        "could not cancel a query that timed out; closing its connection");
-                    drop(Object::take(client));
-                }
+        // Out of the pool at once; closed once the cancel is sent.
+        let client = Object::take(client);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            match tokio::time::timeout(QUERY_TIMEOUT, cancel.cancel_query(NoTls)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(cause)) => tracing::warn!(cause = %crate::Causes(&cause),
+                    "could not cancel an abandoned query; its connection is closed"),
+                Err(_) => tracing::warn!(
+                    "could not cancel an abandoned query in time; its connection is closed"
+                ),
             }
+            drop((client, share));
         });
     }
+}
+
+/// A connection from `pool`, for work that calls [`Lease::finish`] when done.
+pub async fn lease(pool: &Pool) -> Result<Lease, PoolError> {
+    Ok(Lease {
+        client: Some(pool.get().await?),
+        share: None,
+    })
+}
+
+/// Runs `work` on `lease` for at most [`QUERY_TIMEOUT`]; the connection goes back to the pool
+/// if it finished (well or not), and is abandoned if not.
+pub async fn bounded<T, E>(
+    mut lease: Lease,
+    work: impl for<'a> FnOnce(&'a mut Object) -> BoxFuture<'a, Result<T, E>>,
+) -> Result<Result<T, E>, tokio::time::error::Elapsed> {
+    let outcome = tokio::time::timeout(QUERY_TIMEOUT, work(lease.client())).await;
+    if outcome.is_ok() {
+        lease.finish();
+    }
     outcome
+}
+
+/// Why [`ClientPool::get`] gave no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error(
+        "this user's other requests held all {0} of the user's connections for {QUERY_TIMEOUT:?}"
+    )]
+    Busy(usize),
+    #[error("no connection from the pool within {QUERY_TIMEOUT:?}")]
+    Timeout,
+    #[error("no connection from the pool: {}", crate::Causes(.0))]
+    Pool(#[from] PoolError),
 }
 
 /// The clients' pool, shared between users: each may have at most its share of the
@@ -181,11 +248,20 @@ impl ClientPool {
         }
     }
 
-    /// A connection for `user`'s work, waiting first for one of the user's shares, which the
-    /// work holds until it is done.
-    pub async fn get(&self, user: Uuid) -> Result<(Share, Object), PoolError> {
-        let share = self.share(user).await;
-        Ok((share, self.pool.get().await?))
+    /// A connection for `user`'s work, holding one of the user's shares until the work is done.
+    /// It waits at most [`QUERY_TIMEOUT`] in all: for the share, then for the pool.
+    pub async fn get(&self, user: Uuid) -> Result<Lease, GetError> {
+        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
+        let share = tokio::time::timeout_at(deadline, self.share(user))
+            .await
+            .map_err(|_| GetError::Busy(self.shares.per_user))?;
+        let client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| GetError::Timeout)??;
+        Ok(Lease {
+            client: Some(client),
+            share: Some(share),
+        })
     }
 }
 

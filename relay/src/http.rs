@@ -244,8 +244,10 @@ fn metrics_route(
         .and(warp::any().map(move || state.clone()))
         .then(|state: AppState| async move {
             let newest = async {
-                let client = state.session.db.pool.get().await.ok()?;
-                log::position(&**client).await.ok()
+                let lease = crate::db::lease(&state.session.db.pool).await.ok()?;
+                let newest = log::position(&***lease).await.ok();
+                lease.finish();
+                newest
             };
             let newest = tokio::time::timeout(SCRAPE_QUERY_TIMEOUT, newest)
                 .await

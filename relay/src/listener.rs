@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+use crate::db;
 use crate::event::{self, Payload};
 use crate::hub::{Close, Hub, Writes};
 use crate::log::{self, AT_TEXT};
@@ -202,7 +203,8 @@ impl Listener {
 
     /// The first connection: the relay starts live from the log's newest event.
     async fn start(&self) -> Result<(), ListenError> {
-        let mut client = self.pooled().await?;
+        let mut lease = self.pooled().await?;
+        let client = lease.client();
         // The open consultation sessions presence follows, as of that very position; events
         // after it keep them current.
         let tx = timed(
@@ -223,6 +225,7 @@ impl Listener {
         .await?
         .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)));
         timed(tx.commit()).await?;
+        lease.finish();
         *self
             .last_dispatched
             .lock()
@@ -257,15 +260,16 @@ impl Listener {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let client = self.pooled().await?;
+        let lease = self.pooled().await?;
         let (last_id, last_at) = last.map_or((-1, None), |(id, at)| (id, Some(at)));
-        let row = timed(client.query_one(
+        let row = timed(lease.query_one(
             &format!(
                 "select case when s.is_called then s.last_value else 0 end, h.pruned_through,                         (select {AT_TEXT} from relay.events e where e.id = $1)                  from relay.events_id_seq s, relay.log_horizon h"
             ),
             &[&last_id],
         ))
         .await?;
+        lease.finish();
         let issued: i64 = row.get(0);
         let horizon: i64 = row.get(1);
         let logged: Option<String> = row.get(2);
@@ -289,13 +293,21 @@ impl Listener {
 
     /// Dispatches, in order, every event in the log after the hub's position.
     async fn catch_up(&self) -> Result<(), ListenError> {
-        let client = self.pooled().await?;
+        let lease = self.pooled().await?;
+        let caught_up = self.catch_up_on(&lease).await;
+        if caught_up.is_ok() {
+            lease.finish();
+        }
+        caught_up
+    }
+
+    async fn catch_up_on(&self, client: &Client) -> Result<(), ListenError> {
         loop {
             let Some(after) = self.hub.position() else {
                 return Ok(());
             };
             let page = timed(log::read_range(
-                &**client,
+                client,
                 after,
                 Cursor(i64::MAX),
                 None,
@@ -313,7 +325,7 @@ impl Listener {
                 });
                 self.hub.skip(page.horizon);
                 // What presence knew of sessions came from events; some of those are gone.
-                let open = timed(presence::open_sessions(&**client)).await?;
+                let open = timed(presence::open_sessions(client)).await?;
                 self.presence.events_lost();
                 self.presence.open_sessions_loaded(open);
                 continue;
@@ -366,8 +378,8 @@ impl Listener {
 
     /// A pooled connection, within the query timeout: a listener that cannot get one reconnects
     /// (and reports unhealthy) rather than hang.
-    async fn pooled(&self) -> Result<deadpool_postgres::Object, ListenError> {
-        match tokio::time::timeout(QUERY_TIMEOUT, self.pool.get()).await {
+    async fn pooled(&self) -> Result<db::Lease, ListenError> {
+        match tokio::time::timeout(QUERY_TIMEOUT, db::lease(&self.pool)).await {
             Ok(client) => Ok(client?),
             Err(_) => Err(ListenError::Timeout(QUERY_TIMEOUT)),
         }

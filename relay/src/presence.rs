@@ -28,6 +28,7 @@ use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::authz::{self, Feed, Owners, Principal, Role};
+use crate::db;
 use crate::event::Event;
 use crate::hub::{Close, Hub, Link, SocketId};
 use crate::protocol::{self, Member};
@@ -550,10 +551,11 @@ impl Presence {
         let instance = self.lock().instance;
         if let Some(instance) = instance {
             let forget = async {
-                let client = pool.get().await?;
-                client
+                let lease = db::lease(&pool).await?;
+                lease
                     .execute("select relay.presence_forget($1)", &[&instance])
                     .await?;
+                lease.finish();
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             };
             match tokio::time::timeout(QUERY_TIMEOUT, forget).await {
@@ -651,8 +653,8 @@ async fn apply(
             json!({"session_id": session, "user_id": user, "role": role, "present": present})
         })
         .collect();
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let mut lease = db::lease(pool).await?;
+    let tx = lease.client().transaction().await?;
     if full {
         let held = tx
             .query(
@@ -682,6 +684,7 @@ async fn apply(
             .await?;
     }
     tx.commit().await?;
+    lease.finish();
     if !registered {
         // Only when this instance's LISTEN connection is gone: it registers anew on reconnect.
         tracing::debug!(
@@ -695,16 +698,17 @@ async fn apply(
 /// Removes the presence of instances whose LISTEN connection is gone. Never on a LISTEN
 /// connection: there the instance's own lock would look free.
 async fn sweep_once(pool: &Pool) -> Result<(), WriteError> {
-    let client = tokio::time::timeout(QUERY_TIMEOUT, pool.get())
+    let lease = tokio::time::timeout(QUERY_TIMEOUT, db::lease(pool))
         .await
         .map_err(|_| WriteError::Timeout)??;
     let swept: i32 = tokio::time::timeout(
         QUERY_TIMEOUT,
-        client.query_one("select relay.presence_sweep()", &[]),
+        lease.query_one("select relay.presence_sweep()", &[]),
     )
     .await
     .map_err(|_| WriteError::Timeout)??
     .get(0);
+    lease.finish();
     if swept > 0 {
         tracing::info!(
             swept,

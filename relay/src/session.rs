@@ -467,13 +467,8 @@ impl Reader {
     /// A session's participants (None: no such session), within the lookup timeout.
     async fn session_owners(&self, session: Uuid) -> Result<Option<Owners>, (ErrorCode, String)> {
         let user = self.principal.user_id;
-        let (_share, client) = self
-            .context
-            .db
-            .get(user)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        db::bounded(client, |client| {
+        let lease = self.context.db.get(user).await.map_err(not_leased)?;
+        db::bounded(lease, |client| {
             Box::pin(async move { consult::owners(&***client, session).await })
         })
         .await
@@ -485,13 +480,8 @@ impl Reader {
     /// database.
     async fn check_cursor(&self, cursor: Cursor) -> Result<(), (ErrorCode, String)> {
         let user = self.principal.user_id;
-        let (_share, client) = self
-            .context
-            .db
-            .get(user)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let bounds = db::bounded(client, |client| {
+        let lease = self.context.db.get(user).await.map_err(not_leased)?;
+        let bounds = db::bounded(lease, |client| {
             Box::pin(async move { log::bounds(&***client).await })
         })
         .await
@@ -537,8 +527,8 @@ impl Reader {
             let db = self.context.db.clone();
             let user = self.principal.user_id;
             let read = async move {
-                let (_share, client) = db.get(user).await.map_err(|e| unavailable(&e))?;
-                db::bounded(client, |client| {
+                let lease = db.get(user).await.map_err(not_leased)?;
+                db::bounded(lease, |client| {
                     Box::pin(async move {
                         log::read_range(&***client, after, upto, Some(feed), REPLAY_PAGE).await
                     })
@@ -651,6 +641,18 @@ impl Reader {
 }
 
 /// The database could not answer a subscribe-time question.
+/// No connection for the user's work: the user's own requests held all of theirs, or the pool
+/// had none.
+fn not_leased(error: db::GetError) -> (ErrorCode, String) {
+    match error {
+        db::GetError::Busy(_) => (
+            ErrorCode::Unavailable,
+            format!("{error}; try again once they are answered"),
+        ),
+        other => unavailable(&other),
+    }
+}
+
 fn unavailable(cause: &(dyn std::error::Error + 'static)) -> (ErrorCode, String) {
     tracing::warn!(cause = %crate::Causes(cause), "a subscribe-time query failed");
     (
