@@ -465,14 +465,7 @@ async fn the_listen_connection_comes_back_after_being_killed() {
     let relay = db.start().await;
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
-    let reconnects = || {
-        relay
-            .hub()
-            .counters()
-            .listen_reconnects
-            .load(Ordering::Relaxed)
-    };
-    let before = reconnects();
+    let before = common::listen_reconnects(&relay);
     let killed: i64 = db
         .client
         .query_one(
@@ -484,14 +477,7 @@ async fn the_listen_connection_comes_back_after_being_killed() {
         .unwrap()
         .get(0);
     assert_eq!(killed, 1);
-    // The counter, not health: a quick reconnect can turn health false and true again unseen.
-    tokio::time::timeout(common::PATIENCE, async {
-        while reconnects() == before {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the relay listens again");
+    common::wait_for_reconnect(&relay, before).await;
     let (status, body) = http_get(relay.local_addr(), "/api/realtime/health", None).await;
     // It may already be back; if not, health says so.
     assert!(

@@ -496,17 +496,10 @@ async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
     let scenario = Scenario::start(db, address).await;
     let mut admin = common::connect_to(&scenario.db.url).await;
 
-    let reconnects = || {
-        relay
-            .hub()
-            .counters()
-            .listen_reconnects
-            .load(Ordering::Relaxed)
-    };
     let mut kills = 0;
     for (step, at) in [150u64, 300, 450, 600, 750, 900].into_iter().enumerate() {
         wait_for_commits(&scenario.committed, at).await;
-        let before = reconnects();
+        let before = common::listen_reconnects(&relay);
         if step == 3 {
             restart_postgres();
             admin = reconnect(&scenario.db.url).await;
@@ -519,17 +512,11 @@ async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
             kills += 1;
         }
         // Listening again before the next kill, so that it has a backend to kill.
-        tokio::time::timeout(PATIENCE, async {
-            while reconnects() == before {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the relay listens again");
+        common::wait_for_reconnect(&relay, before).await;
     }
     wait_for_commits(&scenario.committed, 1000).await;
     scenario.finish().await;
-    let reconnects = reconnects();
+    let reconnects = common::listen_reconnects(&relay);
     assert!(
         reconnects > kills,
         "{reconnects} reconnects after {kills} kills and a restart"
@@ -650,22 +637,9 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
     let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
     // The next reconnect, before anything new was dispatched, finds the log as the relay left
     // it: the socket stays.
-    let reconnects = || {
-        relay
-            .hub()
-            .counters()
-            .listen_reconnects
-            .load(Ordering::Relaxed)
-    };
-    let before = reconnects();
+    let before = common::listen_reconnects(&relay);
     assert_eq!(kill_listen(&db.client).await, 1);
-    tokio::time::timeout(PATIENCE, async {
-        while reconnects() == before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the relay listens again");
+    common::wait_for_reconnect(&relay, before).await;
     insert(&db.client, dentist.user_id, 1).await;
     let frame = loop {
         let frame = ws.recv().await;

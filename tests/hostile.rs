@@ -998,14 +998,7 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
     );
     let session = db.open_session(&patient, &dentist).await;
     let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
-    let reconnects = || {
-        relay
-            .hub()
-            .counters()
-            .listen_reconnects
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let before = reconnects();
+    let before = common::listen_reconnects(&relay);
 
     // Three users' history queries wait behind a lock the test holds, one on the pool's
     // connection and the others for it: longer, together, than anyone waits for a connection.
@@ -1054,7 +1047,11 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
         lock_waiters().await > 0,
         "the event was read only once the queries gave up"
     );
-    assert_eq!(reconnects(), before, "the LISTEN connection was given up");
+    assert_eq!(
+        common::listen_reconnects(&relay),
+        before,
+        "the LISTEN connection was given up"
+    );
 
     // The stuck requests are given up on, while the lock is still held...
     for request in stuck {

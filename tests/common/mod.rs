@@ -168,6 +168,28 @@ pub async fn start_with(config: Config) -> Relay {
     relay
 }
 
+/// How many times the relay's LISTEN connection has come back.
+pub fn listen_reconnects(relay: &Relay) -> u64 {
+    relay
+        .hub()
+        .counters()
+        .listen_reconnects
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Waits until the LISTEN connection has come back since the count was `before`: the relay is
+/// listening again. The counter, not health: a quick reconnect can turn health false and true
+/// again unseen.
+pub async fn wait_for_reconnect(relay: &Relay, before: u64) {
+    tokio::time::timeout(PATIENCE, async {
+        while listen_reconnects(relay) == before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the relay listens again");
+}
+
 /// Waits for the relay's LISTEN connection, so that no write of the test precedes it.
 pub async fn wait_until_listening(relay: &Relay) {
     tokio::time::timeout(PATIENCE, relay.health().wait_for(true))
