@@ -105,6 +105,10 @@ impl Drop for Lease {
             return;
         };
         let share = self.share.take();
+        if client.is_closed() {
+            // Nothing runs on a connection that is gone; the pool drops it.
+            return;
+        }
         let cancel = client.cancel_token();
         // Out of the pool at once; closed once the cancel is sent.
         let client = Object::take(client);
