@@ -42,6 +42,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLAY_STALL: Duration = Duration::from_secs(10);
 /// Events read from the log per replay query.
 const REPLAY_PAGE: i64 = 2000;
+/// Ids of the log one replay query looks through at most. A replay reads one feed, and the log
+/// is indexed by id only: a feed that rarely changes, resumed across millions of other feeds'
+/// events, is read window by window, each query short, instead of in one scan that could outlast
+/// the query timeout.
+const REPLAY_WINDOW: i64 = 1_000_000;
 
 /// What a session needs from the running relay.
 #[derive(Clone)]
@@ -521,20 +526,22 @@ impl Reader {
         let hub = &self.context.hub;
         let mut after = cursor;
         let mut replayed = 0u64;
-        // Reads one page of the log; spawned, so that the next page is read while this one is
-        // sent.
+        // Reads one page of the log, within one window of ids, and says where the window ends;
+        // spawned, so that the next page is read while this one is sent.
         let fetch = |after: Cursor, upto: Cursor| {
             let db = self.context.db.clone();
             let user = self.principal.user_id;
+            let end = Cursor(upto.0.min(after.0.saturating_add(REPLAY_WINDOW)));
             let read = async move {
                 let lease = db.get(user).await.map_err(not_leased)?;
                 db::bounded(lease, |client| {
                     Box::pin(async move {
-                        log::read_range(&***client, after, upto, Some(feed), REPLAY_PAGE).await
+                        log::read_range(&***client, after, end, Some(feed), REPLAY_PAGE).await
                     })
                 })
                 .await
                 .map_err(|e| unavailable(&e))?
+                .map(|page| (page, end))
                 .map_err(|e| unavailable(&e))
             };
             tokio::spawn(read.in_current_span())
@@ -542,14 +549,15 @@ impl Reader {
         loop {
             let mut pending = (after < upto).then(|| fetch(after, upto));
             while let Some(reading) = pending.take() {
-                let page = reading.await.map_err(|e| unavailable(&e))??;
+                let (page, end) = reading.await.map_err(|e| unavailable(&e))??;
                 if !page.is_complete_after(after) {
                     return Err(expired(cursor));
                 }
-                let full = page.more;
+                // A full page goes on after its last event; otherwise the window was read
+                // through.
                 let next = match page.events.last() {
-                    Some((last, _)) if full => *last,
-                    _ => upto,
+                    Some((last, _)) if page.more => *last,
+                    _ => end,
                 };
                 pending = (next < upto).then(|| fetch(next, upto));
                 for (id, event) in page.events {
