@@ -217,11 +217,6 @@ impl ClientPool {
         }
     }
 
-    /// How many connections one user may have at work at once.
-    pub fn per_user(&self) -> usize {
-        self.shares.per_user
-    }
-
     /// A share for `user`, if the user has one free.
     pub fn try_share(&self, user: Uuid) -> Option<Share> {
         let mut busy = self
@@ -281,8 +276,8 @@ mod tests {
     #[tokio::test]
     async fn each_user_gets_half_the_pool_and_waits_for_their_own_work() {
         let pool = pool(8);
-        assert_eq!(pool.per_user(), 4);
-        assert_eq!(self::pool(1).per_user(), 1);
+        assert_eq!(pool.shares.per_user, 4);
+        assert_eq!(self::pool(1).shares.per_user, 1);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let held: Vec<Share> = (0..4).map(|_| pool.try_share(alice).unwrap()).collect();
         assert!(pool.try_share(alice).is_none());
