@@ -285,6 +285,29 @@ fn ports_and_health_checks_match_what_the_relay_serves() {
     assert!(dockerfile.contains(&format!("http://127.0.0.1:{port}{HEALTH_PATH}")));
 }
 
+/// The relay's container may open enough files for its default socket limit and its own
+/// connections: the relay raises its soft limit to the hard one, and holds at most what that
+/// leaves.
+#[test]
+fn the_relay_may_open_files_for_every_socket_it_allows() {
+    let compose = compose();
+    let nofile = &service(&compose, "relay")["ulimits"]["nofile"];
+    let limit = |which: &str| {
+        nofile[which]
+            .as_i64()
+            .unwrap_or_else(|| panic!("the relay's ulimits.nofile.{which}"))
+    };
+    assert_eq!(limit("soft"), limit("hard"));
+    let defaults = relay::config::Tuning::defaults();
+    let needed = defaults.relay_max_sockets as usize
+        + relay::serve::reserved_files(defaults.relay_pool_size as usize);
+    assert!(
+        limit("hard") as usize >= needed,
+        "nofile {} < {needed}",
+        limit("hard")
+    );
+}
+
 #[test]
 fn the_image_is_multi_stage_non_root_and_carries_the_sql() {
     let dockerfile = read("Dockerfile");

@@ -1077,3 +1077,155 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
     let (status, body) = http_get(addr, &path, Some(&common::token(&patient))).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A connection that never finishes its request is closed after `RELAY_HEADER_TIMEOUT`, whether
+/// it sent nothing or half a request head; an open WebSocket, silent for as long, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_request_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.header_timeout = Duration::from_secs(1);
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let (patient, dentist, admin) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Admin).await,
+    );
+    let mut watcher = Ws::subscribed(addr, admin, &["appointments"]).await;
+
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /api/realtime/health HTTP/1.1\r\nHost: relay\r\n")
+        .await
+        .unwrap();
+    for (name, mut stream) in [("silent", silent), ("half a head", slow)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the relay never closed the connection"));
+        // Closed, with at most an error response: never a response to the unfinished request.
+        if let Ok(n) = read {
+            let text = String::from_utf8_lossy(&rest[..n]);
+            assert!(!text.contains(" 200 "), "{name}: {text}");
+        }
+    }
+
+    // The WebSocket, silent all along, still gets its feed.
+    let booked = db.book(&patient, &dentist, "after the timeouts").await;
+    let event = watcher.recv().await;
+    assert_eq!(event["row"]["id"], json!(booked), "{event}");
+    relay.shutdown().await;
+}
+
+/// One value of the relay's `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> i64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("metrics in time")
+        .unwrap();
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {response}"))
+}
+
+/// Waits until the metric `name` satisfies `done`, and returns its value.
+async fn metric_until(addr: SocketAddr, name: &str, done: impl Fn(i64) -> bool) -> i64 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let value = metric(addr, name).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A flood of connections that never send a request cannot take the relay's last file
+/// descriptors. At what its open-file limit leaves after its own reserve, it stops accepting; its
+/// LISTEN connection, dropped during the flood, is opened again, and the socket already open gets
+/// its events. Once the flood ends, new clients are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
+    use tokio::io::AsyncWriteExt;
+    const FILES: u32 = 160;
+    let db = common::TestDb::new().await;
+    let [addr, metrics] = common::free_addresses::<2>();
+    let metrics_bind = metrics.to_string();
+    let _relay = common::RelayProcess::spawn_with_files(
+        FILES,
+        &db.url,
+        addr,
+        &[
+            ("RUST_LOG", "error"),
+            ("RELAY_POOL_SIZE", "2"),
+            // The flood is not timed out while the test runs.
+            ("RELAY_HEADER_TIMEOUT", "1h"),
+            ("RELAY_METRICS_BIND", &metrics_bind),
+        ],
+    )
+    .await;
+    let (patient, dentist, admin) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Admin).await,
+    );
+    let mut watcher = Ws::subscribed(addr, admin, &["appointments"]).await;
+    let limit = metric(metrics, "relay_client_connections_limit").await;
+    assert!(0 < limit && limit < i64::from(FILES), "limit {limit}");
+
+    // More connections than the process could hold, each with half a request.
+    let mut flood = Vec::new();
+    for _ in 0..FILES + 40 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /api/realtime/health HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        flood.push(stream);
+    }
+    // The relay takes them up to its limit, and no further: were its reserve too small, it would
+    // run out of files before the limit.
+    metric_until(metrics, "relay_client_connections", |open| open == limit).await;
+
+    // The LISTEN connection dropped: the relay needs a new connection to Postgres, now.
+    let reconnects = metric(metrics, "relay_listen_reconnects_total").await;
+    let killed: i64 = db
+        .client
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+             where datname = current_database() and application_name = $1",
+            &[&relay::listener::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    metric_until(metrics, "relay_listen_reconnects_total", |n| n > reconnects).await;
+    let booked = db.book(&patient, &dentist, "during the flood").await;
+    let event = watcher.recv().await;
+    assert_eq!(event["row"]["id"], json!(booked), "{event}");
+    assert_eq!(metric(metrics, "relay_client_connections").await, limit);
+
+    // The flood ends: the connections that waited are accepted (and end at once), and new
+    // clients are served.
+    drop(flood);
+    metric_until(metrics, "relay_client_connections", |open| open < limit).await;
+    let mut late = Ws::subscribed(addr, admin, &["appointments"]).await;
+    let booked = db.book(&patient, &dentist, "after the flood").await;
+    for ws in [&mut watcher, &mut late] {
+        let event = ws.recv().await;
+        assert_eq!(event["row"]["id"], json!(booked), "{event}");
+    }
+}

@@ -27,6 +27,7 @@ const DEFAULT_MAX_FRAME_BYTES: u32 = 65536;
 const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 const DEFAULT_JWT_LEEWAY: &str = "30s";
 const DEFAULT_RETENTION: &str = "24h";
+const DEFAULT_HEADER_TIMEOUT: &str = "10s";
 const DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET: u32 = 4;
 const DEFAULT_MAX_FRAMES_PER_SECOND: u32 = 50;
 const DEFAULT_MAX_SOCKETS_PER_USER: u32 = 16;
@@ -235,6 +236,14 @@ pub struct Tuning {
           value_parser = parse_duration)]
     pub relay_shutdown_grace: Duration,
 
+    /// How long a connection may take to send a request's head (its request line and headers),
+    /// counted from its opening or from the response before; a connection over it is closed.
+    /// This also closes an idle HTTP keep-alive connection. WebSockets, once open, are not
+    /// affected.
+    #[arg(long = "relay-header-timeout", env = "RELAY_HEADER_TIMEOUT", default_value = DEFAULT_HEADER_TIMEOUT,
+          value_parser = parse_header_timeout)]
+    pub relay_header_timeout: Duration,
+
     /// How long the event log keeps events, and so how far back a client can resume; older
     /// events are deleted in the background, and a cursor older than this gets `cursor_expired`.
     #[arg(long = "relay-retention", env = "RELAY_RETENTION", default_value = DEFAULT_RETENTION,
@@ -261,8 +270,9 @@ pub struct Tuning {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub relay_max_sockets_per_user: u32,
 
-    /// Sockets this relay holds open at once; one more is refused with HTTP 503. Keep it below the
-    /// process's open-file limit: each socket is a file descriptor.
+    /// Sockets this relay holds open at once; one more is refused with HTTP 503. Each socket is an
+    /// open file: client connections stop, and wait to be accepted, at what the open-file limit
+    /// leaves after the relay's own files, whichever is lower.
     #[arg(long = "relay-max-sockets", env = "RELAY_MAX_SOCKETS", default_value_t = DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub relay_max_sockets: u32,
@@ -332,6 +342,8 @@ pub struct Config {
     pub pool_size: usize,
     pub shutdown_grace: Duration,
     pub retention: Duration,
+    /// How long a connection may take to send a request's head.
+    pub header_timeout: Duration,
     pub limits: Limits,
     /// `relay dev` only: the signer of the demo users' tokens, issued afresh on each request of
     /// the inspector page (`GET /dev/tokens`). `None` otherwise, and the route answers `[]`.
@@ -371,6 +383,7 @@ impl Config {
             pool_size: tuning.relay_pool_size as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
             retention: tuning.relay_retention,
+            header_timeout: tuning.relay_header_timeout,
             limits: Limits {
                 max_frame_bytes: tuning.relay_max_frame_bytes as usize,
                 max_subscriptions_per_socket: tuning.relay_max_subscriptions_per_socket as usize,
@@ -410,6 +423,7 @@ impl Tuning {
             relay_shutdown_grace: Duration::from_secs(10),
             relay_jwt_leeway: crate::token::DEFAULT_LEEWAY,
             relay_retention: Duration::from_secs(24 * 3600),
+            relay_header_timeout: Duration::from_secs(10),
             relay_max_subscriptions_per_socket: DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET,
             relay_max_frames_per_second: DEFAULT_MAX_FRAMES_PER_SECOND,
             relay_max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
@@ -467,6 +481,14 @@ fn parse_address(value: &str) -> Result<SocketAddr, String> {
          0.0.0.0:8080 (every interface); a host name such as localhost is not taken"
             .to_string()
     })
+}
+
+fn parse_header_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(value)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
+        return Err("must be between 1s and 1h".into());
+    }
+    Ok(timeout)
 }
 
 fn parse_retention(value: &str) -> Result<Duration, String> {
@@ -571,6 +593,10 @@ mod tests {
         assert_eq!(t.relay_max_frame_bytes, 65536);
         assert_eq!(t.relay_shutdown_grace, Duration::from_secs(10));
         assert_eq!(parse_duration(DEFAULT_RETENTION), Ok(t.relay_retention));
+        assert_eq!(
+            parse_header_timeout(DEFAULT_HEADER_TIMEOUT),
+            Ok(t.relay_header_timeout)
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::listener::Health;
 use crate::log;
 use crate::metrics::{self, Metrics, Scrape};
 use crate::protocol::ErrorCode;
+use crate::serve::Gate;
 use crate::session::{self, SessionContext};
 use crate::token::{Issuer, TokenError, Verified};
 use crate::upgrade::{self, NotAnUpgrade, Upgrade};
@@ -50,6 +51,8 @@ pub struct AppState {
     pub metrics_apart: bool,
     /// Open sockets against `RELAY_MAX_SOCKETS` and `RELAY_MAX_SOCKETS_PER_USER`.
     pub admission: Arc<Admission>,
+    /// Client connections against what the open-file limit allows.
+    pub connections: Gate,
 }
 
 #[derive(Debug)]
@@ -257,6 +260,7 @@ fn metrics_route(
                 listening: state.health.is_listening(),
                 newest_event: newest.map(|cursor| cursor.0),
                 presence_members: state.session.presence.member_count(),
+                connections: (state.connections.open(), state.connections.limit()),
             };
             let text = metrics::render(&state.session.hub, &state.metrics, &scrape);
             warp::reply::with_header(text, "content-type", prometheus::TEXT_FORMAT)

@@ -21,6 +21,7 @@
 //!   handshake, with the socket's buffer sizes.
 //! - [`token`]: verifying and issuing JWTs.
 //! - [`limits`]: socket admission (per user, in total) and the inbound frame rate.
+//! - [`serve`]: the accept loop, with the connection limit and the request-head timeout.
 //! - [`server`]: wiring it together; start and graceful shutdown.
 //! - [`migrate`]: applying `sql/` and `triggers/`.
 //! - [`config`]: the command line and environment; [`dev`]: the `relay dev` command.
@@ -42,6 +43,7 @@ pub mod migrate;
 pub mod outlet;
 pub mod presence;
 pub mod protocol;
+pub mod serve;
 pub mod server;
 pub mod session;
 pub mod token;

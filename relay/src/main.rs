@@ -210,6 +210,12 @@ fn refused_for_good(error: &tokio_postgres::Error) -> bool {
 
 /// Serves until SIGINT or SIGTERM; `relay dev` also prints its banner, with tokens from `issuer`.
 async fn serve(config: Config, dev: Option<(Issuer, String, String)>) -> Result<(), String> {
+    // Every client connection is a file descriptor; containers often start with a soft limit of
+    // 1,024, far below the sockets the relay is meant to hold.
+    match relay::serve::raise_open_file_limit() {
+        Ok(files) => tracing::debug!(files, "open-file limit"),
+        Err(e) => tracing::warn!(cause = %e, "cannot raise the open-file limit"),
+    }
     let relay = Relay::start(config).await.map_err(|e| e.to_string())?;
     if let Some((issuer, psql, token_command)) = dev {
         println!(

@@ -77,6 +77,8 @@ pub struct Scrape {
     /// The newest event id committed to the log, when the database answered in time.
     pub newest_event: Option<i64>,
     pub presence_members: usize,
+    /// Client connections open (HTTP and WebSocket), and the most the relay holds at once.
+    pub connections: (usize, usize),
 }
 
 /// Renders every metric in the Prometheus text format.
@@ -150,6 +152,17 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
             (newest - position).max(0),
         );
     }
+    gauge(
+        "relay_client_connections",
+        "Client connections open, HTTP and WebSocket, counted from accept to close",
+        scrape.connections.0 as i64,
+    );
+    gauge(
+        "relay_client_connections_limit",
+        "The most client connections held at once (what the open-file limit leaves); at it, new \
+         connections wait to be accepted",
+        scrape.connections.1.min(i64::MAX as usize) as i64,
+    );
     gauge(
         "relay_presence_members",
         "Users present in consultation sessions, counted once per session",
@@ -230,6 +243,7 @@ mod tests {
                 listening: true,
                 newest_event: Some(7),
                 presence_members: 2,
+                connections: (3, 900),
             },
         );
         for line in [
@@ -238,6 +252,8 @@ mod tests {
             "relay_listening 1",
             "relay_event_log_lag_events 7",
             "relay_presence_members 2",
+            "relay_client_connections 3",
+            "relay_client_connections_limit 900",
             "# TYPE relay_events_received_total counter",
             "relay_slow_consumers_cut_total 0",
             "# TYPE relay_commit_to_send_seconds histogram",

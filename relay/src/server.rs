@@ -21,6 +21,7 @@ use crate::limits::Admission;
 use crate::listener::{Health, Listener};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::serve::{self, Gate};
 use crate::session::SessionContext;
 use crate::token::{KeyError, Verifier};
 
@@ -36,6 +37,16 @@ pub enum StartError {
     Pool(#[from] deadpool_postgres::BuildError),
     #[error("cannot load the token key: {0}")]
     Keys(#[from] KeyError),
+    #[error(
+        "the open-file limit ({limit}) leaves too few for client connections: the relay keeps \
+         {reserved} for itself (Postgres, listeners); raise it (`ulimit -n`, or `ulimits` in \
+         Docker) above {needed}"
+    )]
+    Files {
+        limit: u64,
+        reserved: usize,
+        needed: usize,
+    },
 }
 
 /// A running relay.
@@ -112,6 +123,20 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Relay {
     pub async fn start(config: Config) -> Result<Relay, StartError> {
         let verifier = Arc::new(Verifier::load(&config.tokens)?);
+        let reserved = serve::reserved_files(config.pool_size);
+        let connections = serve::connection_limit(config.pool_size).ok_or(StartError::Files {
+            limit: serve::open_file_limit().unwrap_or_default(),
+            reserved,
+            needed: reserved + 16,
+        })?;
+        if config.limits.max_sockets > connections {
+            tracing::warn!(
+                max_sockets = config.limits.max_sockets,
+                connections,
+                "RELAY_MAX_SOCKETS is more than the open-file limit allows; client connections \
+                 stop at the lower figure (raise the limit: `ulimit -n`, or `ulimits` in Docker)"
+            );
+        }
         let pool = pool(&config)?;
         let internal = db::pool(&config.database, db::INTERNAL_POOL_SIZE)?;
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
@@ -147,6 +172,7 @@ impl Relay {
             config.retention,
             stopped.clone(),
         ));
+        let gate = Gate::new(connections);
         let state = AppState {
             session: SessionContext {
                 hub: hub.clone(),
@@ -164,6 +190,7 @@ impl Relay {
                 config.limits.max_sockets,
                 config.limits.max_sockets_per_user,
             ),
+            connections: gate.clone(),
         };
         let metrics_server = match config.metrics_bind {
             Some(addr) => {
@@ -173,27 +200,25 @@ impl Relay {
                 let metrics_addr = tcp
                     .local_addr()
                     .map_err(|source| StartError::Bind { addr, source })?;
-                let mut stopped_metrics = stopped.clone();
-                let serving = warp::serve(http::metrics_routes(state.clone()))
-                    .incoming(tcp)
-                    .graceful(async move {
-                        let _ = stopped_metrics.wait_for(|stop| *stop).await;
-                    })
-                    .run();
+                let serving = serve::serve(
+                    tcp,
+                    http::metrics_routes(state.clone()),
+                    Gate::new(serve::METRICS_CONNECTIONS),
+                    config.header_timeout,
+                    stopped.clone(),
+                );
                 tracing::info!(addr = %metrics_addr, "serving /metrics");
                 Some((metrics_addr, tokio::spawn(serving)))
             }
             None => None,
         };
-        let mut stopped_server = stopped;
-        let server = tokio::spawn(
-            warp::serve(http::routes(state))
-                .incoming(tcp)
-                .graceful(async move {
-                    let _ = stopped_server.wait_for(|stop| *stop).await;
-                })
-                .run(),
-        );
+        let server = tokio::spawn(serve::serve(
+            tcp,
+            http::routes(state),
+            gate,
+            config.header_timeout,
+            stopped,
+        ));
         tracing::info!(addr = %local_addr, "serving");
         Ok(Relay {
             local_addr,

@@ -605,13 +605,40 @@ impl RelayProcess {
         env: &[(&str, &str)],
         capture: bool,
     ) -> RelayProcess {
+        let mut program = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+        program.arg(command);
+        RelayProcess::launch(program, database_url, addr, env, capture).await
+    }
+
+    /// Starts `relay serve` under an open-file limit of `files` (soft and hard: the relay cannot
+    /// raise it), with extra environment, and waits until it is healthy.
+    pub async fn spawn_with_files(
+        files: u32,
+        database_url: &str,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
+        let mut program = tokio::process::Command::new("sh");
+        program
+            .arg("-c")
+            .arg(format!("ulimit -n {files} && exec \"$0\" serve"))
+            .arg(env!("CARGO_BIN_EXE_relay"));
+        RelayProcess::launch(program, database_url, addr, env, false).await
+    }
+
+    async fn launch(
+        mut program: tokio::process::Command,
+        database_url: &str,
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> RelayProcess {
         let stdout = if capture {
             std::process::Stdio::piped()
         } else {
             std::process::Stdio::null()
         };
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .arg(command)
+        let mut child = program
             .env("DATABASE_URL", database_url)
             .env("RELAY_JWT_SECRET", SECRET)
             .env("RELAY_BIND", addr.to_string())
