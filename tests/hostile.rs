@@ -640,6 +640,26 @@ async fn origins_outside_the_allowlist_are_refused() {
         assert_eq!(status, 403, "{method}: {head}");
         assert!(!head.contains("access-control-allow-origin"), "{head}");
     }
+    // Except the health check asked plainly (no preflight, no token): its refusal is readable by
+    // any page, so that a page of an origin not allowed can tell why its socket was refused.
+    let health = "/api/realtime/health";
+    let (status, head) = request(
+        addr,
+        &format!("GET {health} HTTP/1.1\r\nOrigin: https://evil.example\r\n"),
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    let (status, head) = request(
+        addr,
+        &format!("GET {health} HTTP/1.1\r\nOrigin: https://dash.example.com\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://dash.example.com"),
+        "{head}"
+    );
     relay.shutdown().await;
 }
 

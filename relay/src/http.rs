@@ -78,6 +78,7 @@ fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let cors = api_cors(&state.session.limits.allowed_origins);
+    let state_limits = state.session.limits.clone();
     // Here unless RELAY_METRICS_BIND gives it an address of its own.
     let metrics_here = !state.metrics_apart;
     let metrics = warp::any()
@@ -217,6 +218,35 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
             Ok(warp::reply::json(&body))
         });
 
+    // A page of an origin not allowed learns why its socket was refused from the one endpoint
+    // that needs no token: a plain `GET` of the health check (a simple request, which a browser
+    // sends without a preflight) gets 403 `origin_not_allowed` that any page may read. Browsers
+    // show a page nothing of a refused upgrade, and the API's own answers, token-bearing
+    // requests' refusals included, stay closed to such a page.
+    let allowed = state_limits.allowed_origins.clone();
+    let origin_refused = warp::path!("api" / "realtime" / "health")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("origin"))
+        .and_then(move |origin: Option<String>| {
+            let refused = !origin_allowed(&allowed, origin.as_deref());
+            async move {
+                if refused {
+                    let mut reply = error_reply(
+                        StatusCode::FORBIDDEN,
+                        "origin_not_allowed",
+                        ORIGIN_NOT_ALLOWED,
+                    );
+                    reply.headers_mut().insert(
+                        warp::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                        warp::http::HeaderValue::from_static("*"),
+                    );
+                    Ok(reply)
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            }
+        });
+
     // The API answers pages of other origins (dashboards served elsewhere), its errors
     // included; the rest is for the relay's own page, probes and WebSocket clients, and no
     // preflight is answered for it.
@@ -234,6 +264,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(style)
         .or(demo_tokens)
         .or(metrics)
+        .or(origin_refused)
         .or(api)
         .recover(recover)
 }
@@ -346,23 +377,30 @@ fn allowed_origin(
     with_state
         .and(warp::header::optional::<String>("origin"))
         .and_then(|state: AppState, origin: Option<String>| async move {
-            let allowed = &state.session.limits.allowed_origins;
-            match origin {
-                Some(origin)
-                    if !allowed.is_empty()
-                        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(&origin)) =>
-                {
-                    Err(refused(
-                        StatusCode::FORBIDDEN,
-                        "origin_not_allowed",
-                        "this origin may not open sockets on this relay (RELAY_ALLOWED_ORIGINS)",
-                    ))
-                }
-                _ => Ok(()),
+            if origin_allowed(&state.session.limits.allowed_origins, origin.as_deref()) {
+                Ok(())
+            } else {
+                Err(refused(
+                    StatusCode::FORBIDDEN,
+                    "origin_not_allowed",
+                    "this origin may not open sockets on this relay (RELAY_ALLOWED_ORIGINS)",
+                ))
             }
         })
         .untuple_one()
 }
+
+/// Whether a request with this `Origin` header may open a socket or call the API: any without
+/// the header (not from a browser), and every one while `RELAY_ALLOWED_ORIGINS` is empty.
+fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    origin.is_none_or(|origin| {
+        allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    })
+}
+
+/// What a page of an origin not allowed reads from the health check.
+const ORIGIN_NOT_ALLOWED: &str = "this page's origin is not in the relay's RELAY_ALLOWED_ORIGINS: \
+                                  it may not open sockets on this relay or call its API";
 
 /// Where a route accepts the token. Only the WebSocket upgrade takes it from the query string,
 /// because browsers cannot set headers on a WebSocket.

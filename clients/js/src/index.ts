@@ -490,10 +490,12 @@ export class RelayClient {
    * its limits, an origin it does not allow) or could not be reached. Browsers and `ws` show
    * neither the refusal's status nor its body, so the relay's HTTP API is asked about the token,
    * as the relay's inspector page does. A refused token is reported, and given up on when
-   * nothing can replace it; a valid one means a limit or the origin, reported and retried.
+   * nothing can replace it; a valid one means a limit or the origin, reported and retried. When
+   * the API does not answer this page at all, the health check says whether the relay refuses
+   * the page's origin (`origin_not_allowed`, reported and retried: the setting may change).
    */
   private async diagnose(token: string): Promise<void> {
-    const answer = await this.askStatus(token);
+    const answer = (await this.askStatus(token)) ?? (await this.askOrigin());
     // Closed meanwhile, or a later attempt has opened: this answer is about the past.
     if (this.closedByUser || this.socketOpened) {
       return;
@@ -507,6 +509,10 @@ export class RelayClient {
       if (code !== "token_not_yet_valid" && !this.options.getToken) {
         this.close();
       }
+      return;
+    }
+    if (answer?.status === 403 && answer.code === "origin_not_allowed") {
+      this.report({ code: answer.code, message: `${answer.message}; reconnecting` });
       return;
     }
     if (answer?.status === 200) {
@@ -526,15 +532,13 @@ export class RelayClient {
    * fetch, or no answer (the relay out of reach, or, from a page of another origin, one that
    * RELAY_ALLOWED_ORIGINS does not list).
    */
-  private async askStatus(
-    token: string,
-  ): Promise<{ status: number; code: string; message: string } | undefined> {
-    const url = statusUrl(this.options.url);
+  private async askStatus(token: string): Promise<Answer | undefined> {
+    const url = apiUrl(this.options.url, "status");
     if (typeof globalThis.fetch !== "function" || url === undefined) {
       return undefined;
     }
     const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), Math.min(this.options.connectTimeoutMs, 5_000));
+    const timer = setTimeout(() => abort.abort(), this.askTimeoutMs());
     try {
       const response = await globalThis.fetch(url, {
         headers: { Authorization: `Bearer ${token}` },
@@ -563,6 +567,45 @@ export class RelayClient {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * GET /api/realtime/health with no header, which a browser sends without a preflight: a relay
+   * that refuses this page's origin answers 403 `origin_not_allowed`, readable by any page.
+   * Undefined for any other answer, or none.
+   */
+  private async askOrigin(): Promise<Answer | undefined> {
+    const url = apiUrl(this.options.url, "health");
+    if (typeof globalThis.fetch !== "function" || url === undefined) {
+      return undefined;
+    }
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), this.askTimeoutMs());
+    try {
+      const response = await globalThis.fetch(url, { signal: abort.signal });
+      if (response.status !== 403) {
+        return undefined;
+      }
+      const body = (await response.json()) as { error?: unknown; message?: unknown };
+      if (body.error !== "origin_not_allowed") {
+        return undefined;
+      }
+      return {
+        status: 403,
+        code: body.error,
+        message:
+          typeof body.message === "string" ? body.message : "the relay refuses this page's origin",
+      };
+    } catch {
+      return undefined;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** How long a question to the relay's API may take. */
+  private askTimeoutMs(): number {
+    return Math.min(this.options.connectTimeoutMs, 5_000);
   }
 
   /** Emits an error, unless one with its code was reported since a socket last opened. */
@@ -936,7 +979,15 @@ function detach(socket: SocketLike): void {
  * the same path before `/ws` (a relay behind a path prefix). None for a socket path that does not
  * end in `/ws`: the token is never sent to what may be another service.
  */
-function statusUrl(socketUrl: string): string | undefined {
+/** What the relay's API answered about a refused socket. */
+interface Answer {
+  status: number;
+  code: string;
+  message: string;
+}
+
+/** The URL of `/api/realtime/<endpoint>` on the relay a socket URL names, beside its `/ws`. */
+function apiUrl(socketUrl: string, endpoint: "status" | "health"): string | undefined {
   let url: URL;
   try {
     // A browser takes a socket URL relative to the page.
@@ -949,7 +1000,7 @@ function statusUrl(socketUrl: string): string | undefined {
     return undefined;
   }
   const prefix = url.pathname.slice(0, -"/ws".length);
-  return `${scheme}//${url.host}${prefix}/api/realtime/status`;
+  return `${scheme}//${url.host}${prefix}/api/realtime/${endpoint}`;
 }
 
 function claims(token: string): { exp?: unknown; iat?: unknown } | undefined {

@@ -1,8 +1,10 @@
 // The inspector page in a real headless Chromium (Debian's, driven by playwright-core): a dentist
 // watches their appointments; one booked with SQL appears, and disappears when it is moved to
-// another dentist. A screenshot is saved under test-results/.
+// another dentist. A screenshot is saved under test-results/. And the client itself, in a page of
+// an origin the relay does not allow, told why its socket is refused.
 
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
+import { createServer, type Server } from "node:http";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { chromium, type Browser } from "playwright-core";
 
@@ -121,5 +123,60 @@ describe("the inspector page", () => {
     }
     await page.locator('#state[data-state="open"]').waitFor();
     await page.close();
+  });
+});
+
+describe("the client in a page of an origin the relay does not allow", () => {
+  it("reports origin_not_allowed, which the browser does not show", async () => {
+    const guarded = await Relay.start(db, await freePort(), {
+      RELAY_ALLOWED_ORIGINS: "https://dash.example.com",
+    });
+    const page = await browser.newPage();
+    const servers: Server[] = [];
+    try {
+      // A page of another origin (another port of this machine), served by the test itself,
+      // with the client's built module; it reports the client's errors in `window.codes`.
+      const port = await freePort();
+      const origin = `http://127.0.0.1:${port}`;
+      const dist = new URL("../dist/", import.meta.url);
+      const html = `<!doctype html><title>dash</title>
+        <script type="module">
+          import { connect } from "/client/index.js";
+          window.codes = [];
+          window.start = (url, token) => {
+            window.relay = connect({ url, token });
+            window.relay.on("error", (error) => window.codes.push(error.code));
+          };
+        </script>`;
+      const server = createServer((request, response) => {
+        const path = new URL(request.url ?? "/", origin).pathname;
+        if (path.startsWith("/client/")) {
+          response.setHeader("content-type", "text/javascript");
+          response.end(readFileSync(new URL(path.slice("/client/".length), dist)));
+        } else {
+          response.setHeader("content-type", "text/html");
+          response.end(html);
+        }
+      });
+      servers.push(server);
+      await new Promise<void>((resolve) => server.listen(port, "127.0.0.1", resolve));
+      type Page = { codes: string[]; start(url: string, token: string): void };
+      await page.goto(`${origin}/`);
+      await page.waitForFunction(() => "start" in window);
+      await page.evaluate(({ url, token }) => (window as unknown as Page).start(url, token), {
+        url: `${guarded.http.replace("http", "ws")}/ws`,
+        token: await token(dentist),
+      });
+      await page.waitForFunction(() =>
+        (window as unknown as Page).codes.includes("origin_not_allowed"),
+      );
+      // Only the origin: the token was never in question.
+      const codes = await page.evaluate(() => (window as unknown as Page).codes);
+      expect(codes).toEqual(["origin_not_allowed"]);
+    } finally {
+      await page.close();
+      await guarded.stop();
+      for (const server of servers) server.close();
+    }
   });
 });
