@@ -1099,7 +1099,8 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
 }
 
 /// A connection that never finishes its request is closed after `RELAY_HEADER_TIMEOUT`, whether
-/// it sent nothing or half a request head; an open WebSocket, silent for as long, is not.
+/// it sent nothing or half a request head, and one that begins HTTP/2's preface at once; an open
+/// WebSocket, silent for as long, is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_finishes_its_request_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1120,7 +1121,14 @@ async fn a_connection_that_never_finishes_its_request_is_closed() {
     slow.write_all(b"GET /api/realtime/health HTTP/1.1\r\nHost: relay\r\n")
         .await
         .unwrap();
-    for (name, mut stream) in [("silent", silent), ("half a head", slow)] {
+    // The start of HTTP/2's preface: a server that tells HTTP/1 from HTTP/2 waits for the rest.
+    let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for (name, mut stream) in [
+        ("silent", silent),
+        ("half a head", slow),
+        ("half a preface", preface),
+    ] {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
             .await

@@ -8,6 +8,9 @@
 //!
 //! * a connection must send a request's head (its request line and headers) within
 //!   `RELAY_HEADER_TIMEOUT` of connecting, or of the response before, or it is closed;
+//! * HTTP/1.1 only: a connection that begins with HTTP/2's preface is closed (no client of the
+//!   relay speaks HTTP/2 without TLS, and the preface's first bytes alone would hold the
+//!   connection open without a timeout);
 //! * client connections, HTTP and WebSocket together, never outnumber what the process's
 //!   open-file limit leaves after [`reserved_files`]. At that count the relay stops accepting
 //!   until a connection closes; new connections wait in the listen backlog meanwhile.
@@ -29,6 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use warp::{Filter, Reply};
+
+/// What an HTTP/2 connection without TLS begins with.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Connections the separate `/metrics` listener (`RELAY_METRICS_BIND`) serves at once.
 pub const METRICS_CONNECTIONS: usize = 16;
@@ -200,14 +206,17 @@ pub async fn serve<F, R>(
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            // The automatic builder first waits for the client's first bytes, to tell the
-            // version, with no timeout of its own; hyper's covers the rest of the head.
-            let mut first = [0u8; 1];
+            // The automatic builder first reads until it can tell HTTP/1 from HTTP/2's preface,
+            // with no timeout of its own; hyper's covers the rest of an HTTP/1 head.
+            let mut first = [0u8; H2_PREFACE.len()];
             tokio::select! {
                 peeked = tokio::time::timeout(header_timeout, stream.stream.peek(&mut first)) => {
-                    // Nothing in time, the connection closed, or an error: drop it.
-                    if !matches!(peeked, Ok(Ok(1))) {
-                        return;
+                    match peeked {
+                        Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => {}
+                        // Nothing in time, the connection closed, an error, or HTTP/2 (or the
+                        // start of its preface, on which the builder would wait for ever): no
+                        // client of the relay speaks HTTP/2 without TLS.
+                        _ => return,
                     }
                 }
                 () = stop(&mut stopped) => return,
