@@ -466,17 +466,7 @@ async fn the_listen_connection_comes_back_after_being_killed() {
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
     let mut ws = Ws::subscribed(relay.local_addr(), dentist, &["appointments"]).await;
     let before = common::listen_reconnects(&relay);
-    let killed: i64 = db
-        .client
-        .query_one(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity
-             where datname = current_database() and application_name = $1",
-            &[&relay::listener::APPLICATION_NAME],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 1);
+    assert_eq!(common::kill_listen(&db.client).await, 1);
     common::wait_for_reconnect(&relay, before).await;
     let (status, body) = http_get(relay.local_addr(), "/api/realtime/health", None).await;
     // It may already be back; if not, health says so.

@@ -323,18 +323,6 @@ async fn follow(
     }
 }
 
-async fn kill_listen(client: &Client) -> i64 {
-    client
-        .query_one(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity
-             where datname = current_database() and application_name = $1",
-            &[&relay::listener::APPLICATION_NAME],
-        )
-        .await
-        .map(|row| row.get(0))
-        .unwrap_or(0)
-}
-
 fn restart_postgres() {
     let command = std::env::var("RELAY_TEST_PG_RESTART").unwrap_or_else(|_| {
         let version = std::fs::read_dir("/etc/postgresql")
@@ -505,7 +493,7 @@ async fn nothing_is_lost_across_listen_kills_and_a_postgres_restart() {
             admin = reconnect(&scenario.db.url).await;
         } else {
             assert_eq!(
-                kill_listen(&admin).await,
+                common::kill_listen(&admin).await,
                 1,
                 "kill {step}: no LISTEN backend"
             );
@@ -609,7 +597,7 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
     let admin_db = common::connect_to(&common::admin_url("postgres")).await;
     let allow = |yes: bool| format!("alter database {} allow_connections {yes}", db.name);
     admin_db.batch_execute(&allow(false)).await.unwrap();
-    assert_eq!(kill_listen(&db.client).await, 1);
+    assert_eq!(common::kill_listen(&db.client).await, 1);
     db.client
         .batch_execute(&format!(
             "begin;
@@ -638,7 +626,7 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
     // The next reconnect, before anything new was dispatched, finds the log as the relay left
     // it: the socket stays.
     let before = common::listen_reconnects(&relay);
-    assert_eq!(kill_listen(&db.client).await, 1);
+    assert_eq!(common::kill_listen(&db.client).await, 1);
     common::wait_for_reconnect(&relay, before).await;
     insert(&db.client, dentist.user_id, 1).await;
     let frame = loop {

@@ -664,8 +664,8 @@ async fn origins_outside_the_allowlist_are_refused() {
 }
 
 /// Sends one HTTP/1.1 request (its request line and headers, without the blank line) and returns
-/// the status and the response's head, lowercased.
-async fn request(addr: SocketAddr, head: &str) -> (u16, String) {
+/// the whole response.
+async fn exchange(addr: SocketAddr, head: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("{head}Host: {addr}\r\nConnection: close\r\n\r\n");
@@ -675,7 +675,13 @@ async fn request(addr: SocketAddr, head: &str) -> (u16, String) {
         .await
         .expect("a response in time")
         .unwrap();
-    let text = String::from_utf8_lossy(&response).to_lowercase();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Sends one HTTP/1.1 request (its request line and headers, without the blank line) and returns
+/// the status and the response's head, lowercased.
+async fn request(addr: SocketAddr, head: &str) -> (u16, String) {
+    let text = exchange(addr, head).await.to_lowercase();
     let head = text
         .split("\r\n\r\n")
         .next()
@@ -1140,6 +1146,25 @@ async fn a_connection_that_never_finishes_its_request_is_closed() {
         }
     }
 
+    // A request whose first byte comes alone, then the rest: served, and its connection closed
+    // after the answer (one request per connection).
+    let mut split = tokio::net::TcpStream::connect(addr).await.unwrap();
+    split.write_all(b"G").await.unwrap();
+    // A slow client, not a synchronisation: the byte goes out on its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    split
+        .write_all(b"ET /api/realtime/health HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, split.read_to_end(&mut answer))
+        .await
+        .expect("the answer, then the connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+
     // The WebSocket, silent all along, still gets its feed.
     let booked = db.book(&patient, &dentist, "after the timeouts").await;
     let event = watcher.recv().await;
@@ -1149,15 +1174,7 @@ async fn a_connection_that_never_finishes_its_request_is_closed() {
 
 /// One value of the relay's `/metrics`.
 async fn metric(addr: SocketAddr, name: &str) -> i64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
-        .await
-        .expect("metrics in time")
-        .unwrap();
+    let response = exchange(addr, "GET /metrics HTTP/1.1\r\n").await;
     response
         .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -1191,7 +1208,7 @@ async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
     let db = common::TestDb::new().await;
     let [addr, metrics] = common::free_addresses::<2>();
     let metrics_bind = metrics.to_string();
-    let _relay = common::RelayProcess::spawn_with_files(
+    let relay = common::RelayProcess::spawn_with_files(
         FILES,
         &db.url,
         addr,
@@ -1226,20 +1243,21 @@ async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
     // The relay takes them up to its limit, and no further: were its reserve too small, it would
     // run out of files before the limit.
     metric_until(metrics, "relay_client_connections", |open| open == limit).await;
+    // What is left is enough for every connection to Postgres the relay may open: its pool, its
+    // own three, and the queries it cancels.
+    let pid = relay.child.id().expect("the relay runs");
+    let open_files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let for_postgres = 2 + relay::db::INTERNAL_POOL_SIZE + 1 + 2 * relay::db::MAX_CANCELS;
+    assert!(
+        open_files + for_postgres <= FILES as usize,
+        "{open_files} files open of {FILES}"
+    );
 
     // The LISTEN connection dropped: the relay needs a new connection to Postgres, now.
     let reconnects = metric(metrics, "relay_listen_reconnects_total").await;
-    let killed: i64 = db
-        .client
-        .query_one(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity
-             where datname = current_database() and application_name = $1",
-            &[&relay::listener::APPLICATION_NAME],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 1);
+    assert_eq!(common::kill_listen(&db.client).await, 1);
     metric_until(metrics, "relay_listen_reconnects_total", |n| n > reconnects).await;
     let booked = db.book(&patient, &dentist, "during the flood").await;
     let event = watcher.recv().await;

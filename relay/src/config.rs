@@ -236,10 +236,9 @@ pub struct Tuning {
           value_parser = parse_duration)]
     pub relay_shutdown_grace: Duration,
 
-    /// How long a connection may take to send a request's head (its request line and headers),
-    /// counted from its opening or from the response before; a connection over it is closed.
-    /// This also closes an idle HTTP keep-alive connection. WebSockets, once open, are not
-    /// affected.
+    /// How long a connection may take, from its opening, to send its request's head (its request
+    /// line and headers); a connection over it is closed. Each connection serves one request.
+    /// WebSockets, once open, are not affected.
     #[arg(long = "relay-header-timeout", env = "RELAY_HEADER_TIMEOUT", default_value = DEFAULT_HEADER_TIMEOUT,
           value_parser = parse_header_timeout)]
     pub relay_header_timeout: Duration,

@@ -13,7 +13,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -26,6 +26,14 @@ const STATEMENT_TIMEOUT: &str = "30s";
 
 /// Connections of the relay's own pool: one for the listener, one for presence.
 pub const INTERNAL_POOL_SIZE: usize = 2;
+
+/// Abandoned queries being cancelled at once, in the whole process. Each holds two connections
+/// to Postgres (its own, out of its pool, and the cancel's) for up to [`QUERY_TIMEOUT`]; beyond
+/// this many, an abandoned query's connection is closed without a cancel (the server ends the
+/// query at `statement_timeout` at the latest), so that the files they take stay bounded.
+pub const MAX_CANCELS: usize = 16;
+
+static CANCELS: Semaphore = Semaphore::const_new(MAX_CANCELS);
 
 /// A pool of `size` connections. Its connections notice a vanished database host within about a
 /// minute (keepalives while idle, `TCP_USER_TIMEOUT` while a query waits), rather than the
@@ -115,7 +123,16 @@ impl Drop for Lease {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Ok(place) = CANCELS.try_acquire() else {
+            tracing::warn!(
+                most = MAX_CANCELS,
+                "too many abandoned queries being cancelled; this one's connection is closed \
+                 without a cancel"
+            );
+            return;
+        };
         runtime.spawn(async move {
+            let _place = place;
             match tokio::time::timeout(QUERY_TIMEOUT, cancel.cancel_query(NoTls)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(cause)) => tracing::warn!(cause = %crate::Causes(&cause),

@@ -236,9 +236,15 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
                         "origin_not_allowed",
                         ORIGIN_NOT_ALLOWED,
                     );
-                    reply.headers_mut().insert(
+                    let headers = reply.headers_mut();
+                    headers.insert(
                         warp::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
                         warp::http::HeaderValue::from_static("*"),
+                    );
+                    // The health check answers by origin: no cache may give one's to another.
+                    headers.insert(
+                        warp::http::header::VARY,
+                        warp::http::HeaderValue::from_static("origin"),
                     );
                     Ok(reply)
                 } else {

@@ -6,8 +6,9 @@
 //! for other clients, and not for the relay's own connections to Postgres, so that a LISTEN
 //! connection that dropped could not be opened again and every feed stopped. Here:
 //!
-//! * a connection must send a request's head (its request line and headers) within
-//!   `RELAY_HEADER_TIMEOUT` of connecting, or of the response before, or it is closed;
+//! * a connection must send its request's head (its request line and headers) within
+//!   `RELAY_HEADER_TIMEOUT` of connecting, or it is closed; it serves that one request (no
+//!   keep-alive);
 //! * HTTP/1.1 only: a connection that begins with HTTP/2's preface is closed (no client of the
 //!   relay speaks HTTP/2 without TLS, and the preface's first bytes alone would hold the
 //!   connection open without a timeout);
@@ -20,10 +21,9 @@
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -40,11 +40,17 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const METRICS_CONNECTIONS: usize = 16;
 
 /// File descriptors the relay keeps for itself, beyond client connections, with a clients'
-/// pool of `pool_size`: the pool's connections and as many again for the connections that cancel
-/// their queries, its own two and the LISTEN connection, the listening sockets and the metrics
-/// listener's connections, and the runtime's and the standard streams' (64 covers them).
+/// pool of `pool_size`: the pool's connections, its own two and the LISTEN connection; abandoned
+/// queries being cancelled, two connections each ([`crate::db::MAX_CANCELS`]); the metrics
+/// listener's connections; and the listening sockets, the runtime's and the standard streams'
+/// (64 covers them).
 pub fn reserved_files(pool_size: usize) -> usize {
-    2 * pool_size + crate::db::INTERNAL_POOL_SIZE + 1 + METRICS_CONNECTIONS + 64
+    pool_size
+        + crate::db::INTERNAL_POOL_SIZE
+        + 1
+        + 2 * crate::db::MAX_CANCELS
+        + METRICS_CONNECTIONS
+        + 64
 }
 
 /// The process's open-file limit (its soft limit), if it has one.
@@ -79,16 +85,19 @@ pub fn connection_limit(pool_size: usize) -> Option<usize> {
 pub struct Gate {
     places: Arc<Semaphore>,
     limit: usize,
-    /// Whether the last accept had to wait for a place; logged when that changes.
-    full: Arc<AtomicBool>,
+    /// When a wait for a place was last logged.
+    warned: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How often, at most, the relay logs that connections wait for a place.
+const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Gate {
     pub fn new(limit: usize) -> Gate {
         Gate {
             places: Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))),
             limit,
-            full: Arc::default(),
+            warned: Arc::default(),
         }
     }
 
@@ -105,12 +114,18 @@ impl Gate {
     /// A place for the next connection, waiting until one is free.
     async fn place(&self) -> OwnedSemaphorePermit {
         if let Ok(place) = self.places.clone().try_acquire_owned() {
-            if self.full.swap(false, Ordering::Relaxed) {
-                tracing::info!(limit = self.limit, "accepting connections again");
-            }
             return place;
         }
-        if !self.full.swap(true, Ordering::Relaxed) {
+        let now = Instant::now();
+        let warn = {
+            let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+            let due = warned.is_none_or(|then| now.duration_since(then) >= FULL_WARNING_INTERVAL);
+            if due {
+                *warned = Some(now);
+            }
+            due
+        };
+        if warn {
             tracing::warn!(
                 limit = self.limit,
                 "client connections reached the most the open-file limit allows; new connections \
@@ -172,8 +187,9 @@ impl AsyncWrite for Counted {
 }
 
 /// Serves `filter` on `tcp` until `stopped` turns true, then stops accepting and waits for the
-/// HTTP connections in progress to end (idle ones are closed at once; upgraded sockets are the
-/// sessions' to close).
+/// HTTP connections in progress to end: one still waiting for its first bytes is closed at once,
+/// the others finish their request or reach their deadline (upgraded sockets are the sessions'
+/// to close). Dropped, it ends every connection it serves.
 pub async fn serve<F, R>(
     tcp: TcpListener,
     filter: F,
@@ -184,15 +200,15 @@ pub async fn serve<F, R>(
     F: Filter<Extract = (R,), Error = Infallible> + Clone + Send + Sync + 'static,
     R: Reply,
 {
-    // As warp's own server: `hyper_util`'s automatic builder (HTTP/1.1, or HTTP/2 with prior
-    // knowledge), with upgrades. (hyper's HTTP/1 builder used directly left about 150 bytes more
-    // per open WebSocket, measured with `relay-bench`.)
+    // As warp's own server: `hyper_util`'s automatic builder, with upgrades. (hyper's HTTP/1
+    // builder used directly left about 150 bytes more per open WebSocket, measured with
+    // `relay-bench`.)
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    // Each connection's task holds a clone; once all are dropped, every connection has ended.
+    builder.http1().timer(TokioTimer::new());
+    // Each connection's task holds a clone of `alive`: once all are dropped, every connection
+    // has ended. And each ends when `all_ended` is dropped, as when the server's task is aborted.
+    // (A `JoinSet` keeps each finished task's memory until it is joined: about 150 bytes more per
+    // open WebSocket, measured with `relay-bench`.)
     let (alive, mut all_ended) = mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
@@ -200,45 +216,112 @@ pub async fn serve<F, R>(
             () = stop(&mut stopped) => break,
         };
         let Some(stream) = accepted else { continue };
-        let service = TowerToHyperService::new(warp::service(filter.clone()));
+        let deadline = tokio::time::Instant::now() + header_timeout;
+        let service = one_request(TowerToHyperService::new(warp::service(filter.clone())));
         let builder = builder.clone();
         let mut stopped = stopped.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
-            let _alive = alive;
-            // The automatic builder first reads until it can tell HTTP/1 from HTTP/2's preface,
-            // with no timeout of its own; hyper's covers the rest of an HTTP/1 head.
-            let mut first = [0u8; H2_PREFACE.len()];
             tokio::select! {
-                peeked = tokio::time::timeout(header_timeout, stream.stream.peek(&mut first)) => {
-                    match peeked {
-                        Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => {}
-                        // Nothing in time, the connection closed, an error, or HTTP/2 (or the
-                        // start of its preface, on which the builder would wait for ever): no
-                        // client of the relay speaks HTTP/2 without TLS.
-                        _ => return,
-                    }
-                }
-                () = stop(&mut stopped) => return,
-            }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = stop(&mut stopped) => {
-                    // Finish the request in progress, if any, then close.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(cause = %e, "a client connection ended with an error");
+                () = serve_one(stream, service, builder, deadline, &mut stopped) => {}
+                () = alive.closed() => {}
             }
         });
     }
     drop(tcp);
     drop(alive);
     let _ = all_ended.recv().await;
+}
+
+/// Serves one connection, within `deadline` for its request's head.
+async fn serve_one<S, B>(
+    stream: Counted,
+    service: S,
+    mut builder: auto::Builder<TokioExecutor>,
+    deadline: tokio::time::Instant,
+    stopped: &mut watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The automatic builder first reads until it can tell HTTP/1 from HTTP/2's
+    // preface, with no timeout of its own.
+    let mut first = [0u8; H2_PREFACE.len()];
+    tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, stream.stream.peek(&mut first)) => {
+            match peeked {
+                Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => {}
+                // Nothing in time, the connection closed, an error, or HTTP/2 (or the
+                // start of its preface, on which the builder would wait for ever): no
+                // client of the relay speaks HTTP/2 without TLS.
+                _ => return,
+            }
+        }
+        () = stop(stopped) => return,
+    }
+    // The rest of the head, by the same deadline.
+    builder
+        .http1()
+        .header_read_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = stop(stopped) => {
+            // Finish the request in progress, if any, then close.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(cause = %e, "a client connection ended with an error");
+    }
+}
+
+/// `service`, with every answer but an upgrade's closing its connection (`connection: close`):
+/// one request per connection. An idle keep-alive connection would be closed by the head's
+/// timeout, and a proxy reusing it just then would fail its request. (hyper's own switch for
+/// keep-alive would close the upgrades' connections too.)
+fn one_request<S>(
+    service: S,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = S::Response,
+    Error = S::Error,
+    Future = impl std::future::Future<Output = Result<S::Response, S::Error>> + Send,
+> + Send
+       + Clone
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    hyper::service::service_fn(move |request| {
+        let answer = service.call(request);
+        async move {
+            let mut response = answer.await?;
+            if response.status() != warp::http::StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    warp::http::header::CONNECTION,
+                    warp::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(response)
+        }
+    })
 }
 
 /// Returns once `stopped` is true (or its sender is gone).
@@ -281,11 +364,8 @@ mod tests {
 
     #[test]
     fn the_reserve_grows_with_the_pool() {
-        assert_eq!(
-            reserved_files(10) - reserved_files(4),
-            12,
-            "each pooled connection, and its cancel"
-        );
+        assert_eq!(reserved_files(10) - reserved_files(4), 6);
+        assert_eq!(reserved_files(8), 123, "as docs/operations.md says");
     }
 
     #[tokio::test]
@@ -297,6 +377,6 @@ mod tests {
         drop(first);
         assert_eq!(gate.open(), 0);
         let _second = gate.place().await;
-        assert!(!gate.full.load(Ordering::Relaxed));
+        assert!(gate.warned.lock().unwrap().is_none(), "no wait, no warning");
     }
 }

@@ -40,7 +40,7 @@ pub enum StartError {
     #[error(
         "the open-file limit ({limit}) leaves too few for client connections: the relay keeps \
          {reserved} for itself (Postgres, listeners); raise it (`ulimit -n`, or `ulimits` in \
-         Docker) above {needed}"
+         Docker) to at least {needed}"
     )]
     Files {
         limit: u64,
@@ -270,7 +270,14 @@ impl Relay {
                 "sockets still open after the shutdown grace"
             );
         }
-        let _ = tokio::time::timeout_at(deadline, self.server).await;
+        let server = self.server.abort_handle();
+        if tokio::time::timeout_at(deadline, self.server)
+            .await
+            .is_err()
+        {
+            // Connections still in their request head; ending the server ends them.
+            server.abort();
+        }
         // Others learn at once that this instance's users left, rather than at their next sweep.
         if tokio::time::timeout_at(deadline, self.presence_writer)
             .await

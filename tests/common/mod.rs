@@ -190,6 +190,20 @@ pub async fn wait_for_reconnect(relay: &Relay, before: u64) {
     .expect("the relay listens again");
 }
 
+/// Ends the relay's LISTEN connection on the server (as `pg_terminate_backend` by an operator
+/// would); returns how many backends it ended, 0 if the database could not be asked.
+pub async fn kill_listen(client: &Client) -> i64 {
+    client
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+             where datname = current_database() and application_name = $1",
+            &[&relay::listener::APPLICATION_NAME],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0)
+}
+
 /// Waits for the relay's LISTEN connection, so that no write of the test precedes it.
 pub async fn wait_until_listening(relay: &Relay) {
     tokio::time::timeout(PATIENCE, relay.health().wait_for(true))
