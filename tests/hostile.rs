@@ -1275,3 +1275,31 @@ async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
         assert_eq!(event["row"]["id"], json!(booked), "{event}");
     }
 }
+
+/// Shutdown does not wait for a connection that is still sending its request head, however long
+/// `RELAY_HEADER_TIMEOUT` is: once the grace is over, the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_connection_still_sending_its_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.header_timeout = Duration::from_secs(3600);
+    config.shutdown_grace = Duration::from_secs(1);
+    let relay = common::start_with(config).await;
+    let mut slow = tokio::net::TcpStream::connect(relay.local_addr())
+        .await
+        .unwrap();
+    slow.write_all(b"GET /api/realtime/health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // The head has reached the relay's HTTP layer: a complete request on another connection is
+    // answered, so the accept loop has taken the slow one before it.
+    let (status, _) = http_get(relay.local_addr(), "/api/realtime/health", None).await;
+    assert_eq!(status, 200);
+    relay.shutdown().await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut rest))
+        .await
+        .expect("the relay closed the connection")
+        .ok();
+}
