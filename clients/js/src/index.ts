@@ -532,18 +532,8 @@ export class RelayClient {
    * fetch, or no answer (the relay out of reach, or, from a page of another origin, one that
    * RELAY_ALLOWED_ORIGINS does not list).
    */
-  private async askStatus(token: string): Promise<Answer | undefined> {
-    const url = apiUrl(this.options.url, "status");
-    if (typeof globalThis.fetch !== "function" || url === undefined) {
-      return undefined;
-    }
-    const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), this.askTimeoutMs());
-    try {
-      const response = await globalThis.fetch(url, {
-        headers: { Authorization: `Bearer ${token}` },
-        signal: abort.signal,
-      });
+  private askStatus(token: string): Promise<Answer | undefined> {
+    return this.ask("status", { Authorization: `Bearer ${token}` }, async (response) => {
       let body: { error?: unknown; message?: unknown } = {};
       if (response.status === 401) {
         try {
@@ -562,11 +552,7 @@ export class RelayClient {
         message:
           typeof body.message === "string" ? body.message : `the relay answered ${response.status}`,
       };
-    } catch {
-      return undefined;
-    } finally {
-      clearTimeout(timer);
-    }
+    });
   }
 
   /**
@@ -574,15 +560,8 @@ export class RelayClient {
    * that refuses this page's origin answers 403 `origin_not_allowed`, readable by any page.
    * Undefined for any other answer, or none.
    */
-  private async askOrigin(): Promise<Answer | undefined> {
-    const url = apiUrl(this.options.url, "health");
-    if (typeof globalThis.fetch !== "function" || url === undefined) {
-      return undefined;
-    }
-    const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), this.askTimeoutMs());
-    try {
-      const response = await globalThis.fetch(url, { signal: abort.signal });
+  private askOrigin(): Promise<Answer | undefined> {
+    return this.ask("health", {}, async (response) => {
       if (response.status !== 403) {
         return undefined;
       }
@@ -596,16 +575,34 @@ export class RelayClient {
         message:
           typeof body.message === "string" ? body.message : "the relay refuses this page's origin",
       };
+    });
+  }
+
+  /**
+   * GETs `/api/realtime/<endpoint>` on the relay's host, within at most 5 s, and reads the
+   * answer with `read`; undefined when there is no fetch, no answer, or `read` fails.
+   */
+  private async ask(
+    endpoint: "status" | "health",
+    headers: Record<string, string>,
+    read: (response: Response) => Promise<Answer | undefined>,
+  ): Promise<Answer | undefined> {
+    const url = apiUrl(this.options.url, endpoint);
+    if (typeof globalThis.fetch !== "function" || url === undefined) {
+      return undefined;
+    }
+    const abort = new AbortController();
+    const timer = setTimeout(
+      () => abort.abort(),
+      Math.min(this.options.connectTimeoutMs, 5_000),
+    );
+    try {
+      return await read(await globalThis.fetch(url, { headers, signal: abort.signal }));
     } catch {
       return undefined;
     } finally {
       clearTimeout(timer);
     }
-  }
-
-  /** How long a question to the relay's API may take. */
-  private askTimeoutMs(): number {
-    return Math.min(this.options.connectTimeoutMs, 5_000);
   }
 
   /** Emits an error, unless one with its code was reported since a socket last opened. */
