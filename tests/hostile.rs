@@ -1146,24 +1146,34 @@ async fn a_connection_that_never_finishes_its_request_is_closed() {
         }
     }
 
-    // A request whose first byte comes alone, then the rest: served, and its connection closed
-    // after the answer (one request per connection).
-    let mut split = tokio::net::TcpStream::connect(addr).await.unwrap();
-    split.write_all(b"G").await.unwrap();
-    // A slow client, not a synchronisation: the byte goes out on its own.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    split
-        .write_all(b"ET /api/realtime/health HTTP/1.1\r\nHost: relay\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, split.read_to_end(&mut answer))
-        .await
-        .expect("the answer, then the connection closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
-    assert!(answer.starts_with("http/1.1 200"), "{answer}");
-    assert!(answer.contains("connection: close"), "{answer}");
+    // A request whose first bytes come alone, then the rest: served, and its connection closed
+    // after the answer (one request per connection). `P` and `PR` are also how HTTP/2's preface
+    // begins: the relay waits to tell them apart.
+    for (first, rest, status) in [
+        ("G", "ET /api/realtime/health", "200"),
+        ("P", "OST /api/realtime/health", "405"),
+        ("PR", "OPFIND /api/realtime/health", "405"),
+    ] {
+        let mut split = tokio::net::TcpStream::connect(addr).await.unwrap();
+        split.write_all(first.as_bytes()).await.unwrap();
+        // A slow client, not a synchronisation: the first bytes go out on their own.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        split
+            .write_all(format!("{rest} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, split.read_to_end(&mut answer))
+            .await
+            .expect("the answer, then the connection closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(
+            answer.starts_with(&format!("http/1.1 {status}")),
+            "{first}: {answer}"
+        );
+        assert!(answer.contains("connection: close"), "{first}: {answer}");
+    }
 
     // The WebSocket, silent all along, still gets its feed.
     let booked = db.book(&patient, &dentist, "after the timeouts").await;

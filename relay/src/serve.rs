@@ -10,8 +10,8 @@
 //!   `RELAY_HEADER_TIMEOUT` of connecting, or it is closed; it serves that one request (no
 //!   keep-alive);
 //! * HTTP/1.1 only: a connection that begins with HTTP/2's preface is closed (no client of the
-//!   relay speaks HTTP/2 without TLS, and the preface's first bytes alone would hold the
-//!   connection open without a timeout);
+//!   relay speaks HTTP/2 without TLS, and hyper, waiting for the rest of the preface, would hold
+//!   the connection open without a timeout);
 //! * client connections, HTTP and WebSocket together, never outnumber what the process's
 //!   open-file limit leaves after [`reserved_files`]. At that count the relay stops accepting
 //!   until a connection closes; new connections wait in the listen backlog meanwhile.
@@ -252,17 +252,12 @@ async fn serve_one<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // The automatic builder first reads until it can tell HTTP/1 from HTTP/2's
-    // preface, with no timeout of its own.
-    let mut first = [0u8; H2_PREFACE.len()];
+    // The automatic builder first reads until it can tell HTTP/1 from HTTP/2's preface, with no
+    // timeout of its own: it is given the connection once its first bytes tell.
     tokio::select! {
-        peeked = tokio::time::timeout_at(deadline, stream.stream.peek(&mut first)) => {
-            match peeked {
-                Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => {}
-                // Nothing in time, the connection closed, an error, or HTTP/2 (or the
-                // start of its preface, on which the builder would wait for ever): no
-                // client of the relay speaks HTTP/2 without TLS.
-                _ => return,
+        http1 = starts_as_http1(&stream.stream, deadline) => {
+            if !http1 {
+                return;
             }
         }
         () = stop(stopped) => return,
@@ -283,6 +278,31 @@ async fn serve_one<S, B>(
     };
     if let Err(e) = ended {
         tracing::debug!(cause = %e, "a client connection ended with an error");
+    }
+}
+
+/// Whether the connection's first bytes, within `deadline`, are not HTTP/2's preface: false when
+/// nothing came in time, the connection closed, or it is HTTP/2 (no client of the relay speaks
+/// HTTP/2 without TLS). While they are only the preface's beginning (a request that starts with
+/// `P` and came in pieces), it looks again as more arrive.
+async fn starts_as_http1(stream: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => return true,
+            Ok(Ok(n)) if n > 0 && n < H2_PREFACE.len() => {}
+            _ => return false,
+        }
+        // The bytes peeked stay readable, so readiness cannot say when more come: look again
+        // after a pause, up to the deadline.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
