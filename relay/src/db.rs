@@ -5,7 +5,7 @@
 //! reconnect, presence). No client's load can then hold back the live feed: a user who keeps
 //! the clients' pool busy makes other users' requests wait, never the events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -182,7 +182,9 @@ pub enum GetError {
 
 /// The clients' pool, shared between users: each may have at most its share of the
 /// connections at work at once, so that one user's requests, however many, leave the rest of
-/// the pool to the others.
+/// the pool to the others; and a connection that comes free goes to the waiting user who holds
+/// the fewest, so that users who keep the whole pool busy between them still take turns with
+/// everyone else.
 #[derive(Clone)]
 pub struct ClientPool {
     pub pool: Pool,
@@ -191,76 +193,155 @@ pub struct ClientPool {
 
 struct Shares {
     per_user: usize,
-    busy: Mutex<HashMap<Uuid, usize>>,
-    freed: Notify,
+    state: Mutex<State>,
 }
 
-/// One unit of a user's share, held while the user's work has a connection; dropping it frees
-/// it.
+#[derive(Default)]
+struct State {
+    /// Connections of the pool no user's work holds.
+    free: usize,
+    /// How many each user's work holds.
+    busy: HashMap<Uuid, usize>,
+    /// Requests waiting for a connection, oldest first.
+    waiting: VecDeque<Waiter>,
+}
+
+struct Waiter {
+    user: Uuid,
+    wake: oneshot::Sender<Share>,
+}
+
+impl State {
+    fn held_by(&self, user: Uuid) -> usize {
+        self.busy.get(&user).copied().unwrap_or(0)
+    }
+
+    fn hold(&mut self, user: Uuid) {
+        self.free -= 1;
+        *self.busy.entry(user).or_default() += 1;
+    }
+
+    fn unhold(&mut self, user: Uuid) {
+        self.free += 1;
+        if let Some(n) = self.busy.get_mut(&user) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy.remove(&user);
+            }
+        }
+    }
+
+    /// Takes the waiter to give a free connection to: of the users below their share, the one
+    /// who holds the fewest, and of that user's requests the oldest. Requests that stopped
+    /// waiting are dropped on the way.
+    fn next_waiter(&mut self, per_user: usize) -> Option<Waiter> {
+        self.waiting.retain(|waiter| !waiter.wake.is_closed());
+        let (place, _) = self
+            .waiting
+            .iter()
+            .enumerate()
+            .map(|(place, waiter)| (place, self.held_by(waiter.user)))
+            .filter(|(_, held)| *held < per_user)
+            .min_by_key(|(place, held)| (*held, *place))?;
+        self.waiting.remove(place)
+    }
+}
+
+/// One of the pool's connections, held for a user's work; dropping it hands it on.
 pub struct Share {
-    shares: Arc<Shares>,
+    /// None once handed back by a wake-up that found no one waiting for it.
+    shares: Option<Arc<Shares>>,
     user: Uuid,
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        let mut busy = self
-            .shares
-            .busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = busy.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                busy.remove(&self.user);
+        if let Some(shares) = self.shares.take() {
+            shares.release(self.user);
+        }
+    }
+}
+
+impl Shares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `user`'s work no longer holds a connection: it goes to the next waiter, if any.
+    fn release(self: &Arc<Shares>, mut user: Uuid) {
+        loop {
+            let waiter = {
+                let mut state = self.lock();
+                state.unhold(user);
+                let Some(waiter) = state.next_waiter(self.per_user) else {
+                    return;
+                };
+                state.hold(waiter.user);
+                waiter
+            };
+            let share = Share {
+                shares: Some(self.clone()),
+                user: waiter.user,
+            };
+            match waiter.wake.send(share) {
+                Ok(()) => return,
+                // It stopped waiting just now: the connection goes to the next one.
+                Err(mut share) => {
+                    share.shares = None;
+                    user = waiter.user;
+                }
             }
         }
-        drop(busy);
-        self.shares.freed.notify_waiters();
     }
 }
 
 impl ClientPool {
     /// The pool, each user allowed half its connections at once (at least one).
     pub fn new(pool: Pool) -> ClientPool {
-        let per_user = (pool.status().max_size / 2).max(1);
+        let size = pool.status().max_size;
         ClientPool {
             pool,
             shares: Arc::new(Shares {
-                per_user,
-                busy: Mutex::default(),
-                freed: Notify::new(),
+                per_user: (size / 2).max(1),
+                state: Mutex::new(State {
+                    free: size,
+                    ..State::default()
+                }),
             }),
         }
     }
 
-    /// A share for `user`, if the user has one free.
+    /// A connection's share for `user`, if one is free and the user is below their share.
     pub fn try_share(&self, user: Uuid) -> Option<Share> {
-        let mut busy = self
-            .shares
-            .busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let n = busy.entry(user).or_default();
-        if *n >= self.shares.per_user {
-            return None;
-        }
-        *n += 1;
-        Some(Share {
-            shares: self.shares.clone(),
-            user,
-        })
+        self.take_or_wait(user).ok()
     }
 
-    /// A share for `user`, waiting while the user's other work holds all of them.
+    /// A share of a connection at once, or the place in the queue to wait for one.
+    fn take_or_wait(&self, user: Uuid) -> Result<Share, oneshot::Receiver<Share>> {
+        let mut state = self.shares.lock();
+        // While a connection is free, whoever waits is at their share: a request below it
+        // takes the connection.
+        if state.free > 0 && state.held_by(user) < self.shares.per_user {
+            state.hold(user);
+            return Ok(Share {
+                shares: Some(self.shares.clone()),
+                user,
+            });
+        }
+        let (wake, woken) = oneshot::channel();
+        state.waiting.retain(|waiter| !waiter.wake.is_closed());
+        state.waiting.push_back(Waiter { user, wake });
+        Err(woken)
+    }
+
+    /// A connection's share for `user`, waiting while the user holds their whole share or the
+    /// pool is busy; freed connections go first to the users who hold the fewest.
     pub async fn share(&self, user: Uuid) -> Share {
-        loop {
-            // Registered before trying, so that a share freed in between is not missed.
-            let freed = self.shares.freed.notified();
-            if let Some(share) = self.try_share(user) {
-                return share;
-            }
-            freed.await;
+        match self.take_or_wait(user) {
+            Ok(share) => share,
+            Err(woken) => woken
+                .await
+                .expect("a waiter's sender is only dropped with a share sent or when it closed"),
         }
     }
 
@@ -268,9 +349,13 @@ impl ClientPool {
     /// It waits at most [`QUERY_TIMEOUT`] in all: for the share, then for the pool.
     pub async fn get(&self, user: Uuid) -> Result<Lease, GetError> {
         let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
-        let share = tokio::time::timeout_at(deadline, self.share(user))
-            .await
-            .map_err(|_| GetError::Busy(self.shares.per_user))?;
+        let share = match tokio::time::timeout_at(deadline, self.share(user)).await {
+            Ok(share) => share,
+            Err(_) if self.shares.lock().held_by(user) >= self.shares.per_user => {
+                return Err(GetError::Busy(self.shares.per_user))
+            }
+            Err(_) => return Err(GetError::Timeout),
+        };
         let client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
             .map_err(|_| GetError::Timeout)??;
@@ -290,6 +375,26 @@ mod tests {
         ClientPool::new(super::pool(&database, size).unwrap())
     }
 
+    /// Lets spawned tasks run until they wait again.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn waiter(pool: &ClientPool, user: Uuid) -> tokio::task::JoinHandle<Share> {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.share(user).await })
+    }
+
+    /// The share a waiter got, failing rather than waiting for ever if it got none.
+    async fn got(waiter: tokio::task::JoinHandle<Share>, who: &str) -> Share {
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("{who} got no connection"))
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn each_user_gets_half_the_pool_and_waits_for_their_own_work() {
         let pool = pool(8);
@@ -301,25 +406,63 @@ mod tests {
         // Another user is not held back.
         let bobs = pool.try_share(bob).expect("bob's share");
         // Alice's fifth waits until one of hers is freed, not bob's.
-        let waiting = tokio::spawn({
-            let pool = pool.clone();
-            async move { pool.share(alice).await }
-        });
+        let waiting = waiter(&pool, alice);
+        settle().await;
         drop(bobs);
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         assert!(!waiting.is_finished(), "bob's freed share went to alice");
         let mut held = held;
         held.pop();
-        let fifth = tokio::time::timeout(Duration::from_secs(30), waiting)
-            .await
-            .expect("freed share reaches the waiter")
-            .unwrap();
+        let fifth = got(waiting, "alice's fifth").await;
         assert!(pool.try_share(alice).is_none());
         drop(fifth);
         drop(held);
         // All freed: nothing is left in the bookkeeping.
-        assert!(pool.shares.busy.lock().unwrap().is_empty());
+        let state = pool.shares.lock();
+        assert!(state.busy.is_empty());
+        assert_eq!(state.free, 8);
+    }
+
+    #[tokio::test]
+    async fn a_freed_connection_goes_to_the_waiting_user_who_holds_the_fewest() {
+        // Four connections, two per user: alice and bob fill the pool between them.
+        let pool = pool(4);
+        let (alice, bob, carol, dave) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let mut alices: Vec<Share> = (0..2).map(|_| pool.try_share(alice).unwrap()).collect();
+        let bobs: Vec<Share> = (0..2).map(|_| pool.try_share(bob).unwrap()).collect();
+        assert!(pool.try_share(carol).is_none(), "the pool is full");
+        // In order of arrival: alice again, carol, a request of dave's that gives up, dave.
+        let alice_again = waiter(&pool, alice);
+        settle().await;
+        let carol_waits = waiter(&pool, carol);
+        settle().await;
+        let dave_gives_up = waiter(&pool, dave);
+        settle().await;
+        let dave_waits = waiter(&pool, dave);
+        settle().await;
+        dave_gives_up.abort();
+        let _ = dave_gives_up.await;
+
+        // Alice's own connection comes free: carol, who holds none, gets it before alice's
+        // earlier request.
+        drop(alices.pop());
+        let carols = got(carol_waits, "carol").await;
+        settle().await;
+        assert!(!alice_again.is_finished());
+        // Then dave (none held) before alice (one held); his request that gave up is skipped.
+        drop(bobs);
+        let daves = got(dave_waits, "dave").await;
+        // And with one more free, alice, below her share again.
+        let alices_second = got(alice_again, "alice").await;
+        assert_eq!(pool.shares.lock().free, 0);
+        drop((alices, alices_second, carols, daves));
+        let state = pool.shares.lock();
+        assert!(state.busy.is_empty() && state.waiting.is_empty());
+        assert_eq!(state.free, 4);
     }
 }
