@@ -313,25 +313,41 @@ impl ClientPool {
 
     /// A connection's share for `user`, if one is free and the user is below their share.
     pub fn try_share(&self, user: Uuid) -> Option<Share> {
-        self.take_or_wait(user).ok()
+        self.take(&mut self.shares.lock(), user)
     }
 
-    /// A share of a connection at once, or the place in the queue to wait for one.
-    fn take_or_wait(&self, user: Uuid) -> Result<Share, oneshot::Receiver<Share>> {
-        let mut state = self.shares.lock();
+    fn take(&self, state: &mut State, user: Uuid) -> Option<Share> {
         // While a connection is free, whoever waits is at their share: a request below it
         // takes the connection.
-        if state.free > 0 && state.held_by(user) < self.shares.per_user {
-            state.hold(user);
-            return Ok(Share {
-                shares: Some(self.shares.clone()),
-                user,
-            });
+        if state.free == 0 || state.held_by(user) >= self.shares.per_user {
+            return None;
         }
+        state.hold(user);
+        Some(Share {
+            shares: Some(self.shares.clone()),
+            user,
+        })
+    }
+
+    /// A share of a connection at once, or the place in the queue to wait for one and whether
+    /// the user held their whole share when it joined the queue.
+    fn take_or_wait(&self, user: Uuid) -> Result<Share, (oneshot::Receiver<Share>, bool)> {
+        let mut state = self.shares.lock();
+        if let Some(share) = self.take(&mut state, user) {
+            return Ok(share);
+        }
+        let at_share = state.held_by(user) >= self.shares.per_user;
         let (wake, woken) = oneshot::channel();
         state.waiting.retain(|waiter| !waiter.wake.is_closed());
         state.waiting.push_back(Waiter { user, wake });
-        Err(woken)
+        Err((woken, at_share))
+    }
+
+    /// Waits for a share sent to the queue's place `woken`.
+    async fn woken(woken: oneshot::Receiver<Share>) -> Share {
+        woken.await.expect(
+            "a waiter's sender is only dropped with a share sent or once it stopped waiting",
+        )
     }
 
     /// A connection's share for `user`, waiting while the user holds their whole share or the
@@ -339,9 +355,7 @@ impl ClientPool {
     pub async fn share(&self, user: Uuid) -> Share {
         match self.take_or_wait(user) {
             Ok(share) => share,
-            Err(woken) => woken
-                .await
-                .expect("a waiter's sender is only dropped with a share sent or when it closed"),
+            Err((woken, _)) => Self::woken(woken).await,
         }
     }
 
@@ -349,12 +363,21 @@ impl ClientPool {
     /// It waits at most [`QUERY_TIMEOUT`] in all: for the share, then for the pool.
     pub async fn get(&self, user: Uuid) -> Result<Lease, GetError> {
         let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
-        let share = match tokio::time::timeout_at(deadline, self.share(user)).await {
+        let share = match self.take_or_wait(user) {
             Ok(share) => share,
-            Err(_) if self.shares.lock().held_by(user) >= self.shares.per_user => {
-                return Err(GetError::Busy(self.shares.per_user))
+            Err((woken, at_share)) => {
+                match tokio::time::timeout_at(deadline, Self::woken(woken)).await {
+                    Ok(share) => share,
+                    // The user's own requests held all of the user's share, from the start of
+                    // the wait to its end.
+                    Err(_)
+                        if at_share && self.shares.lock().held_by(user) >= self.shares.per_user =>
+                    {
+                        return Err(GetError::Busy(self.shares.per_user))
+                    }
+                    Err(_) => return Err(GetError::Timeout),
+                }
             }
-            Err(_) => return Err(GetError::Timeout),
         };
         let client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
@@ -421,6 +444,68 @@ mod tests {
         let state = pool.shares.lock();
         assert!(state.busy.is_empty());
         assert_eq!(state.free, 8);
+    }
+
+    #[tokio::test]
+    async fn a_share_sent_to_a_request_that_stopped_waiting_goes_on() {
+        let pool = pool(2);
+        let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let alices = pool.try_share(alice).unwrap();
+        let _bobs = pool.try_share(bob).unwrap();
+        let gives_up = waiter(&pool, carol);
+        settle().await;
+        // The share is sent to carol's request, which is aborted before it runs again (one
+        // thread: nothing runs between these lines).
+        drop(alices);
+        assert_eq!(pool.shares.lock().held_by(carol), 1);
+        gives_up.abort();
+        assert!(matches!(gives_up.await, Err(e) if e.is_cancelled()));
+        // Dropped unreceived, it came back.
+        let state = pool.shares.lock();
+        assert_eq!((state.free, state.held_by(carol)), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_waited_in_vain_says_whose_requests_held_it() {
+        let pool = pool(2);
+        let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let _alices = pool.try_share(alice).unwrap();
+        // Alice at her share: her own requests held her back.
+        assert!(matches!(pool.get(alice).await, Err(GetError::Busy(1))));
+        // The pool full with others' work: not carol's doing.
+        let _bobs = pool.try_share(bob).unwrap();
+        assert!(matches!(pool.get(carol).await, Err(GetError::Timeout)));
+        // A request that gave up is pruned by the next to queue (alice's by carol's); try_share
+        // queues nothing.
+        assert_eq!(pool.shares.lock().waiting.len(), 1);
+        assert!(pool.try_share(carol).is_none());
+        assert_eq!(pool.shares.lock().waiting.len(), 1);
+        let _ = pool.take_or_wait(carol);
+        assert_eq!(pool.shares.lock().waiting.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_waited_for_the_pool_is_not_blamed_on_its_user() {
+        // Two per user; alice and bob fill the pool.
+        let pool = pool(4);
+        let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let _alices: Vec<Share> = (0..2).map(|_| pool.try_share(alice).unwrap()).collect();
+        let bobs: Vec<Share> = (0..2).map(|_| pool.try_share(bob).unwrap()).collect();
+        // Two of carol's requests queue, then a third, with the pool full and carol below her
+        // share.
+        let first = waiter(&pool, carol);
+        let second = waiter(&pool, carol);
+        settle().await;
+        let third = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get(carol).await.map(|_| ()) }
+        });
+        settle().await;
+        // Bob's connections go to carol's first two: she reaches her share while the third
+        // still waits, for the pool, not for her own requests.
+        drop(bobs);
+        let (_first, _second) = (got(first, "first").await, got(second, "second").await);
+        assert!(matches!(third.await.unwrap(), Err(GetError::Timeout)));
     }
 
     #[tokio::test]

@@ -36,6 +36,9 @@ use warp::{Filter, Reply};
 /// What an HTTP/2 connection without TLS begins with.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How many of the preface's bytes tell it from every HTTP/1 request (`PRI`).
+const PREFACE_TELLS: usize = 3;
+
 /// Connections the separate `/metrics` listener (`RELAY_METRICS_BIND`) serves at once.
 pub const METRICS_CONNECTIONS: usize = 16;
 
@@ -282,16 +285,17 @@ async fn serve_one<S, B>(
 }
 
 /// Whether the connection's first bytes, within `deadline`, are not HTTP/2's preface: false when
-/// nothing came in time, the connection closed, or it is HTTP/2 (no client of the relay speaks
-/// HTTP/2 without TLS). While they are only the preface's beginning (a request that starts with
-/// `P` and came in pieces), it looks again as more arrive.
+/// nothing came in time, the connection closed, or it begins as HTTP/2 (no client of the relay
+/// speaks HTTP/2 without TLS). While they are only `P` or `PR` (a request that came in pieces),
+/// it looks again as more arrive.
 async fn starts_as_http1(stream: &TcpStream, deadline: tokio::time::Instant) -> bool {
     let mut first = [0u8; H2_PREFACE.len()];
     let mut pause = Duration::from_millis(5);
     loop {
         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(n)) if n > 0 && first[..n] != H2_PREFACE[..n] => return true,
-            Ok(Ok(n)) if n > 0 && n < H2_PREFACE.len() => {}
+            // `P` and `PR` begin methods too; from `PRI` on, no HTTP/1 method.
+            Ok(Ok(n)) if n > 0 && n < PREFACE_TELLS => {}
             _ => return false,
         }
         // The bytes peeked stay readable, so readiness cannot say when more come: look again
@@ -302,7 +306,7 @@ async fn starts_as_http1(stream: &TcpStream, deadline: tokio::time::Instant) -> 
         {
             return false;
         }
-        pause = (pause * 2).min(Duration::from_millis(100));
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 
