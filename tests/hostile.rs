@@ -1006,6 +1006,33 @@ async fn every_route_answers_405_to_a_method_it_does_not_take() {
     relay.shutdown().await;
 }
 
+/// Backends of the test's database waiting for a lock.
+async fn lock_waiters(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+}
+
+/// Waits at most `within` until the number of lock waiters satisfies `done`.
+async fn lock_waiters_until(
+    client: &tokio_postgres::Client,
+    within: Duration,
+    done: impl Fn(i64) -> bool,
+) -> Result<(), tokio::time::error::Elapsed> {
+    tokio::time::timeout(within, async {
+        while !done(lock_waiters(client).await) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// Requests, however slow, hold back neither the live feed nor the requests after them: the
 /// listener reads the log on connections of its own, and a query the relay gives up on is
 /// cancelled on the server and its connection closed, so that the next request gets a free one.
@@ -1041,23 +1068,8 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
             tokio::spawn(async move { http_get(addr, &path, Some(&token)).await })
         })
         .collect();
-    let lock_waiters = || async {
-        db.client
-            .query_one(
-                "select count(*) from pg_stat_activity
-                 where datname = current_database() and wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
-    let waiting = async {
-        while lock_waiters().await == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, waiting)
+    let lock_waiters = || lock_waiters(&db.client);
+    lock_waiters_until(&db.client, PATIENCE, |n| n > 0)
         .await
         .expect("a history query waits on the lock");
 
@@ -1209,8 +1221,9 @@ async fn metric_until(addr: SocketAddr, name: &str, done: impl Fn(i64) -> bool) 
 
 /// A flood of connections that never send a request cannot take the relay's last file
 /// descriptors. At what its open-file limit leaves after its own reserve, it stops accepting; its
-/// LISTEN connection, dropped during the flood, is opened again, and the socket already open gets
-/// its events. Once the flood ends, new clients are accepted again.
+/// LISTEN connection, dropped during the flood, is opened again, the socket already open gets its
+/// events, and a query it gives up on is cancelled on the server. Once the flood ends, new
+/// clients are accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
     use tokio::io::AsyncWriteExt;
@@ -1239,6 +1252,23 @@ async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
     let mut watcher = Ws::subscribed(addr, admin, &["appointments"]).await;
     let limit = metric(metrics, "relay_client_connections_limit").await;
     assert!(0 < limit && limit < i64::from(FILES), "limit {limit}");
+
+    // A history query stuck behind a lock the test holds: the relay gives it up during the
+    // flood, and cancelling it on the server takes a connection to Postgres of its own.
+    let session = db.open_session(&patient, &dentist).await;
+    let mut holder = common::connect_to(&db.url).await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("lock table public.consultation_messages in access exclusive mode")
+        .await
+        .unwrap();
+    let stuck = tokio::spawn({
+        let path = format!("/api/consultations/{session}/messages");
+        let token = common::token(&patient);
+        async move { common::http_get(addr, &path, Some(&token)).await }
+    });
+    lock_waiters_until(&db.client, PATIENCE, |n| n > 0)
+        .await
+        .expect("the history query waits on the lock");
 
     // More connections than the process could hold, each with half a request.
     let mut flood = Vec::new();
@@ -1272,6 +1302,21 @@ async fn a_flood_of_connections_leaves_the_relay_files_of_its_own() {
     let booked = db.book(&patient, &dentist, "during the flood").await;
     let event = watcher.recv().await;
     assert_eq!(event["row"]["id"], json!(booked), "{event}");
+    assert_eq!(metric(metrics, "relay_client_connections").await, limit);
+
+    // The stuck query was given up on (after the relay's 5 s) and cancelled on the server while
+    // the lock is still held: without the cancel, it would wait on until the server's own
+    // statement_timeout, 30 s after it began.
+    let (status, body) = stuck.await.unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    lock_waiters_until(&db.client, Duration::from_secs(15), |n| n == 0)
+        .await
+        .expect("the abandoned query was cancelled");
+    lock.rollback().await.unwrap();
     assert_eq!(metric(metrics, "relay_client_connections").await, limit);
 
     // The flood ends: the connections that waited are accepted (and end at once), and new
