@@ -585,11 +585,12 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
     for _ in 0..3 {
         insert(&db.client, dentist.user_id, 1).await;
     }
-    let mut ids = Vec::new();
+    let (mut ids, mut cursors) = (Vec::new(), Vec::new());
     while ids.len() < 3 {
         let frame = ws.recv().await;
         if frame["type"] == "event" {
             ids.push(frame["id"].as_i64().unwrap());
+            cursors.push(frame["cursor"].as_str().unwrap().to_string());
         }
     }
 
@@ -636,5 +637,25 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
         }
     };
     assert_eq!(frame["id"].as_i64(), Some(ids[0] + 4), "{frame}");
+
+    // A client away through all of it resumes. From the last event it had, whose id new events
+    // have since taken and passed: refused, since the log no longer holds that event (its rows
+    // may be gone too). From the first, which the restore kept: the new events.
+    let mut away = common::Ws::connect(addr, admin).await;
+    for lost in &cursors[1..] {
+        away.send(
+            json!({"type": "subscribe", "ref": "lost", "feed": "availability", "since": lost}),
+        )
+        .await;
+        let reply = away.recv().await;
+        assert_eq!(
+            (&reply["type"], &reply["code"]),
+            (&json!("error"), &json!("cursor_expired")),
+            "{reply}"
+        );
+    }
+    let replayed = away.resume("availability", &cursors[0]).await;
+    let replayed: Vec<i64> = replayed.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(replayed, (1..=4).map(|n| ids[0] + n).collect::<Vec<_>>());
     relay.shutdown().await;
 }

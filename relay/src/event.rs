@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::authz::{Feed, Owners, Perceived, Projection};
+use crate::protocol::Mark;
 
 /// The NOTIFY channel the capture trigger sends on.
 pub const CHANNEL: &str = "relay_events";
@@ -216,7 +217,7 @@ impl Event {
             feed: self.feed.as_str(),
             op: perceived.as_str(),
             id: self.id,
-            cursor: self.id,
+            cursor: Mark::event(self.id, &self.at),
             row: row.map(|v| Projected(&v.row, projection)),
             old: old.map(|v| Projected(&v.row, projection)),
             at: &self.at,
@@ -233,16 +234,16 @@ struct EventFrame<'a> {
     feed: &'static str,
     op: &'static str,
     id: i64,
-    /// The position to resume from: the event's id, as an opaque string.
+    /// The position to resume from: the event's id and tag, as an opaque string.
     #[serde(serialize_with = "as_string")]
-    cursor: i64,
+    cursor: Mark,
     row: Option<Projected<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     old: Option<Projected<'a>>,
     at: &'a str,
 }
 
-fn as_string<S: Serializer>(value: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+fn as_string<S: Serializer>(value: &Mark, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(value)
 }
 
@@ -395,7 +396,13 @@ mod tests {
         assert!(slot["row"].get("patient_id").is_none());
         assert!(slot["old"].get("notes").is_none());
         assert_eq!(slot["id"], 3);
-        assert_eq!(slot["cursor"], "3");
+        assert_eq!(
+            slot["cursor"],
+            format!(
+                "3.{:08x}",
+                crate::protocol::Tag::of("2026-11-21T10:00:00Z").0
+            )
+        );
         assert_eq!(slot["at"], "2026-11-21T10:00:00Z");
     }
 
@@ -490,7 +497,10 @@ mod tests {
                         continue;
                     };
                     let frame: Value = serde_json::from_slice(&frame).unwrap();
-                    prop_assert_eq!(&frame["cursor"], &json!(event.id.to_string()));
+                    prop_assert_eq!(
+                        &frame["cursor"],
+                        &json!(Mark::event(event.id, &event.at).to_string())
+                    );
                     prop_assert_eq!(&frame["op"], perceived.as_str());
                     if projection == Projection::Slot {
                         for version in [&frame["row"], &frame["old"]] {

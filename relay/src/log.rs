@@ -15,7 +15,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::authz::Feed;
 use crate::event::{DecodeError, Event, RawEvent};
-use crate::protocol::Cursor;
+use crate::protocol::{Cursor, Mark, Tag};
 
 /// The columns of an event, in the NOTIFY payload's field order, from offset `$first`.
 /// An event's `at` as its frames carry it (RFC 3339 in UTC, microseconds), in SQL over `e`.
@@ -65,11 +65,22 @@ pub struct Bounds {
     pub horizon: Cursor,
     /// The highest id the sequence has handed out: a cursor above it is not from this database.
     pub issued: Cursor,
+    /// The tag of the event the log holds at the cursor's id, if any.
+    pub logged: Option<Tag>,
 }
 
 impl Bounds {
-    pub fn admits(&self, cursor: Cursor) -> bool {
-        self.horizon <= cursor && cursor <= self.issued
+    /// Whether the events after `cursor` can be replayed: retention kept them, the log has come
+    /// as far, and a cursor that names an event still finds that event at its id (not another,
+    /// after the log went back and new events took the id again). At the horizon itself the
+    /// event is gone, and nothing after it is.
+    pub fn admits(&self, cursor: Mark) -> bool {
+        let position = cursor.position;
+        let same_event = match cursor.tag {
+            None => true,
+            Some(tag) => position == self.horizon || self.logged == Some(tag),
+        };
+        self.horizon <= position && position <= self.issued && same_event
     }
 }
 
@@ -127,30 +138,47 @@ pub async fn read_range(
     })
 }
 
-/// The log's newest committed event (0 if none): the position a relay starts live from.
-pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postgres::Error> {
+/// The log's newest committed event (0 if none): the position a relay starts live from, with
+/// that event's tag (none when the position is where retention pruned to, past every event).
+pub async fn position(client: &impl GenericClient) -> Result<Mark, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "select greatest(coalesce(max(id), 0), (select pruned_through from relay.log_horizon)) \
-             from relay.events",
+            &format!(
+                "select p.id, (select {AT_TEXT} from relay.events e where e.id = p.id) \
+                 from (select greatest(coalesce(max(id), 0), \
+                                       (select pruned_through from relay.log_horizon)) as id \
+                       from relay.events) p"
+            ),
             &[],
         )
         .await?;
-    Ok(Cursor(row.try_get(0)?))
+    let position = Cursor(row.try_get(0)?);
+    Ok(match row.try_get::<_, Option<String>>(1)? {
+        Some(at) => Mark::event(position.0, &at),
+        None => Mark::from(position),
+    })
 }
 
-pub async fn bounds(client: &impl GenericClient) -> Result<Bounds, tokio_postgres::Error> {
+/// The bounds of a resume from `cursor`, read in one statement.
+pub async fn bounds(
+    client: &impl GenericClient,
+    cursor: Mark,
+) -> Result<Bounds, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "select h.pruned_through, \
-                    case when s.is_called then s.last_value else 0 end \
-             from relay.log_horizon h, relay.events_id_seq s",
-            &[],
+            &format!(
+                "select h.pruned_through, \
+                        case when s.is_called then s.last_value else 0 end, \
+                        (select {AT_TEXT} from relay.events e where e.id = $1) \
+                 from relay.log_horizon h, relay.events_id_seq s"
+            ),
+            &[&cursor.position.0],
         )
         .await?;
     Ok(Bounds {
         horizon: Cursor(row.try_get(0)?),
         issued: Cursor(row.try_get(1)?),
+        logged: row.try_get::<_, Option<String>>(2)?.as_deref().map(Tag::of),
     })
 }
 
@@ -224,5 +252,37 @@ pub async fn prune_periodically(pool: Pool, retention: Duration, mut stop: watch
                 "pruning the event log failed; will retry"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_admitted_only_while_the_log_holds_its_event() {
+        let event = |id| Mark {
+            position: Cursor(id),
+            tag: Some(Tag(7)),
+        };
+        let bounds = |logged| Bounds {
+            horizon: Cursor(10),
+            issued: Cursor(20),
+            logged,
+        };
+        // An untagged cursor: the range alone.
+        assert!(bounds(None).admits(Mark::from(Cursor(15))));
+        assert!(!bounds(None).admits(Mark::from(Cursor(9))));
+        assert!(!bounds(None).admits(Mark::from(Cursor(21))));
+        // A tagged one: its event must be at its id, as it was.
+        assert!(bounds(Some(Tag(7))).admits(event(15)));
+        assert!(
+            !bounds(Some(Tag(8))).admits(event(15)),
+            "another event at its id"
+        );
+        assert!(!bounds(None).admits(event(15)), "no event at its id");
+        // At the horizon its event was pruned, and nothing after it.
+        assert!(bounds(None).admits(event(10)));
+        assert!(!bounds(Some(Tag(7))).admits(event(21)));
     }
 }

@@ -64,6 +64,77 @@ impl std::str::FromStr for Cursor {
     }
 }
 
+/// What tells one event from another that later took its id in a log that went back (a restore,
+/// a failover that lost commits): a hash of the event's `at`, the time of its transaction, which
+/// the later one cannot share but by a one-in-four-billion chance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag(pub u32);
+
+impl Tag {
+    /// The tag of an event with this `at`, as its frames carry it (FNV-1a).
+    pub fn of(at: &str) -> Tag {
+        Tag(at.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        }))
+    }
+}
+
+/// A cursor as clients hold it: a position in the log and, when the position is an event, that
+/// event's [`Tag`]. Written `<id>` or `<id>.<tag in 8 lowercase hex digits>`; clients treat it as
+/// an opaque string. The tag lets a resume find out that the log no longer holds the event the
+/// cursor came from, even once new events have passed its id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Mark {
+    pub position: Cursor,
+    pub tag: Option<Tag>,
+}
+
+impl Mark {
+    /// The cursor of the event with this id and `at`.
+    pub fn event(id: i64, at: &str) -> Mark {
+        Mark {
+            position: Cursor(id),
+            tag: Some(Tag::of(at)),
+        }
+    }
+}
+
+impl From<Cursor> for Mark {
+    fn from(position: Cursor) -> Mark {
+        Mark {
+            position,
+            tag: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tag {
+            Some(Tag(tag)) => write!(f, "{}.{tag:08x}", self.position),
+            None => self.position.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for Mark {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Mark, ()> {
+        let Some((position, tag)) = s.split_once('.') else {
+            return Ok(Mark::from(s.parse::<Cursor>()?));
+        };
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if tag.len() != 8 || !tag.bytes().all(hex) {
+            return Err(());
+        }
+        Ok(Mark {
+            position: position.parse()?,
+            tag: Some(Tag(u32::from_str_radix(tag, 16).map_err(|_| ())?)),
+        })
+    }
+}
+
 /// A frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
@@ -72,7 +143,7 @@ pub enum ClientFrame {
         feed: Feed,
         filter: Filter,
         /// Resume after this cursor: replay what was missed, then continue live.
-        since: Option<Cursor>,
+        since: Option<Mark>,
     },
     Unsubscribe {
         reference: Option<String>,
@@ -366,7 +437,7 @@ fn take_uuid(
 fn take_since(
     object: &mut Map<String, Value>,
     reference: &Option<String>,
-) -> Result<Option<Cursor>, FrameError> {
+) -> Result<Option<Mark>, FrameError> {
     let bad = || {
         FrameError::new(
             reference.clone(),
@@ -456,7 +527,7 @@ impl<'a> Reply<'a> {
 /// The acknowledgement of a subscription. `cursor` is where it starts: the client has every event
 /// of the feed up to it (the `since` it resumed from, or the log's position when it subscribed),
 /// so it can resume from there even if no event arrives before it disconnects.
-pub fn subscribed(reference: Option<&str>, feed: Feed, cursor: Cursor) -> Bytes {
+pub fn subscribed(reference: Option<&str>, feed: Feed, cursor: Mark) -> Bytes {
     Reply {
         feed: Some(feed.as_str()),
         cursor: Some(cursor.to_string()),
@@ -566,6 +637,19 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_names_its_event_by_the_hash_of_its_time() {
+        // FNV-1a, 32 bits: fixed, so that cursors stay valid across versions of the relay.
+        assert_eq!(Tag::of(""), Tag(0x811c_9dc5));
+        assert_eq!(Tag::of("a"), Tag(0xe40c_292c));
+        let mark = Mark::event(1042, "2026-11-21T10:37:02.520020Z");
+        let text = mark.to_string();
+        assert!(text.starts_with("1042.") && text.len() == 13, "{text}");
+        assert_eq!(text.parse(), Ok(mark));
+        assert_eq!("1042".parse(), Ok(Mark::from(Cursor(1042))));
+        assert_eq!(Mark::from(Cursor(7)).to_string(), "7");
+    }
+
+    #[test]
     fn parses_each_frame_type() {
         let session = Uuid::new_v4();
         assert_eq!(
@@ -583,7 +667,19 @@ mod tests {
                 reference: None,
                 feed: Feed::Appointments,
                 filter: Filter::default(),
-                since: Some(Cursor(42)),
+                since: Some(Mark::from(Cursor(42))),
+            })
+        );
+        assert_eq!(
+            parse(json!({"type": "subscribe", "feed": "appointments", "since": "42.00c0ffee"})),
+            Ok(ClientFrame::Subscribe {
+                reference: None,
+                feed: Feed::Appointments,
+                filter: Filter::default(),
+                since: Some(Mark {
+                    position: Cursor(42),
+                    tag: Some(Tag(0x00c0_ffee))
+                }),
             })
         );
         assert_eq!(
@@ -681,6 +777,21 @@ mod tests {
                 Some("l"),
             ),
             (
+                json!({"ref": "l2", "type": "subscribe", "feed": "appointments", "since": "42.C0FFEE00"}),
+                ErrorCode::BadRequest,
+                Some("l2"),
+            ),
+            (
+                json!({"ref": "l3", "type": "subscribe", "feed": "appointments", "since": "42.c0ffee"}),
+                ErrorCode::BadRequest,
+                Some("l3"),
+            ),
+            (
+                json!({"ref": "l4", "type": "subscribe", "feed": "appointments", "since": ".c0ffee00"}),
+                ErrorCode::BadRequest,
+                Some("l4"),
+            ),
+            (
                 json!({"ref": 5, "type": "ping"}),
                 ErrorCode::BadRequest,
                 None,
@@ -764,7 +875,11 @@ mod tests {
     fn replies_render_as_documented() {
         let v = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap();
         assert_eq!(
-            v(subscribed(Some("1"), Feed::Appointments, Cursor(7))),
+            v(subscribed(
+                Some("1"),
+                Feed::Appointments,
+                Mark::from(Cursor(7))
+            )),
             json!({"type": "subscribed", "ref": "1", "feed": "appointments", "cursor": "7"})
         );
         assert_eq!(
@@ -875,6 +990,12 @@ mod tests {
             }
 
             #[test]
+            fn a_cursor_round_trips(id in 0i64.., tag in any::<Option<u32>>()) {
+                let mark = Mark { position: Cursor(id), tag: tag.map(Tag) };
+                prop_assert_eq!(mark.to_string().parse::<Mark>(), Ok(mark));
+            }
+
+            #[test]
             fn a_subscribe_frame_round_trips(feed in prop::sample::select(&Feed::ALL[..]), since in any::<Option<u32>>(), reference in any::<Option<String>>()) {
                 let mut frame = json!({"type": "subscribe", "feed": feed.as_str(), "ref": reference});
                 if let Some(since) = since {
@@ -885,7 +1006,7 @@ mod tests {
                     reference,
                     feed,
                     filter: Filter::default(),
-                    since: since.map(|s| Cursor(i64::from(s))),
+                    since: since.map(|s| Mark::from(Cursor(i64::from(s)))),
                 }));
             }
         }

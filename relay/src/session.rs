@@ -29,7 +29,7 @@ use crate::limits::{FrameRate, Ticket};
 use crate::log;
 use crate::outlet::{Outlet, Pumped};
 use crate::presence::{Presence, Scope};
-use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter};
+use crate::protocol::{self, close, ClientFrame, Cursor, ErrorCode, Filter, Mark};
 use crate::token::{RawToken, Verified, Verifier};
 use crate::upgrade::Socket;
 
@@ -373,7 +373,7 @@ impl Reader {
         reference: Option<&str>,
         feed: Feed,
         filter: Filter,
-        since: Option<Cursor>,
+        since: Option<Mark>,
     ) {
         if let Err((code, message)) = self.check_subscription(feed, &filter).await {
             self.reply(protocol::error(reference, code, &message));
@@ -385,8 +385,9 @@ impl Reader {
                 return;
             }
         }
-        let start = since.map_or(Start::Live, Start::After);
-        let ack = |cursor| protocol::subscribed(reference, feed, cursor);
+        let start = since.map_or(Start::Live, |since| Start::After(since.position));
+        // A resumed subscription starts at its cursor, as the client sent it.
+        let ack = |start| protocol::subscribed(reference, feed, since.unwrap_or(start));
         let position = match self
             .context
             .hub
@@ -421,7 +422,10 @@ impl Reader {
                 return;
             }
         }
-        if let Some(cursor) = since {
+        if let Some(Mark {
+            position: cursor, ..
+        }) = since
+        {
             let view = View {
                 principal: self.principal,
                 filter,
@@ -481,13 +485,13 @@ impl Reader {
         .map_err(|e| unavailable(&e))
     }
 
-    /// Refuses a cursor that cannot be resumed from: older than retention, or not from this
-    /// database.
-    async fn check_cursor(&self, cursor: Cursor) -> Result<(), (ErrorCode, String)> {
+    /// Refuses a cursor that cannot be resumed from: older than retention, not from this
+    /// database, or naming an event the log no longer holds as it was (it went back).
+    async fn check_cursor(&self, cursor: Mark) -> Result<(), (ErrorCode, String)> {
         let user = self.principal.user_id;
         let lease = self.context.db.get(user).await.map_err(not_leased)?;
         let bounds = db::bounded(lease, |client| {
-            Box::pin(async move { log::bounds(&***client).await })
+            Box::pin(async move { log::bounds(&***client, cursor).await })
         })
         .await
         .map_err(|e| unavailable(&e))?
@@ -669,12 +673,12 @@ fn unavailable(cause: &(dyn std::error::Error + 'static)) -> (ErrorCode, String)
     )
 }
 
-fn expired(cursor: Cursor) -> (ErrorCode, String) {
+fn expired(cursor: impl std::fmt::Display) -> (ErrorCode, String) {
     (
         ErrorCode::CursorExpired,
         format!(
-            "cursor {cursor} is older than the event log's retention or not from this database; \
-             fetch current state and subscribe without `since`"
+            "cursor {cursor} is older than the event log's retention, or not from this database \
+             or from before it was restored; fetch current state and subscribe without `since`"
         ),
     )
 }

@@ -332,7 +332,7 @@ impl Ws {
         let reply = self.recv().await;
         let cursor = reply["cursor"].as_str().unwrap_or_default().to_string();
         assert!(
-            !cursor.is_empty() && cursor.bytes().all(|b| b.is_ascii_digit()),
+            cursor.parse::<relay::protocol::Mark>().is_ok(),
             "subscribe {feed}: {reply}"
         );
         assert_eq!(

@@ -280,7 +280,7 @@ export class RelayClient {
       filter: options.filter,
       handler: handler as (event: ChangeEvent) => void,
       cursor: options.since,
-      lastId: options.since !== undefined ? Number(options.since) : 0,
+      lastId: options.since !== undefined ? positionOf(options.since) : 0,
     };
     this.entries.set(feed, entry);
     this.transmitSubscribe(entry);
@@ -738,7 +738,7 @@ export class RelayClient {
           entry.pending = undefined;
           if (entry.cursor === undefined) {
             entry.cursor = frame.cursor as string;
-            entry.lastId = Number(frame.cursor);
+            entry.lastId = positionOf(frame.cursor as string);
           }
         }
         break;
@@ -1052,4 +1052,13 @@ function uuid(): string {
   bytes[8] = ((bytes[8] as number) & 0x3f) | 0x80;
   const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/**
+ * The event id a cursor stands at: its leading digits (a cursor is `<id>` or `<id>.<tag>`).
+ * Only for telling events already delivered from new ones; a cursor is resumed from as it is.
+ */
+function positionOf(cursor: string): number {
+  const id = Number.parseInt(cursor, 10);
+  return Number.isFinite(id) ? id : 0;
 }

@@ -360,6 +360,28 @@ describe("a replay that fails after `subscribed`", () => {
     client.close();
   });
 
+  it("tells the events it has from new ones by a cursor's id, tag or none", async () => {
+    const client = await accepted();
+    const delivered: number[] = [];
+    const subscription = client.subscribe("appointments", { since: "10.0badcafe" }, (e) =>
+      delivered.push(e.id),
+    );
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    expect(first?.since).toBe("10.0badcafe");
+    socket.reply({
+      type: "subscribed",
+      ref: first?.ref,
+      feed: "appointments",
+      cursor: "10.0badcafe",
+    });
+    socket.reply(event(10));
+    socket.reply({ ...event(11), cursor: "11.00c0ffee" });
+    expect(delivered).toEqual([11]);
+    expect(subscription.cursor).toBe("11.00c0ffee");
+    client.close();
+  });
+
   it("is reported and goes on live when retention overtook it", async () => {
     const client = await accepted();
     const errors: RelayError[] = [];
