@@ -372,7 +372,7 @@ async fn collect(clients: &mut [Clients]) -> Result<Vec<Report>, Error> {
 }
 
 async fn log_position(client: &Client) -> Result<Cursor, Error> {
-    Ok(relay::log::position(client).await?.position)
+    Ok(relay::log::position(client).await?)
 }
 
 /// Waits until the sockets have received every expected delivery of the phase, or nothing

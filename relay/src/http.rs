@@ -295,7 +295,7 @@ fn metrics_route(
                 .flatten();
             let scrape = Scrape {
                 listening: state.health.is_listening(),
-                newest_event: newest.map(|cursor| cursor.position.0),
+                newest_event: newest.map(|cursor| cursor.0),
                 presence_members: state.session.presence.member_count(),
                 connections: (state.connections.open(), state.connections.limit()),
             };

@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use crate::authz::{self, Feed, Perceived, Principal, Reach, Role};
 use crate::event::{DecodeError, Event, Version};
-use crate::protocol::{close, Cursor, Filter, Mark, Tag};
+use crate::protocol::{close, Cursor, Filter};
 
 /// Identifies one connected socket for as long as the process runs.
 pub type SocketId = u64;
@@ -357,9 +357,6 @@ pub struct Hub {
     /// The id of the last event dispatched; negative until the listener has read the log's
     /// position. Written only under the index lock (read side, by the one dispatching task).
     position: AtomicI64,
-    /// The [`Tag`] of the event at the position, when the position is an event: `1 << 32 | tag`,
-    /// or 0. Written with the position.
-    position_tag: AtomicU64,
     /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
     /// same reason.
     closing: RwLock<Option<Close>>,
@@ -515,7 +512,6 @@ impl Hub {
         Arc::new(Hub {
             index: RwLock::default(),
             position: AtomicI64::new(-1),
-            position_tag: AtomicU64::new(0),
             closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
@@ -549,26 +545,10 @@ impl Hub {
         (position >= 0).then_some(Cursor(position))
     }
 
-    /// The position as a cursor: with its event's tag, when the position is an event.
-    fn position_mark(&self, position: Cursor) -> Mark {
-        let tag = self.position_tag.load(Ordering::Acquire);
-        Mark {
-            position,
-            tag: (tag >> 32 == 1).then_some(Tag(tag as u32)),
-        }
-    }
-
-    fn set_position_tag(&self, tag: Option<Tag>) {
-        let tag = tag.map_or(0, |Tag(tag)| 1 << 32 | u64::from(tag));
-        self.position_tag.store(tag, Ordering::Release);
-    }
-
-    /// Sets the position the hub starts from (the log's newest event when the relay starts),
-    /// with that event's tag if it is one.
-    pub fn start_at(&self, position: Mark) {
+    /// Sets the position the hub starts from (the log's newest event when the relay starts).
+    pub fn start_at(&self, position: Cursor) {
         let _index = self.write();
-        self.position.store(position.position.0, Ordering::Release);
-        self.set_position_tag(position.tag);
+        self.position.store(position.0, Ordering::Release);
     }
 
     /// Registers a new socket for `principal`. Frames go to its queue, and with `direct`, when
@@ -624,7 +604,7 @@ impl Hub {
         feed: Feed,
         filter: Filter,
         start: Start,
-        ack: impl FnOnce(Mark) -> Bytes,
+        ack: impl FnOnce(Cursor) -> Bytes,
     ) -> Result<Cursor, SubscribeError> {
         let mut index = self.write();
         let Some(state) = index.sockets.get_mut(&socket) else {
@@ -659,10 +639,6 @@ impl Hub {
         }
         feed_index.add(member, feed);
         // Queued under the write lock, so no event of the subscription can precede it.
-        let from = match start {
-            Start::Live => self.position_mark(from),
-            Start::After(_) => Mark::from(from),
-        };
         let queued = link.try_send(ack(from));
         drop(index);
         if !queued {
@@ -771,9 +747,7 @@ impl Hub {
     /// stretch of the log lost to retention).
     pub fn skip(&self, cursor: Cursor) {
         let _index = self.read();
-        if self.position.fetch_max(cursor.0, Ordering::AcqRel) < cursor.0 {
-            self.set_position_tag(None);
-        }
+        self.position.fetch_max(cursor.0, Ordering::AcqRel);
     }
 
     /// Closes every socket now connected with `reason`; new sockets are still accepted.
@@ -862,9 +836,7 @@ impl Hub {
                 }
             }
             // Under the lock: a subscription registered from now on starts after this event.
-            if self.position.fetch_max(event.id, Ordering::AcqRel) < event.id {
-                self.set_position_tag(Some(Tag::of(&event.at)));
-            }
+            self.position.fetch_max(event.id, Ordering::AcqRel);
         }
         for socket in slow {
             self.cut(socket, Close::slow_consumer());
@@ -953,7 +925,7 @@ mod tests {
     /// A hub whose listener has started at the beginning of the log.
     fn started(queue_capacity: usize) -> Arc<Hub> {
         let hub = Hub::new(queue_capacity);
-        hub.start_at(Mark::from(Cursor(0)));
+        hub.start_at(Cursor(0));
         hub
     }
 
@@ -1377,7 +1349,7 @@ mod tests {
             )
         };
         assert_eq!(subscribe(), Err(SubscribeError::NotReady));
-        hub.start_at(Mark::from(Cursor(41)));
+        hub.start_at(Cursor(41));
         assert_eq!(subscribe(), Ok(Cursor(41)));
     }
 
@@ -1385,27 +1357,17 @@ mod tests {
     fn the_ack_names_where_the_subscription_starts() {
         let hub = started(8);
         let admin = principal(Role::Admin);
-        let event = insert(5, &admin);
-        hub.dispatch(&event);
+        hub.dispatch(&insert(5, &admin));
         let mut c = hub.connect(admin, None);
-        let ack = |cursor: Mark| Bytes::from(cursor.to_string());
-        let socket = c.id;
+        let ack = |cursor: Cursor| Bytes::from(cursor.to_string());
         let subscribe =
-            |start| hub.subscribe(socket, Feed::Appointments, Filter::default(), start, ack);
+            |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
         assert_eq!(subscribe(Start::Live), Ok(Cursor(5)));
         assert_eq!(subscribe(Start::After(Cursor(2))), Ok(Cursor(5)));
-        // Live, at the last event dispatched: that event's cursor, with its tag.
         assert_eq!(
             received_raw(&mut c),
-            vec![
-                Bytes::from(Mark::event(5, &event.at).to_string()),
-                Bytes::from("2")
-            ]
+            vec![Bytes::from("5"), Bytes::from("2")]
         );
-        // Moved past an event no one receives: the position alone.
-        hub.skip(Cursor(6));
-        assert_eq!(subscribe(Start::Live), Ok(Cursor(6)));
-        assert_eq!(received_raw(&mut c), vec![Bytes::from("6")]);
     }
 
     #[test]

@@ -71,15 +71,12 @@ pub struct Bounds {
 
 impl Bounds {
     /// Whether the events after `cursor` can be replayed: retention kept them, the log has come
-    /// as far, and a cursor that names an event still finds that event at its id (not another,
-    /// after the log went back and new events took the id again). At the horizon itself the
-    /// event is gone, and nothing after it is.
+    /// as far, and a cursor that names an event still finds that event at its id: not another,
+    /// after the log went back and new events took the id again, nor none, pruned by retention
+    /// (whether the event pruned was that one cannot be told).
     pub fn admits(&self, cursor: Mark) -> bool {
         let position = cursor.position;
-        let same_event = match cursor.tag {
-            None => true,
-            Some(tag) => position == self.horizon || self.logged == Some(tag),
-        };
+        let same_event = cursor.tag.is_none_or(|tag| self.logged == Some(tag));
         self.horizon <= position && position <= self.issued && same_event
     }
 }
@@ -138,25 +135,16 @@ pub async fn read_range(
     })
 }
 
-/// The log's newest committed event (0 if none): the position a relay starts live from, with
-/// that event's tag (none when the position is where retention pruned to, past every event).
-pub async fn position(client: &impl GenericClient) -> Result<Mark, tokio_postgres::Error> {
+/// The log's newest committed event (0 if none): the position a relay starts live from.
+pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postgres::Error> {
     let row = client
         .query_one(
-            &format!(
-                "select p.id, (select {AT_TEXT} from relay.events e where e.id = p.id) \
-                 from (select greatest(coalesce(max(id), 0), \
-                                       (select pruned_through from relay.log_horizon)) as id \
-                       from relay.events) p"
-            ),
+            "select greatest(coalesce(max(id), 0), (select pruned_through from relay.log_horizon)) \
+             from relay.events",
             &[],
         )
         .await?;
-    let position = Cursor(row.try_get(0)?);
-    Ok(match row.try_get::<_, Option<String>>(1)? {
-        Some(at) => Mark::event(position.0, &at),
-        None => Mark::from(position),
-    })
+    Ok(Cursor(row.try_get(0)?))
 }
 
 /// The bounds of a resume from `cursor`, read in one statement.
@@ -281,8 +269,9 @@ mod tests {
             "another event at its id"
         );
         assert!(!bounds(None).admits(event(15)), "no event at its id");
-        // At the horizon its event was pruned, and nothing after it.
-        assert!(bounds(None).admits(event(10)));
+        // At the horizon its event was pruned: it cannot be told from another.
+        assert!(!bounds(None).admits(event(10)));
+        assert!(bounds(None).admits(Mark::from(Cursor(10))));
         assert!(!bounds(Some(Tag(7))).admits(event(21)));
     }
 }

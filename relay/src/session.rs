@@ -386,8 +386,9 @@ impl Reader {
             }
         }
         let start = since.map_or(Start::Live, |since| Start::After(since.position));
-        // A resumed subscription starts at its cursor, as the client sent it.
-        let ack = |start| protocol::subscribed(reference, feed, since.unwrap_or(start));
+        // A resumed subscription starts at its cursor, as the client sent it; a live one at the
+        // relay's position, an id alone (a tag would be of an event the client may not see).
+        let ack = |start| protocol::subscribed(reference, feed, since.unwrap_or(Mark::from(start)));
         let position = match self
             .context
             .hub

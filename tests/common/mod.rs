@@ -459,7 +459,10 @@ impl Model {
     pub fn apply(&mut self, frame: &Value) -> Result<(), String> {
         let feed = frame["feed"].as_str().ok_or("no feed")?.to_string();
         let cursor = frame["cursor"].as_str().ok_or("no cursor")?.to_string();
-        let number = |c: &str| c.parse::<i64>().unwrap_or(-1);
+        let number = |c: &str| {
+            c.parse::<relay::protocol::Mark>()
+                .map_or(-1, |mark| mark.position.0)
+        };
         if let Some(last) = self.cursors.get(&feed) {
             if number(&cursor) <= number(last) {
                 return Err(format!("{feed}: cursor {cursor} after {last}: {frame}"));
