@@ -228,6 +228,23 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
         )
         .await
         .unwrap();
+    // A cursor names its event by its time too: `newest` as the log now holds it.
+    let at: String = db
+        .client
+        .query_one(
+            &format!(
+                "select {} from relay.events e where e.id = $1",
+                relay::log::AT_TEXT
+            ),
+            &[&position(&newest)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (stale, newest) = (
+        newest.clone(),
+        relay::protocol::Mark::event(position(&newest), &at).to_string(),
+    );
     let pool = relay::server::pool(&db.config()).unwrap();
     let deleted = relay::log::prune(&pool, Duration::from_secs(86400))
         .await
@@ -243,6 +260,12 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
     assert_eq!(refused["ref"], "r");
     // A cursor from the future (another database) is refused the same way.
     late.send(json!({"type": "subscribe", "feed": "appointments", "since": "999999999"}))
+        .await;
+    assert_eq!(late.recv().await["code"], "cursor_expired");
+
+    // At the horizon, a cursor of another event than the one retention deleted there (as after
+    // a restore) is refused too.
+    late.send(json!({"type": "subscribe", "feed": "appointments", "since": stale}))
         .await;
     assert_eq!(late.recv().await["code"], "cursor_expired");
 

@@ -65,15 +65,16 @@ pub struct Bounds {
     pub horizon: Cursor,
     /// The highest id the sequence has handed out: a cursor above it is not from this database.
     pub issued: Cursor,
-    /// The tag of the event the log holds at the cursor's id, if any.
+    /// The tag of the event the log holds at the cursor's id, if any; at the horizon, of the
+    /// event retention deleted there, if known.
     pub logged: Option<Tag>,
 }
 
 impl Bounds {
     /// Whether the events after `cursor` can be replayed: retention kept them, the log has come
-    /// as far, and a cursor that names an event still finds that event at its id: not another,
-    /// after the log went back and new events took the id again, nor none, pruned by retention
-    /// (whether the event pruned was that one cannot be told).
+    /// as far, and a cursor that names an event still finds that event at its id, or, at the
+    /// horizon, finds that retention deleted that very event there: not another, after the log
+    /// went back and new events took the id again.
     pub fn admits(&self, cursor: Mark) -> bool {
         let position = cursor.position;
         let same_event = cursor.tag.is_none_or(|tag| self.logged == Some(tag));
@@ -157,7 +158,8 @@ pub async fn bounds(
             &format!(
                 "select h.pruned_through, \
                         case when s.is_called then s.last_value else 0 end, \
-                        (select {AT_TEXT} from relay.events e where e.id = $1) \
+                        case when $1 = h.pruned_through then h.pruned_through_at \
+                             else (select {AT_TEXT} from relay.events e where e.id = $1) end \
                  from relay.log_horizon h, relay.events_id_seq s"
             ),
             &[&cursor.position.0],
@@ -269,7 +271,10 @@ mod tests {
             "another event at its id"
         );
         assert!(!bounds(None).admits(event(15)), "no event at its id");
-        // At the horizon its event was pruned: it cannot be told from another.
+        // At the horizon, retention deleted its event, or another, or one whose time it did not
+        // keep.
+        assert!(bounds(Some(Tag(7))).admits(event(10)));
+        assert!(!bounds(Some(Tag(8))).admits(event(10)));
         assert!(!bounds(None).admits(event(10)));
         assert!(bounds(None).admits(Mark::from(Cursor(10))));
         assert!(!bounds(Some(Tag(7))).admits(event(21)));

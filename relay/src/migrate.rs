@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/008_single_change.sql"),
     migration!("triggers/009_truncate.sql"),
     migration!("triggers/010_hand_over_isolation.sql"),
+    migration!("triggers/011_pruned_event_time.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.
