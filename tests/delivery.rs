@@ -241,10 +241,8 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
         .await
         .unwrap()
         .get(0);
-    let (stale, newest) = (
-        newest.clone(),
-        relay::protocol::Mark::event(position(&newest), &at).to_string(),
-    );
+    let key = relay::log::read_cursor_key(&db.client).await.unwrap();
+    let (stale, newest) = (newest.clone(), key.mark(position(&newest), &at).to_string());
     let pool = relay::server::pool(&db.config()).unwrap();
     let deleted = relay::log::prune(&pool, Duration::from_secs(86400))
         .await

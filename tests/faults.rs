@@ -593,6 +593,11 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
             cursors.push(frame["cursor"].as_str().unwrap().to_string());
         }
     }
+    // A client that subscribes now, and then sees nothing, holds the relay's position: the last
+    // event's cursor, tag and all, so that it too is refused once the log went back past it.
+    let mut quiet = common::Ws::connect(addr, dentist).await;
+    assert_eq!(quiet.subscribe("availability").await, cursors[2]);
+    drop(quiet);
 
     // Back to just after the first event, with the relay shut out meanwhile.
     let admin_db = common::connect_to(&common::admin_url("postgres")).await;
@@ -623,7 +628,12 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
         }
         other => panic!("expected close 4010, got {other:?}"),
     }
-    let mut ws = common::Ws::subscribed(addr, admin, &["availability"]).await;
+    let mut ws = common::Ws::connect(addr, admin).await;
+    let restarted = ws.subscribe("availability").await;
+    assert!(
+        restarted.starts_with(&format!("{}.", ids[0] + 3)),
+        "the position after starting over, the log's newest event: {restarted}"
+    );
     // The next reconnect, before anything new was dispatched, finds the log as the relay left
     // it: the socket stays.
     let before = common::listen_reconnects(&relay);
@@ -657,5 +667,10 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
     let replayed = away.resume("availability", &cursors[0]).await;
     let replayed: Vec<i64> = replayed.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert_eq!(replayed, (1..=4).map(|n| ids[0] + n).collect::<Vec<_>>());
+    // From the position a subscription was told after the relay started over: what came after.
+    let mut late = common::Ws::connect(addr, admin).await;
+    let replayed = late.resume("availability", &restarted).await;
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert_eq!(replayed[0]["id"].as_i64(), Some(ids[0] + 4));
     relay.shutdown().await;
 }

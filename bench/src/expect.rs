@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use relay::authz::{Feed, Principal, Role};
 use relay::event::Event;
 use relay::hub::View;
-use relay::protocol::{Cursor, Filter};
+use relay::protocol::{Cursor, CursorKey, Filter};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -82,7 +82,8 @@ impl Audience {
                     principal,
                     filter: Filter::default(),
                 }
-                .frame(event)
+                // Whether a frame is sent, not its cursor: any key will do.
+                .frame(event, &CursorKey([0; 16]))
                 .is_some()
         };
         let mut sockets = Vec::new();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::authz::{Feed, Owners, Perceived, Projection};
-use crate::protocol::Mark;
+use crate::protocol::{CursorKey, Mark};
 
 /// The NOTIFY channel the capture trigger sends on.
 pub const CHANNEL: &str = "relay_events";
@@ -194,8 +194,13 @@ impl Event {
     ///
     /// `None` for an UPDATE that changed none of the columns the projection shows: the chatbot
     /// does not learn that something it cannot see has changed, and nobody receives a message
-    /// that only changed who else may read it.
-    pub fn frame(&self, perceived: Perceived, projection: Projection) -> Option<Bytes> {
+    /// that only changed who else may read it. `key` tags the frame's cursor.
+    pub fn frame(
+        &self,
+        perceived: Perceived,
+        projection: Projection,
+        key: &CursorKey,
+    ) -> Option<Bytes> {
         let (row, old) = match perceived {
             Perceived::Insert => (self.new.as_ref(), None),
             Perceived::Update => (self.new.as_ref(), self.old.as_ref()),
@@ -217,7 +222,7 @@ impl Event {
             feed: self.feed.as_str(),
             op: perceived.as_str(),
             id: self.id,
-            cursor: Mark::event(self.id, &self.at),
+            cursor: key.mark(self.id, &self.at),
             row: row.map(|v| Projected(&v.row, projection)),
             old: old.map(|v| Projected(&v.row, projection)),
             at: &self.at,
@@ -266,6 +271,8 @@ mod tests {
     use super::*;
     use serde_json::json;
     use uuid::Uuid;
+
+    const KEY: CursorKey = CursorKey([1; 16]);
 
     fn payload(value: Value) -> String {
         value.to_string()
@@ -324,8 +331,12 @@ mod tests {
         let Payload::Inline(event) = Payload::decode(&text).unwrap() else {
             panic!("expected an inline event")
         };
-        assert!(event.frame(Perceived::Update, Projection::Full).is_some());
-        assert!(event.frame(Perceived::Update, Projection::Slot).is_none());
+        assert!(event
+            .frame(Perceived::Update, Projection::Full, &KEY)
+            .is_some());
+        assert!(event
+            .frame(Perceived::Update, Projection::Slot, &KEY)
+            .is_none());
         let same = payload(
             json!({"id": 6, "table": "appointments", "op": "UPDATE", "at": "t",
             "new": row.clone(), "old": row}),
@@ -333,9 +344,15 @@ mod tests {
         let Payload::Inline(event) = Payload::decode(&same).unwrap() else {
             panic!("expected an inline event")
         };
-        assert!(event.frame(Perceived::Update, Projection::Full).is_none());
-        assert!(event.frame(Perceived::Delete, Projection::Full).is_some());
-        assert!(event.frame(Perceived::Insert, Projection::Full).is_some());
+        assert!(event
+            .frame(Perceived::Update, Projection::Full, &KEY)
+            .is_none());
+        assert!(event
+            .frame(Perceived::Delete, Projection::Full, &KEY)
+            .is_some());
+        assert!(event
+            .frame(Perceived::Insert, Projection::Full, &KEY)
+            .is_some());
     }
 
     #[test]
@@ -376,7 +393,7 @@ mod tests {
         };
         let parse = |b: Option<Bytes>| serde_json::from_slice::<Value>(&b.unwrap()).unwrap();
 
-        let entered = parse(event.frame(Perceived::Insert, Projection::Full));
+        let entered = parse(event.frame(Perceived::Insert, Projection::Full, &KEY));
         assert_eq!(entered["type"], "event");
         assert_eq!(entered["op"], "INSERT");
         assert_eq!(entered["row"]["dentist_id"], json!(d2));
@@ -385,12 +402,12 @@ mod tests {
             "a row entering view must not reveal its past"
         );
 
-        let left = parse(event.frame(Perceived::Delete, Projection::Full));
+        let left = parse(event.frame(Perceived::Delete, Projection::Full, &KEY));
         assert_eq!(left["op"], "DELETE");
         assert_eq!(left["row"]["dentist_id"], json!(d1));
         assert_eq!(left["old"]["dentist_id"], json!(d1));
 
-        let slot = parse(event.frame(Perceived::Update, Projection::Slot));
+        let slot = parse(event.frame(Perceived::Update, Projection::Slot, &KEY));
         let columns: Vec<&String> = slot["row"].as_object().unwrap().keys().collect();
         assert_eq!(columns.len(), 6);
         assert!(slot["row"].get("patient_id").is_none());
@@ -398,10 +415,7 @@ mod tests {
         assert_eq!(slot["id"], 3);
         assert_eq!(
             slot["cursor"],
-            format!(
-                "3.{:08x}",
-                crate::protocol::Tag::of("2026-11-21T10:00:00Z").0
-            )
+            format!("3.{:08x}", KEY.tag("2026-11-21T10:00:00Z").0)
         );
         assert_eq!(slot["at"], "2026-11-21T10:00:00Z");
     }
@@ -493,13 +507,13 @@ mod tests {
             };
             for perceived in Perceived::ALL {
                 for projection in Projection::ALL {
-                    let Some(frame) = event.frame(perceived, projection) else {
+                    let Some(frame) = event.frame(perceived, projection, &KEY) else {
                         continue;
                     };
                     let frame: Value = serde_json::from_slice(&frame).unwrap();
                     prop_assert_eq!(
                         &frame["cursor"],
-                        &json!(Mark::event(event.id, &event.at).to_string())
+                        &json!(KEY.mark(event.id, &event.at).to_string())
                     );
                     prop_assert_eq!(&frame["op"], perceived.as_str());
                     if projection == Projection::Slot {

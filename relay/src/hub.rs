@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use crate::authz::{self, Feed, Perceived, Principal, Reach, Role};
 use crate::event::{DecodeError, Event, Version};
-use crate::protocol::{close, Cursor, Filter};
+use crate::protocol::{close, Cursor, CursorKey, Filter, Mark, Tag};
 
 /// Identifies one connected socket for as long as the process runs.
 pub type SocketId = u64;
@@ -351,12 +351,24 @@ pub struct Snapshot {
     pub position: Option<String>,
 }
 
+/// Marks a [`Hub`]'s `position_tag` as holding a tag.
+const TAGGED: u64 = 1 << 32;
+
+fn tagged(tag: Tag) -> u64 {
+    TAGGED | u64::from(tag.0)
+}
+
 #[derive(Debug)]
 pub struct Hub {
     index: RwLock<Index>,
     /// The id of the last event dispatched; negative until the listener has read the log's
     /// position. Written only under the index lock (read side, by the one dispatching task).
     position: AtomicI64,
+    /// The tag of the event at the position ([`TAGGED`] set), or 0 when the position is not an
+    /// event dispatched here (the log's start, a stretch lost to retention). Written with it.
+    position_tag: AtomicU64,
+    /// The key of cursors' tags, the database's (`relay.cursor_key`); set by [`Hub::start_at`].
+    key: RwLock<CursorKey>,
     /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
     /// same reason.
     closing: RwLock<Option<Close>>,
@@ -438,10 +450,10 @@ impl View {
     }
 
     /// The frame this subscriber receives for an event, if any (used by replay; live dispatch
-    /// shares rendered frames across subscribers).
-    pub fn frame(&self, event: &Event) -> Option<Bytes> {
+    /// shares rendered frames across subscribers); `key` tags its cursor.
+    pub fn frame(&self, event: &Event, key: &CursorKey) -> Option<Bytes> {
         let (perceived, projection) = self.perceive(event)?;
-        event.frame(perceived, projection)
+        event.frame(perceived, projection, key)
     }
 }
 
@@ -512,6 +524,8 @@ impl Hub {
         Arc::new(Hub {
             index: RwLock::default(),
             position: AtomicI64::new(-1),
+            position_tag: AtomicU64::new(0),
+            key: RwLock::new(CursorKey([0; 16])),
             closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
@@ -545,10 +559,30 @@ impl Hub {
         (position >= 0).then_some(Cursor(position))
     }
 
-    /// Sets the position the hub starts from (the log's newest event when the relay starts).
-    pub fn start_at(&self, position: Cursor) {
+    /// The position as clients are told it: the id of the last event dispatched, and its tag
+    /// when it is an event the hub knows. Stable under the index lock.
+    fn mark(&self) -> Option<Mark> {
+        let position = self.position()?;
+        let tag = self.position_tag.load(Ordering::Acquire);
+        Some(Mark {
+            position,
+            tag: (tag & TAGGED != 0).then_some(Tag(tag as u32)),
+        })
+    }
+
+    /// The key of cursors' tags.
+    pub fn key(&self) -> CursorKey {
+        *self.key.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the position the hub starts from (the log's newest event when the relay starts), and
+    /// the database's key of cursors' tags.
+    pub fn start_at(&self, position: Mark, key: CursorKey) {
         let _index = self.write();
-        self.position.store(position.0, Ordering::Release);
+        *self.key.write().unwrap_or_else(PoisonError::into_inner) = key;
+        self.position.store(position.position.0, Ordering::Release);
+        self.position_tag
+            .store(position.tag.map_or(0, tagged), Ordering::Release);
     }
 
     /// Registers a new socket for `principal`. Frames go to its queue, and with `direct`, when
@@ -604,7 +638,7 @@ impl Hub {
         feed: Feed,
         filter: Filter,
         start: Start,
-        ack: impl FnOnce(Cursor) -> Bytes,
+        ack: impl FnOnce(Mark) -> Bytes,
     ) -> Result<Cursor, SubscribeError> {
         let mut index = self.write();
         let Some(state) = index.sockets.get_mut(&socket) else {
@@ -618,12 +652,13 @@ impl Hub {
             });
         }
         // Stable: dispatch moves the position only under the index lock, which this holds.
-        let position = self.position().ok_or(SubscribeError::NotReady)?;
+        let mark = self.mark().ok_or(SubscribeError::NotReady)?;
+        let position = mark.position;
         let previous = state.subscriptions[feed.index()].replace(filter);
         let link = state.link.clone();
         let (after, replay, from) = match start {
-            Start::Live => (position, None, position),
-            Start::After(cursor) => (cursor, Some(ReplayBuffer::default()), cursor),
+            Start::Live => (position, None, mark),
+            Start::After(cursor) => (cursor, Some(ReplayBuffer::default()), Mark::from(cursor)),
         };
         let member = Member {
             socket,
@@ -747,7 +782,9 @@ impl Hub {
     /// stretch of the log lost to retention).
     pub fn skip(&self, cursor: Cursor) {
         let _index = self.read();
-        self.position.fetch_max(cursor.0, Ordering::AcqRel);
+        if self.position.fetch_max(cursor.0, Ordering::AcqRel) < cursor.0 {
+            self.position_tag.store(0, Ordering::Release);
+        }
     }
 
     /// Closes every socket now connected with `reason`; new sockets are still accepted.
@@ -782,6 +819,7 @@ impl Hub {
         let mut delivered = 0;
         let mut slow = Vec::new();
         let cursor = Cursor(event.id);
+        let key = self.key();
         {
             let index = self.read();
             let feed_index = &index.feeds[event.feed.index()];
@@ -793,7 +831,7 @@ impl Hub {
                     return;
                 };
                 let Some(frame) = frames[perceived.index()][projection.index()]
-                    .get_or_insert_with(|| event.frame(perceived, projection).map(text))
+                    .get_or_insert_with(|| event.frame(perceived, projection, &key).map(text))
                     .clone()
                 else {
                     return;
@@ -836,7 +874,10 @@ impl Hub {
                 }
             }
             // Under the lock: a subscription registered from now on starts after this event.
-            self.position.fetch_max(event.id, Ordering::AcqRel);
+            if self.position.fetch_max(event.id, Ordering::AcqRel) < event.id {
+                self.position_tag
+                    .store(tagged(key.tag(&event.at)), Ordering::Release);
+            }
         }
         for socket in slow {
             self.cut(socket, Close::slow_consumer());
@@ -922,10 +963,12 @@ mod tests {
     use crate::event::Payload;
     use serde_json::json;
 
+    const KEY: CursorKey = CursorKey([3; 16]);
+
     /// A hub whose listener has started at the beginning of the log.
     fn started(queue_capacity: usize) -> Arc<Hub> {
         let hub = Hub::new(queue_capacity);
-        hub.start_at(Cursor(0));
+        hub.start_at(Mark::from(Cursor(0)), KEY);
         hub
     }
 
@@ -1349,7 +1392,7 @@ mod tests {
             )
         };
         assert_eq!(subscribe(), Err(SubscribeError::NotReady));
-        hub.start_at(Cursor(41));
+        hub.start_at(Mark::from(Cursor(41)), KEY);
         assert_eq!(subscribe(), Ok(Cursor(41)));
     }
 
@@ -1359,14 +1402,16 @@ mod tests {
         let admin = principal(Role::Admin);
         hub.dispatch(&insert(5, &admin));
         let mut c = hub.connect(admin, None);
-        let ack = |cursor: Cursor| Bytes::from(cursor.to_string());
+        let ack = |cursor: Mark| Bytes::from(cursor.to_string());
         let subscribe =
             |start| hub.subscribe(c.id, Feed::Appointments, Filter::default(), start, ack);
         assert_eq!(subscribe(Start::Live), Ok(Cursor(5)));
         assert_eq!(subscribe(Start::After(Cursor(2))), Ok(Cursor(5)));
+        // Live: at the position, tagged as the event there (its tag tells no time without the
+        // key); resumed: at the cursor given.
         assert_eq!(
             received_raw(&mut c),
-            vec![Bytes::from("5"), Bytes::from("2")]
+            vec![Bytes::from(KEY.mark(5, "t").to_string()), Bytes::from("2")]
         );
     }
 
@@ -1478,9 +1523,17 @@ mod tests {
         let hub = started(2);
         let admin = principal(Role::Admin);
         hub.dispatch(&insert(3, &admin));
+        assert_eq!(hub.mark(), Some(KEY.mark(3, "t")));
+        // Past events it never held: the position is no event's, and carries no tag.
         hub.skip(Cursor(9));
         hub.skip(Cursor(4));
         assert_eq!(hub.position(), Some(Cursor(9)));
+        assert_eq!(hub.mark(), Some(Mark::from(Cursor(9))));
+        hub.dispatch(&insert(10, &admin));
+        assert_eq!(hub.mark(), Some(KEY.mark(10, "t")));
+        // Started at an event of the log: its tag, as read with the key.
+        hub.start_at(KEY.mark(12, "u"), KEY);
+        assert_eq!(hub.mark(), Some(KEY.mark(12, "u")));
     }
 
     /// A replay waiting for room in a socket's queue takes nothing from the live frames of the

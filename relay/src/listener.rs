@@ -29,7 +29,7 @@ use crate::hub::{Close, Hub, Writes};
 use crate::log::{self, AT_TEXT};
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
-use crate::protocol::{close, Cursor};
+use crate::protocol::{close, Cursor, Mark};
 
 /// Whether the relay is currently receiving events; read by the health endpoint.
 #[derive(Debug)]
@@ -224,14 +224,20 @@ impl Listener {
         ))
         .await?
         .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)));
+        let key = timed(log::read_cursor_key(&*tx)).await?;
         timed(tx.commit()).await?;
         lease.finish();
+        // Clients are told the position tagged as its event, when it is one the log holds.
+        let mark = match &newest {
+            Some((id, at)) if *id == position.0 => key.mark(*id, at),
+            _ => Mark::from(position),
+        };
         *self
             .last_dispatched
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = newest;
         self.presence.open_sessions_loaded(open);
-        self.hub.start_at(position);
+        self.hub.start_at(mark, key);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::authz::Feed;
 use crate::event::{DecodeError, Event, RawEvent};
-use crate::protocol::{Cursor, Mark, Tag};
+use crate::protocol::{Cursor, CursorKey, Mark, Tag};
 
 /// The columns of an event, in the NOTIFY payload's field order, from offset `$first`.
 /// An event's `at` as its frames carry it (RFC 3339 in UTC, microseconds), in SQL over `e`.
@@ -148,7 +148,8 @@ pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postg
     Ok(Cursor(row.try_get(0)?))
 }
 
-/// The bounds of a resume from `cursor`, read in one statement.
+/// The bounds of a resume from `cursor`, read in one statement; the tag of the event at its id is
+/// made with the database's key of cursors' tags.
 pub async fn bounds(
     client: &impl GenericClient,
     cursor: Mark,
@@ -159,17 +160,35 @@ pub async fn bounds(
                 "select h.pruned_through, \
                         case when s.is_called then s.last_value else 0 end, \
                         case when $1 = h.pruned_through then h.pruned_through_at \
-                             else (select {AT_TEXT} from relay.events e where e.id = $1) end \
-                 from relay.log_horizon h, relay.events_id_seq s"
+                             else (select {AT_TEXT} from relay.events e where e.id = $1) end, \
+                        k.key \
+                 from relay.log_horizon h, relay.events_id_seq s, relay.cursor_key k"
             ),
             &[&cursor.position.0],
         )
         .await?;
+    let key = cursor_key(row.try_get(3)?);
     Ok(Bounds {
         horizon: Cursor(row.try_get(0)?),
         issued: Cursor(row.try_get(1)?),
-        logged: row.try_get::<_, Option<String>>(2)?.as_deref().map(Tag::of),
+        logged: row.try_get::<_, Option<String>>(2)?.map(|at| key.tag(&at)),
     })
+}
+
+/// The database's key of cursors' tags (`relay.cursor_key`, 16 bytes by its check; were it not,
+/// tags would not match and cursors would be refused as expired, never taken for others).
+pub fn cursor_key(bytes: &[u8]) -> CursorKey {
+    CursorKey::from_bytes(bytes).unwrap_or(CursorKey([0; 16]))
+}
+
+/// The key of cursors' tags, for a relay starting on this database.
+pub async fn read_cursor_key(
+    client: &impl GenericClient,
+) -> Result<CursorKey, tokio_postgres::Error> {
+    let row = client
+        .query_one("select key from relay.cursor_key", &[])
+        .await?;
+    Ok(cursor_key(row.try_get(0)?))
 }
 
 fn decode(row: &Row, first: usize) -> Result<Event, DecodeError> {

@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("triggers/009_truncate.sql"),
     migration!("triggers/010_hand_over_isolation.sql"),
     migration!("triggers/011_pruned_event_time.sql"),
+    migration!("triggers/012_cursor_key.sql"),
 ];
 
 /// Arbitrary key of the advisory lock that serializes migrations.

@@ -65,17 +65,43 @@ impl std::str::FromStr for Cursor {
 }
 
 /// What tells one event from another that later took its id in a log that went back (a restore,
-/// a failover that lost commits): a hash of the event's `at`, the time of its transaction, which
-/// the later one cannot share but by a one-in-four-billion chance.
+/// a failover that lost commits): a keyed hash of the event's `at`, the time of its transaction,
+/// which the later one cannot share but by a one-in-four-billion chance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tag(pub u32);
 
-impl Tag {
-    /// The tag of an event with this `at`, as its frames carry it (FNV-1a).
-    pub fn of(at: &str) -> Tag {
-        Tag(at.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
-            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-        }))
+/// The key of [`Tag`]s, kept in the database (`relay.cursor_key`) so that every relay on it tags
+/// alike. Without it a tag says nothing of the time it was made from, so a cursor may name an
+/// event its client may not see.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CursorKey(pub [u8; 16]);
+
+impl std::fmt::Debug for CursorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CursorKey(..)")
+    }
+}
+
+impl CursorKey {
+    /// The key as the database keeps it: 16 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<CursorKey> {
+        bytes.try_into().ok().map(CursorKey)
+    }
+
+    /// The tag of an event with this `at`, as its frames carry it: SipHash-2-4, low 32 bits.
+    pub fn tag(&self, at: &str) -> Tag {
+        use std::hash::Hasher;
+        let mut hasher = siphasher::sip::SipHasher24::new_with_key(&self.0);
+        hasher.write(at.as_bytes());
+        Tag(hasher.finish() as u32)
+    }
+
+    /// The cursor of the event with this id and `at`.
+    pub fn mark(&self, id: i64, at: &str) -> Mark {
+        Mark {
+            position: Cursor(id),
+            tag: Some(self.tag(at)),
+        }
     }
 }
 
@@ -87,16 +113,6 @@ impl Tag {
 pub struct Mark {
     pub position: Cursor,
     pub tag: Option<Tag>,
-}
-
-impl Mark {
-    /// The cursor of the event with this id and `at`.
-    pub fn event(id: i64, at: &str) -> Mark {
-        Mark {
-            position: Cursor(id),
-            tag: Some(Tag::of(at)),
-        }
-    }
 }
 
 impl From<Cursor> for Mark {
@@ -638,10 +654,15 @@ mod tests {
 
     #[test]
     fn a_cursor_names_its_event_by_the_hash_of_its_time() {
-        // FNV-1a, 32 bits: fixed, so that cursors stay valid across versions of the relay.
-        assert_eq!(Tag::of(""), Tag(0x811c_9dc5));
-        assert_eq!(Tag::of("a"), Tag(0xe40c_292c));
-        let mark = Mark::event(1042, "2026-11-21T10:37:02.520020Z");
+        // SipHash-2-4 (the reference vector: key 00..0f, no input, 0x726fdb47dd0e0e31), low 32
+        // bits: fixed, so that cursors stay valid across versions of the relay.
+        let key = CursorKey(std::array::from_fn(|i| i as u8));
+        assert_eq!(key.tag(""), Tag(0xdd0e_0e31));
+        // Another key, another tag: without the key, a tag does not tell the time.
+        let at = "2026-11-21T10:37:02.520020Z";
+        assert_ne!(CursorKey([7; 16]).tag(at), key.tag(at));
+        assert_eq!(format!("{key:?}"), "CursorKey(..)");
+        let mark = key.mark(1042, at);
         let text = mark.to_string();
         assert!(text.starts_with("1042.") && text.len() == 13, "{text}");
         assert_eq!(text.parse(), Ok(mark));

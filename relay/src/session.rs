@@ -387,8 +387,9 @@ impl Reader {
         }
         let start = since.map_or(Start::Live, |since| Start::After(since.position));
         // A resumed subscription starts at its cursor, as the client sent it; a live one at the
-        // relay's position, an id alone (a tag would be of an event the client may not see).
-        let ack = |start| protocol::subscribed(reference, feed, since.unwrap_or(Mark::from(start)));
+        // relay's position, tagged as the event there when the relay knows it (the tag, keyed,
+        // tells nothing of an event the client may not see).
+        let ack = |start| protocol::subscribed(reference, feed, since.unwrap_or(start));
         let position = match self
             .context
             .hub
@@ -529,6 +530,7 @@ impl Reader {
         reference: Option<&str>,
     ) -> Result<(), (ErrorCode, String)> {
         let hub = &self.context.hub;
+        let key = hub.key();
         let mut after = cursor;
         let mut replayed = 0u64;
         // Reads one page of the log, within one window of ids, and says where the window ends;
@@ -573,7 +575,7 @@ impl Reader {
                             continue;
                         }
                     };
-                    let Some(frame) = view.frame(&event) else {
+                    let Some(frame) = view.frame(&event, &key) else {
                         continue;
                     };
                     let outbound = Outbound {
