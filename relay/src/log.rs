@@ -148,6 +148,32 @@ pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postg
     Ok(Cursor(row.try_get(0)?))
 }
 
+/// The log's position (as [`position`]) as clients are told it: tagged as the event there, the
+/// newest one or, when retention deleted it, the one whose time retention kept; an id alone
+/// otherwise (nothing was ever logged, or pruned before that time was kept).
+pub async fn mark(client: &impl GenericClient) -> Result<Mark, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "select e.id, e.at, h.pruned_through, h.pruned_through_at, k.key \
+                 from relay.log_horizon h cross join relay.cursor_key k \
+                 left join lateral (select e.id, {AT_TEXT} as at from relay.events e \
+                                    order by e.id desc limit 1) e on true"
+            ),
+            &[],
+        )
+        .await?;
+    let key = cursor_key(row.try_get(4)?);
+    let horizon: i64 = row.try_get(2)?;
+    Ok(match row.try_get::<_, Option<i64>>(0)? {
+        Some(newest) if newest >= horizon => key.mark(newest, &row.try_get::<_, String>(1)?),
+        _ => match row.try_get::<_, Option<String>>(3)? {
+            Some(at) => key.mark(horizon, &at),
+            None => Mark::from(Cursor(horizon)),
+        },
+    })
+}
+
 /// The bounds of a resume from `cursor`, read in one statement; the tag of the event at its id is
 /// made with the database's key of cursors' tags.
 pub async fn bounds(
