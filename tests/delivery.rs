@@ -205,6 +205,65 @@ async fn large_events_are_read_in_pages_bounded_by_size_and_all_replayed() {
     relay.shutdown().await;
 }
 
+/// A subscription that receives nothing is told the relay's position now and then, so that its
+/// cursor keeps up with the log: once retention has passed the cursor its `subscribed` reply
+/// named, the client still resumes, from the last position it was told, with nothing missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_subscription_is_told_the_position_and_resumes_after_retention() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    // Positions told every 500 ms; events pruned once 2 s old.
+    config.retention = Duration::from_secs(2);
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let (patient, other, dentist) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+    );
+    let mut quiet = Ws::connect(addr, patient).await;
+    let subscribed = quiet.subscribe("appointments").await;
+    // Someone else's appointment: nothing the quiet patient may see.
+    db.book(&other, &dentist, "not theirs").await;
+    let told = loop {
+        let frame = quiet.recv().await;
+        assert_eq!(frame["type"], "position", "{frame}");
+        assert_eq!(frame["feed"], "appointments", "{frame}");
+        let told = cursor(&frame);
+        if position(&told) > position(&subscribed) {
+            break told;
+        }
+    };
+    drop(quiet);
+
+    // Retention passes both cursors.
+    tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            let horizon: i64 = db
+                .client
+                .query_one("select pruned_through from relay.log_horizon", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if horizon >= position(&told) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("retention prunes the booking's event");
+
+    let mut back = Ws::connect(addr, patient).await;
+    back.send(
+        json!({"type": "subscribe", "ref": "old", "feed": "appointments", "since": subscribed}),
+    )
+    .await;
+    assert_eq!(back.recv().await["code"], "cursor_expired");
+    assert!(back.resume("appointments", &told).await.is_empty());
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
     let db = common::TestDb::new().await;

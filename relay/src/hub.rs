@@ -197,6 +197,13 @@ impl Link {
         )
     }
 
+    /// Queues a frame that can wait for another time, only while at least half the queue is
+    /// free, so that it never brings a socket nearer to being cut; true if queued.
+    fn try_send_spare(&self, frame: Bytes) -> bool {
+        self.tx.capacity() * 2 >= self.tx.max_capacity()
+            && self.tx.try_send(Box::new(Outbound::reply(frame))).is_ok()
+    }
+
     /// Queues a frame for a replay, waiting until the queue has room for it and half its capacity
     /// besides, so that live frames of the socket's other feeds, and the `live` marker, still find
     /// room. Waits at most `stall`: a client that takes no frame for that long has stopped
@@ -369,6 +376,8 @@ pub struct Hub {
     position_tag: AtomicU64,
     /// The key of cursors' tags, the database's (`relay.cursor_key`); set by [`Hub::start_at`].
     key: RwLock<CursorKey>,
+    /// The position [`Hub::tell_position`] last told.
+    position_told: AtomicI64,
     /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
     /// same reason.
     closing: RwLock<Option<Close>>,
@@ -526,6 +535,7 @@ impl Hub {
             position: AtomicI64::new(-1),
             position_tag: AtomicU64::new(0),
             key: RwLock::new(CursorKey([0; 16])),
+            position_told: AtomicI64::new(-1),
             closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
@@ -568,6 +578,46 @@ impl Hub {
             position,
             tag: (tag & TAGGED != 0).then_some(Tag(tag as u32)),
         })
+    }
+
+    /// Tells every live subscription where the hub stands (`frame(feed, position)`), when the
+    /// position moved since it last did: a subscription that receives nothing keeps a cursor that
+    /// retention would otherwise pass, and its client would have to refetch on its next resume.
+    /// Queued under the index lock, so after every event up to the position, and only where the
+    /// socket's queue is at least half free (if any were not, the next call tells everyone,
+    /// whether the position moved or not). Returns how many subscriptions were told.
+    pub fn tell_position(&self, frame: impl Fn(Feed, Mark) -> Bytes) -> usize {
+        let index = self.write();
+        let Some(mark) = self.mark() else {
+            return 0;
+        };
+        if self.position_told.load(Ordering::Acquire) == mark.position.0 {
+            return 0;
+        }
+        let (mut told, mut untold) = (0, 0);
+        for feed in Feed::ALL {
+            let feed_index = &index.feeds[feed.index()];
+            let frame = frame(feed, mark);
+            let members = feed_index
+                .everyone
+                .values()
+                .chain(feed_index.by_user.values().flatten());
+            for member in members {
+                // Replaying, or resumed after the position: its cursor is ahead of this one.
+                if member.replay.is_some() || member.after > mark.position {
+                    continue;
+                }
+                if member.link.try_send_spare(frame.clone()) {
+                    told += 1;
+                } else {
+                    untold += 1;
+                }
+            }
+        }
+        // With some left untold, the next call tells everyone again, moved or not.
+        let told_all = if untold == 0 { mark.position.0 } else { -1 };
+        self.position_told.store(told_all, Ordering::Release);
+        told
     }
 
     /// The key of cursors' tags.
@@ -1376,6 +1426,62 @@ mod tests {
 
     fn insert(id: i64, dentist: &Principal) -> Event {
         appointment_event(id, "INSERT", None, Some((Uuid::new_v4(), dentist.user_id)))
+    }
+
+    #[test]
+    fn live_subscriptions_are_told_the_position_when_it_moved() {
+        let hub = started(4);
+        let told = |feed: Feed, mark: Mark| Bytes::from(format!("{}@{mark}", feed.as_str()));
+        let (dentist, other) = (principal(Role::Dentist), principal(Role::Dentist));
+        let mut admin = join(&hub, principal(Role::Admin));
+        let mut quiet = join(&hub, other);
+        let mut replaying = hub.connect(dentist, None);
+        hub.subscribe(
+            replaying.id,
+            Feed::Appointments,
+            Filter::default(),
+            Start::After(Cursor(0)),
+            |_| Bytes::from_static(b"ack"),
+        )
+        .unwrap();
+        received_raw(&mut replaying);
+        // A full queue but for one place: the position waits for room, the event does not.
+        let mut busy = join(&hub, principal(Role::Admin));
+        for _ in 0..3 {
+            assert!(busy.link.try_send(Bytes::from_static(b"queued")));
+        }
+
+        hub.dispatch(&insert(5, &dentist));
+        assert_eq!(received(&mut admin).len(), 1);
+        assert_eq!(
+            hub.tell_position(told),
+            2,
+            "the admin and the quiet dentist"
+        );
+        let expected = Bytes::from(format!("appointments@{}", KEY.mark(5, "t")));
+        assert_eq!(received_raw(&mut admin), vec![expected.clone()]);
+        assert_eq!(received_raw(&mut quiet), vec![expected.clone()]);
+        // The replaying subscription's cursor is its replay's.
+        assert!(received_raw(&mut replaying).is_empty());
+        assert_eq!(
+            received_raw(&mut busy).len(),
+            4,
+            "three queued and the event"
+        );
+
+        // Not moved, but one was left untold: it is told now.
+        assert_eq!(hub.tell_position(told), 3);
+        assert_eq!(received_raw(&mut busy), vec![expected.clone()]);
+        assert_eq!(received_raw(&mut admin), vec![expected]);
+        received_raw(&mut quiet);
+        // Not moved, everyone told: nothing.
+        assert_eq!(hub.tell_position(told), 0);
+        hub.skip(Cursor(8));
+        assert_eq!(hub.tell_position(told), 3);
+        assert_eq!(
+            received_raw(&mut quiet),
+            vec![Bytes::from_static(b"appointments@8")]
+        );
     }
 
     #[test]

@@ -552,6 +552,17 @@ pub fn subscribed(reference: Option<&str>, feed: Feed, cursor: Mark) -> Bytes {
     .render()
 }
 
+/// Where a live subscription stands though nothing came for it: no event up to `cursor` is for
+/// it, so the client may resume from there. Keeps a quiet subscription's cursor within retention.
+pub fn position(feed: Feed, cursor: Mark) -> Bytes {
+    Reply {
+        feed: Some(feed.as_str()),
+        cursor: Some(cursor.to_string()),
+        ..Reply::new("position", None)
+    }
+    .render()
+}
+
 /// Ends the replay of a resumed subscription: everything missed has been sent, and what follows
 /// is live.
 pub fn live(reference: Option<&str>, feed: Feed) -> Bytes {

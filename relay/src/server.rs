@@ -84,6 +84,32 @@ const CLIENT_KEEPALIVE: (Duration, Duration, u32) =
 /// How long data sent to a client may go unacknowledged before the connection is dropped.
 const CLIENT_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often, at most, live subscriptions are told the relay's position (`position` frames).
+const POSITION_EVERY: Duration = Duration::from_secs(600);
+
+/// How often live subscriptions are told the relay's position: often enough, against
+/// `retention`, that a quiet subscription's cursor stays well within the log.
+fn position_every(retention: Duration) -> Duration {
+    (retention / 4).min(POSITION_EVERY)
+}
+
+/// Tells live subscriptions the relay's position every `every`, until `stop`.
+async fn tell_position_periodically(
+    hub: Arc<Hub>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        hub.tell_position(crate::protocol::position);
+    }
+}
+
 /// The listening socket, whose options its accepted sockets inherit:
 ///
 /// * They send without Nagle's delay (`TCP_NODELAY`): an event frame is small and must leave at
@@ -170,6 +196,11 @@ impl Relay {
         tokio::spawn(crate::log::prune_periodically(
             pool.clone(),
             config.retention,
+            stopped.clone(),
+        ));
+        tokio::spawn(tell_position_periodically(
+            hub.clone(),
+            position_every(config.retention),
             stopped.clone(),
         ));
         let gate = Gate::new(connections);

@@ -80,7 +80,8 @@ export interface SubscribeOptions {
 
 export interface Subscription {
   readonly feed: Feed;
-  /** The cursor of the last event delivered (or where the subscription started). */
+  /** The cursor of the last event delivered, or where the subscription started, or the relay's
+   * position when it last said that nothing for this feed came before it. */
   readonly cursor: string | undefined;
   unsubscribe(): void;
 }
@@ -740,6 +741,17 @@ export class RelayClient {
             entry.cursor = frame.cursor as string;
             entry.lastId = positionOf(frame.cursor as string);
           }
+        }
+        break;
+      }
+      case "position": {
+        // Nothing for this feed up to the relay's position: resuming from there misses nothing,
+        // and keeps a quiet feed's cursor from falling behind the relay's retention.
+        const entry = this.entries.get(frame.feed as Feed);
+        const cursor = frame.cursor as string;
+        if (entry && entry.pending === undefined && positionOf(cursor) > entry.lastId) {
+          entry.cursor = cursor;
+          entry.lastId = positionOf(cursor);
         }
         break;
       }

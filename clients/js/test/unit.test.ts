@@ -382,6 +382,36 @@ describe("a replay that fails after `subscribed`", () => {
     client.close();
   });
 
+  it("moves a quiet feed's cursor to the relay's position, and resumes from there", async () => {
+    const client = await accepted();
+    const delivered: number[] = [];
+    const subscription = client.subscribe("appointments", {}, (e) => delivered.push(e.id));
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({
+      type: "subscribed",
+      ref: first?.ref,
+      feed: "appointments",
+      cursor: "10.0badcafe",
+    });
+    socket.reply({ type: "position", feed: "appointments", cursor: "40.00c0ffee" });
+    expect(subscription.cursor).toBe("40.00c0ffee");
+    // Another feed's position, or one behind the cursor, moves nothing.
+    socket.reply({ type: "position", feed: "availability", cursor: "50.00000001" });
+    socket.reply({ type: "position", feed: "appointments", cursor: "30.00000002" });
+    expect(subscription.cursor).toBe("40.00c0ffee");
+    socket.reply(event(41));
+    expect(delivered).toEqual([41]);
+    socket.reply({ type: "position", feed: "appointments", cursor: "45.00000003" });
+    socket.end(1001);
+    await vi.advanceTimersByTimeAsync(50);
+    const again = latest();
+    again.accept();
+    const [resumed] = again.of("subscribe");
+    expect(resumed?.since).toBe("45.00000003");
+    client.close();
+  });
+
   it("is reported and goes on live when retention overtook it", async () => {
     const client = await accepted();
     const errors: RelayError[] = [];
