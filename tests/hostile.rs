@@ -1033,15 +1033,48 @@ async fn lock_waiters_until(
     .await
 }
 
-/// Requests, however slow, hold back neither the live feed nor the requests after them: the
-/// listener reads the log on connections of its own, and a query the relay gives up on is
-/// cancelled on the server and its connection closed, so that the next request gets a free one.
+/// Starts history requests by `users` for `session` that wait behind a lock on its messages,
+/// with the clients' pool down to one connection: one holds the connection, the others wait for
+/// it. Returns the lock's transaction (and its connection) and the requests.
+async fn stuck_history_requests<'a>(
+    db: &common::TestDb,
+    holder: &'a mut tokio_postgres::Client,
+    addr: SocketAddr,
+    session: Uuid,
+    users: &[Principal],
+) -> (
+    tokio_postgres::Transaction<'a>,
+    String,
+    Vec<tokio::task::JoinHandle<(u16, Value)>>,
+) {
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("lock table public.consultation_messages in access exclusive mode")
+        .await
+        .unwrap();
+    let path = format!("/api/consultations/{session}/messages");
+    let stuck: Vec<_> = users
+        .iter()
+        .map(|who| {
+            let (path, token) = (path.clone(), common::token(who));
+            tokio::spawn(async move { http_get(addr, &path, Some(&token)).await })
+        })
+        .collect();
+    lock_waiters_until(&db.client, PATIENCE, |n| n > 0)
+        .await
+        .expect("a history query waits on the lock");
+    (lock, path, stuck)
+}
+
+/// Requests, however slow, do not hold back the live feed: the listener reads the log on
+/// connections of its own, not the clients' pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
+async fn stuck_requests_hold_back_not_the_feed() {
     let db = common::TestDb::new().await;
     let mut config = db.config();
-    // One connection for clients' requests: the stuck ones take it in turn.
+    // One connection for clients' requests, held by stuck queries for longer than the test's
+    // patience: an event that arrives at all arrived while they held it.
     config.pool_size = 1;
+    config.query_timeout = PATIENCE * 2;
     let relay = common::start_with(config).await;
     let addr = relay.local_addr();
     let (patient, dentist, admin) = (
@@ -1052,26 +1085,9 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
     let session = db.open_session(&patient, &dentist).await;
     let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
     let before = common::listen_reconnects(&relay);
-
-    // Three users' history queries wait behind a lock the test holds, one on the pool's
-    // connection and the others for it: longer, together, than anyone waits for a connection.
     let mut holder = common::connect_to(&db.url).await;
-    let lock = holder.transaction().await.unwrap();
-    lock.batch_execute("lock table public.consultation_messages in access exclusive mode")
-        .await
-        .unwrap();
-    let path = format!("/api/consultations/{session}/messages");
-    let stuck: Vec<_> = [patient, dentist, admin]
-        .iter()
-        .map(|who| {
-            let (path, token) = (path.clone(), common::token(who));
-            tokio::spawn(async move { http_get(addr, &path, Some(&token)).await })
-        })
-        .collect();
-    let lock_waiters = || lock_waiters(&db.client);
-    lock_waiters_until(&db.client, PATIENCE, |n| n > 0)
-        .await
-        .expect("a history query waits on the lock");
+    let (lock, path, stuck) =
+        stuck_history_requests(&db, &mut holder, addr, session, &[patient, dentist, admin]).await;
 
     // An event too large for a notification, which the listener reads from the log.
     let booked = db.book(&patient, &dentist, &"x".repeat(9_000)).await;
@@ -1079,11 +1095,9 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
     let events = watcher.events_until(fence).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["row"]["id"], json!(booked));
-    // It came while a stuck query held the clients' only connection (each holds it up to the
-    // relay's 5 s; a delivery takes milliseconds).
     assert!(
-        lock_waiters().await > 0,
-        "the event was read only once the queries gave up"
+        lock_waiters(&db.client).await > 0,
+        "the lock is still waited on"
     );
     assert_eq!(
         common::listen_reconnects(&relay),
@@ -1091,7 +1105,44 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
         "the LISTEN connection was given up"
     );
 
-    // The stuck requests are given up on, while the lock is still held...
+    // Once the lock goes, every stuck request is answered.
+    lock.rollback().await.unwrap();
+    for request in stuck {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = http_get(addr, &path, Some(&common::token(&patient))).await;
+    assert_eq!(status, 200, "{body}");
+    relay.shutdown().await;
+}
+
+/// A query the relay gives up on (`RELAY_QUERY_TIMEOUT`) is answered 503 and cancelled on the
+/// server, and its connection closed, so that the next request gets a free one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_requests_are_given_up_on_and_hold_back_not_the_next_request() {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.pool_size = 1;
+    config.query_timeout = Duration::from_secs(3);
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let (patient, dentist, admin) = (
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Admin).await,
+    );
+    let session = db.open_session(&patient, &dentist).await;
+    let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
+    db.book(&patient, &dentist, "a cursor to resume from").await;
+    let fence = db.fence().await;
+    let events = watcher.events_until(fence).await;
+    let cursor = events[0]["cursor"].as_str().unwrap().to_string();
+
+    // Three users' history queries wait behind the lock: longer, together, than anyone waits.
+    let mut holder = common::connect_to(&db.url).await;
+    let (lock, path, stuck) =
+        stuck_history_requests(&db, &mut holder, addr, session, &[patient, dentist, admin]).await;
+    // They are given up on, while the lock is still held...
     for request in stuck {
         let (status, body) = request.await.unwrap();
         assert_eq!(
@@ -1100,9 +1151,8 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
             "{body}"
         );
     }
-    // ...and their queries cancelled: the pool's one connection serves another resume at once,
-    // which would otherwise wait behind an abandoned query and time out too.
-    let cursor = events[0]["cursor"].as_str().unwrap().to_string();
+    // ...and their queries cancelled: the pool's one connection serves a resume at once, which
+    // would otherwise wait behind an abandoned query and time out too.
     let mut resuming = Ws::connect(addr, dentist).await;
     resuming
         .send(json!({"type": "subscribe", "ref": "r", "feed": "appointments", "since": cursor}))
@@ -1114,6 +1164,7 @@ async fn stuck_requests_hold_back_neither_the_feed_nor_the_next_request() {
     lock.rollback().await.unwrap();
     let (status, body) = http_get(addr, &path, Some(&common::token(&patient))).await;
     assert_eq!(status, 200, "{body}");
+    relay.shutdown().await;
 }
 
 /// A connection that never finishes its request is closed after `RELAY_HEADER_TIMEOUT`, whether

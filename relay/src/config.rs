@@ -28,6 +28,7 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 const DEFAULT_JWT_LEEWAY: &str = "30s";
 const DEFAULT_RETENTION: &str = "24h";
 const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+const DEFAULT_QUERY_TIMEOUT: &str = "5s";
 const DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET: u32 = 4;
 const DEFAULT_MAX_FRAMES_PER_SECOND: u32 = 50;
 const DEFAULT_MAX_SOCKETS_PER_USER: u32 = 16;
@@ -243,6 +244,12 @@ pub struct Tuning {
           value_parser = parse_header_timeout)]
     pub relay_header_timeout: Duration,
 
+    /// How long a client's request may wait for a database connection, and then for its query,
+    /// before it is answered `unavailable` (503); a query given up on is cancelled on the server.
+    #[arg(long = "relay-query-timeout", env = "RELAY_QUERY_TIMEOUT", default_value = DEFAULT_QUERY_TIMEOUT,
+          value_parser = parse_query_timeout)]
+    pub relay_query_timeout: Duration,
+
     /// How long the event log keeps events, and so how far back a client can resume; older
     /// events are deleted in the background, and a cursor older than this gets `cursor_expired`.
     #[arg(long = "relay-retention", env = "RELAY_RETENTION", default_value = DEFAULT_RETENTION,
@@ -343,6 +350,8 @@ pub struct Config {
     pub retention: Duration,
     /// How long a connection may take to send a request's head.
     pub header_timeout: Duration,
+    /// How long a client's request may wait for the database.
+    pub query_timeout: Duration,
     pub limits: Limits,
     /// `relay dev` only: the signer of the demo users' tokens, issued afresh on each request of
     /// the inspector page (`GET /dev/tokens`). `None` otherwise, and the route answers `[]`.
@@ -383,6 +392,7 @@ impl Config {
             shutdown_grace: tuning.relay_shutdown_grace,
             retention: tuning.relay_retention,
             header_timeout: tuning.relay_header_timeout,
+            query_timeout: tuning.relay_query_timeout,
             limits: Limits {
                 max_frame_bytes: tuning.relay_max_frame_bytes as usize,
                 max_subscriptions_per_socket: tuning.relay_max_subscriptions_per_socket as usize,
@@ -423,6 +433,7 @@ impl Tuning {
             relay_jwt_leeway: crate::token::DEFAULT_LEEWAY,
             relay_retention: Duration::from_secs(24 * 3600),
             relay_header_timeout: Duration::from_secs(10),
+            relay_query_timeout: crate::db::QUERY_TIMEOUT,
             relay_max_subscriptions_per_socket: DEFAULT_MAX_SUBSCRIPTIONS_PER_SOCKET,
             relay_max_frames_per_second: DEFAULT_MAX_FRAMES_PER_SECOND,
             relay_max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
@@ -486,6 +497,14 @@ fn parse_header_timeout(value: &str) -> Result<Duration, String> {
     let timeout = parse_duration(value)?;
     if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
         return Err("must be between 1s and 1h".into());
+    }
+    Ok(timeout)
+}
+
+fn parse_query_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(value)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&timeout) {
+        return Err("must be between 1s and 5m".into());
     }
     Ok(timeout)
 }
@@ -596,6 +615,12 @@ mod tests {
             parse_header_timeout(DEFAULT_HEADER_TIMEOUT),
             Ok(t.relay_header_timeout)
         );
+        assert_eq!(
+            parse_query_timeout(DEFAULT_QUERY_TIMEOUT),
+            Ok(t.relay_query_timeout)
+        );
+        assert!(parse_query_timeout("500ms").is_err());
+        assert!(parse_query_timeout("6m").is_err());
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Refusal {
 
     fn not_leased(error: db::GetError) -> Refusal {
         match error {
-            db::GetError::Busy(_) => Refusal::new(
+            db::GetError::Busy(..) => Refusal::new(
                 ErrorCode::Unavailable,
                 format!("{error}; try again once they are answered (a send with the same client_id never creates a second message)"),
             ),
@@ -216,7 +216,7 @@ pub async fn history(
     // Many requests at once from one user queue behind each other, not in front of other
     // users'; one that waited its whole time for the user's share is refused.
     let lease = db.get(principal.user_id).await.map_err(|e| match e {
-        db::GetError::Busy(_) => Refusal::new(
+        db::GetError::Busy(..) => Refusal::new(
             ErrorCode::TooManyRequests,
             format!("{e}; wait for them to be answered, then try again"),
         ),

@@ -17,12 +17,14 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-/// How long the relay waits for a query, and for a pooled connection.
+/// How long the relay waits for a query, and for a pooled connection, by default
+/// (`RELAY_QUERY_TIMEOUT` for clients' requests); and for a cancel to be sent.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a query on a pooled connection may run on the server: a backstop for a query the
-/// relay gave up on and whose cancel did not reach the server.
-const STATEMENT_TIMEOUT: &str = "30s";
+/// How long a query on a pooled connection may run on the server, in multiples of the pool's
+/// timeout: a backstop for a query the relay gave up on and whose cancel did not reach the
+/// server (30 s for the default timeout).
+const STATEMENT_TIMEOUT_FACTOR: u32 = 6;
 
 /// Connections of the relay's own pool: one for the listener, one for presence.
 pub const INTERNAL_POOL_SIZE: usize = 2;
@@ -37,12 +39,14 @@ static CANCELS: Semaphore = Semaphore::const_new(MAX_CANCELS);
 
 /// A pool of `size` connections. Its connections notice a vanished database host within about a
 /// minute (keepalives while idle, `TCP_USER_TIMEOUT` while a query waits), rather than the
-/// kernel's 15; waiting for one, opening one and checking one each give up after
-/// [`QUERY_TIMEOUT`].
+/// kernel's 15; waiting for one, opening one and checking one each give up after `timeout`, and
+/// so does work on one run by [`bounded`].
 pub fn pool(
     database: &tokio_postgres::Config,
     size: usize,
+    timeout: Duration,
 ) -> Result<Pool, deadpool_postgres::BuildError> {
+    let statement_timeout = (timeout * STATEMENT_TIMEOUT_FACTOR).as_millis();
     let mut database = database.clone();
     database
         .keepalives(true)
@@ -60,13 +64,13 @@ pub fn pool(
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(QUERY_TIMEOUT))
-        .create_timeout(Some(QUERY_TIMEOUT))
-        .recycle_timeout(Some(QUERY_TIMEOUT))
-        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
             Box::pin(async move {
                 client
-                    .batch_execute(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+                    .batch_execute(&format!("SET statement_timeout = {statement_timeout}"))
                     .await
                     .map_err(deadpool_postgres::HookError::Backend)
             })
@@ -82,6 +86,8 @@ pub fn pool(
 pub struct Lease {
     client: Option<Object>,
     share: Option<Share>,
+    /// How long work on it may take: its pool's timeout.
+    timeout: Duration,
 }
 
 impl Lease {
@@ -146,21 +152,27 @@ impl Drop for Lease {
     }
 }
 
+/// The timeout `pool` was built with.
+fn timeout_of(pool: &Pool) -> Duration {
+    pool.timeouts().wait.unwrap_or(QUERY_TIMEOUT)
+}
+
 /// A connection from `pool`, for work that calls [`Lease::finish`] when done.
 pub async fn lease(pool: &Pool) -> Result<Lease, PoolError> {
     Ok(Lease {
         client: Some(pool.get().await?),
         share: None,
+        timeout: timeout_of(pool),
     })
 }
 
-/// Runs `work` on `lease` for at most [`QUERY_TIMEOUT`]; the connection goes back to the pool
+/// Runs `work` on `lease` for at most its pool's timeout; the connection goes back to the pool
 /// if it finished (well or not), and is abandoned if not.
 pub async fn bounded<T, E>(
     mut lease: Lease,
     work: impl for<'a> FnOnce(&'a mut Object) -> BoxFuture<'a, Result<T, E>>,
 ) -> Result<Result<T, E>, tokio::time::error::Elapsed> {
-    let outcome = tokio::time::timeout(QUERY_TIMEOUT, work(lease.client())).await;
+    let outcome = tokio::time::timeout(lease.timeout, work(lease.client())).await;
     if outcome.is_ok() {
         lease.finish();
     }
@@ -170,12 +182,10 @@ pub async fn bounded<T, E>(
 /// Why [`ClientPool::get`] gave no connection.
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
-    #[error(
-        "this user's other requests held all {0} of the user's connections for {QUERY_TIMEOUT:?}"
-    )]
-    Busy(usize),
-    #[error("no connection from the pool within {QUERY_TIMEOUT:?}")]
-    Timeout,
+    #[error("this user's other requests held all {0} of the user's connections for {1:?}")]
+    Busy(usize, Duration),
+    #[error("no connection from the pool within {0:?}")]
+    Timeout(Duration),
     #[error("no connection from the pool: {}", crate::Causes(.0))]
     Pool(#[from] PoolError),
 }
@@ -360,9 +370,10 @@ impl ClientPool {
     }
 
     /// A connection for `user`'s work, holding one of the user's shares until the work is done.
-    /// It waits at most [`QUERY_TIMEOUT`] in all: for the share, then for the pool.
+    /// It waits at most the pool's timeout in all: for the share, then for the pool.
     pub async fn get(&self, user: Uuid) -> Result<Lease, GetError> {
-        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
+        let timeout = timeout_of(&self.pool);
+        let deadline = tokio::time::Instant::now() + timeout;
         let share = match self.take_or_wait(user) {
             Ok(share) => share,
             Err((woken, at_share)) => {
@@ -373,18 +384,19 @@ impl ClientPool {
                     Err(_)
                         if at_share && self.shares.lock().held_by(user) >= self.shares.per_user =>
                     {
-                        return Err(GetError::Busy(self.shares.per_user))
+                        return Err(GetError::Busy(self.shares.per_user, timeout))
                     }
-                    Err(_) => return Err(GetError::Timeout),
+                    Err(_) => return Err(GetError::Timeout(timeout)),
                 }
             }
         };
         let client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
-            .map_err(|_| GetError::Timeout)??;
+            .map_err(|_| GetError::Timeout(timeout))??;
         Ok(Lease {
             client: Some(client),
             share: Some(share),
+            timeout,
         })
     }
 }
@@ -395,7 +407,7 @@ mod tests {
 
     fn pool(size: usize) -> ClientPool {
         let database: tokio_postgres::Config = "host=127.0.0.1 user=nobody".parse().unwrap();
-        ClientPool::new(super::pool(&database, size).unwrap())
+        ClientPool::new(super::pool(&database, size, QUERY_TIMEOUT).unwrap())
     }
 
     /// Lets spawned tasks run until they wait again.
@@ -471,10 +483,10 @@ mod tests {
         let (alice, bob, carol) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let _alices = pool.try_share(alice).unwrap();
         // Alice at her share: her own requests held her back.
-        assert!(matches!(pool.get(alice).await, Err(GetError::Busy(1))));
+        assert!(matches!(pool.get(alice).await, Err(GetError::Busy(1, _))));
         // The pool full with others' work: not carol's doing.
         let _bobs = pool.try_share(bob).unwrap();
-        assert!(matches!(pool.get(carol).await, Err(GetError::Timeout)));
+        assert!(matches!(pool.get(carol).await, Err(GetError::Timeout(_))));
         // A request that gave up is pruned by the next to queue (alice's by carol's); try_share
         // queues nothing.
         assert_eq!(pool.shares.lock().waiting.len(), 1);
@@ -505,7 +517,7 @@ mod tests {
         // still waits, for the pool, not for her own requests.
         drop(bobs);
         let (_first, _second) = (got(first, "first").await, got(second, "second").await);
-        assert!(matches!(third.await.unwrap(), Err(GetError::Timeout)));
+        assert!(matches!(third.await.unwrap(), Err(GetError::Timeout(_))));
     }
 
     #[tokio::test]

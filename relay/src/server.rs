@@ -69,7 +69,7 @@ pub struct Relay {
 
 /// The clients' pool: `RELAY_POOL_SIZE` connections.
 pub fn pool(config: &Config) -> Result<Pool, deadpool_postgres::BuildError> {
-    db::pool(&config.database, config.pool_size)
+    db::pool(&config.database, config.pool_size, config.query_timeout)
 }
 
 /// Connections waiting to be accepted. Larger than the 128 of `TcpListener::bind`, so that the
@@ -164,7 +164,7 @@ impl Relay {
             );
         }
         let pool = pool(&config)?;
-        let internal = db::pool(&config.database, db::INTERNAL_POOL_SIZE)?;
+        let internal = db::pool(&config.database, db::INTERNAL_POOL_SIZE, db::QUERY_TIMEOUT)?;
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
             source,

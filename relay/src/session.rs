@@ -660,7 +660,7 @@ impl Reader {
 /// had none.
 fn not_leased(error: db::GetError) -> (ErrorCode, String) {
     match error {
-        db::GetError::Busy(_) => (
+        db::GetError::Busy(..) => (
             ErrorCode::Unavailable,
             format!("{error}; try again once they are answered"),
         ),
