@@ -2,9 +2,10 @@
 --
 -- A cursor names an event by its id and a tag, so that after the log went back (a restore, a
 -- failover that lost commits) a cursor of an event the log no longer holds is refused even once
--- another event has taken its id. The tag is a keyed hash (SipHash-2-4) of the event's time: with
--- this key, kept where only the relay's role reads it, a tag tells a client nothing about the time
--- of an event it may not see, so a `subscribed` reply can carry the tag of the relay's position.
+-- another event has taken its id. The tag is a keyed hash (SipHash-2-4) of the event's id and
+-- time: with this key, kept where only the relay's role reads it, a tag tells a client nothing
+-- about the time of an event it may not see, so a `subscribed` reply can carry the tag of the
+-- relay's position.
 -- Every relay on the database reads the same key, and a restore brings it back with the log.
 -- Replacing it expires every tagged cursor clients hold: they refetch once.
 
@@ -21,4 +22,4 @@ on conflict do nothing;
 revoke all on relay.cursor_key from public;
 
 comment on table relay.cursor_key is
-    'The key of the tags in event cursors (SipHash-2-4 of the event''s time); one row.';
+    'The key of the tags in event cursors (SipHash-2-4 of the event''s id and time); one row.';

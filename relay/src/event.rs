@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(slot["id"], 3);
         assert_eq!(
             slot["cursor"],
-            format!("3.{:08x}", KEY.tag("2026-11-21T10:00:00Z").0)
+            format!("3.{:08x}", KEY.tag(3, "2026-11-21T10:00:00Z").0)
         );
         assert_eq!(slot["at"], "2026-11-21T10:00:00Z");
     }

@@ -249,15 +249,20 @@ impl Link {
         }
     }
 
-    /// Asks the socket to close; the first reason given wins.
-    pub fn close(&self, reason: Close) {
+    /// Asks the socket to close; the first reason given wins, and only then is true returned.
+    pub fn close(&self, reason: Close) -> bool {
         self.cut.send_if_modified(|current| {
             if current.is_some() {
                 return false;
             }
             *current = Some(reason);
             true
-        });
+        })
+    }
+
+    /// Whether the socket was asked to close.
+    fn is_closing(&self) -> bool {
+        self.cut.borrow().is_some()
     }
 }
 
@@ -376,8 +381,6 @@ pub struct Hub {
     position_tag: AtomicU64,
     /// The key of cursors' tags, the database's (`relay.cursor_key`); set by [`Hub::start_at`].
     key: RwLock<CursorKey>,
-    /// The position [`Hub::tell_position`] last told.
-    position_told: AtomicI64,
     /// Set by [`Hub::close_all`]: a socket that connects afterwards is closed at once, with the
     /// same reason.
     closing: RwLock<Option<Close>>,
@@ -421,6 +424,9 @@ struct Member {
     after: Cursor,
     /// While the subscription replays: where live frames wait.
     replay: Option<ReplayBuffer>,
+    /// The latest position its client was told it may resume from (its start, or a `position`
+    /// frame); events it received may have taken it further.
+    told: Cursor,
 }
 
 impl Member {
@@ -535,7 +541,6 @@ impl Hub {
             position: AtomicI64::new(-1),
             position_tag: AtomicU64::new(0),
             key: RwLock::new(CursorKey([0; 16])),
-            position_told: AtomicI64::new(-1),
             closing: RwLock::default(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
@@ -580,43 +585,36 @@ impl Hub {
         })
     }
 
-    /// Tells every live subscription where the hub stands (`frame(feed, position)`), when the
-    /// position moved since it last did: a subscription that receives nothing keeps a cursor that
+    /// Tells every live subscription whose client last heard of an earlier position where the hub
+    /// stands (`frame(feed, position)`): a subscription that receives nothing keeps a cursor that
     /// retention would otherwise pass, and its client would have to refetch on its next resume.
     /// Queued under the index lock, so after every event up to the position, and only where the
-    /// socket's queue is at least half free (if any were not, the next call tells everyone,
-    /// whether the position moved or not). Returns how many subscriptions were told.
+    /// socket's queue is at least half free (the others are told next time); never to a socket
+    /// asked to close, which may have missed an event. Returns how many subscriptions were told.
     pub fn tell_position(&self, frame: impl Fn(Feed, Mark) -> Bytes) -> usize {
-        let index = self.write();
+        let mut index = self.write();
         let Some(mark) = self.mark() else {
             return 0;
         };
-        if self.position_told.load(Ordering::Acquire) == mark.position.0 {
-            return 0;
-        }
-        let (mut told, mut untold) = (0, 0);
+        let mut told = 0;
         for feed in Feed::ALL {
-            let feed_index = &index.feeds[feed.index()];
+            let feed_index = &mut index.feeds[feed.index()];
             let frame = frame(feed, mark);
             let members = feed_index
                 .everyone
-                .values()
-                .chain(feed_index.by_user.values().flatten());
+                .values_mut()
+                .chain(feed_index.by_user.values_mut().flatten());
             for member in members {
-                // Replaying, or resumed after the position: its cursor is ahead of this one.
-                if member.replay.is_some() || member.after > mark.position {
+                // Replaying (its cursor is the replay's), or told this or a later position.
+                if member.replay.is_some() || member.told >= mark.position {
                     continue;
                 }
-                if member.link.try_send_spare(frame.clone()) {
+                if !member.link.is_closing() && member.link.try_send_spare(frame.clone()) {
+                    member.told = mark.position;
                     told += 1;
-                } else {
-                    untold += 1;
                 }
             }
         }
-        // With some left untold, the next call tells everyone again, moved or not.
-        let told_all = if untold == 0 { mark.position.0 } else { -1 };
-        self.position_told.store(told_all, Ordering::Release);
         told
     }
 
@@ -629,6 +627,28 @@ impl Hub {
     /// the database's key of cursors' tags.
     pub fn start_at(&self, position: Mark, key: CursorKey) {
         let _index = self.write();
+        self.set_start(position, key);
+    }
+
+    /// Starts again from `position` after the log went back, closing every socket connected
+    /// before with `reason`: in one step, so that none of them is told a position of the new log
+    /// (their cursors are of the old one), and every socket connected after starts there.
+    pub fn start_over_at(&self, position: Mark, key: CursorKey, reason: Close) {
+        let sockets: Vec<SocketId> = {
+            let index = self.write();
+            self.set_start(position, key);
+            for state in index.sockets.values() {
+                state.link.close(reason.clone());
+            }
+            index.sockets.keys().copied().collect()
+        };
+        for socket in sockets {
+            self.disconnect(socket);
+        }
+    }
+
+    /// Under the index lock.
+    fn set_start(&self, position: Mark, key: CursorKey) {
         *self.key.write().unwrap_or_else(PoisonError::into_inner) = key;
         self.position.store(position.position.0, Ordering::Release);
         self.position_tag
@@ -655,7 +675,9 @@ impl Hub {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         match closing {
-            Some(reason) => link.close(reason),
+            Some(reason) => {
+                link.close(reason);
+            }
             None => {
                 index.sockets.insert(
                     id,
@@ -717,6 +739,7 @@ impl Hub {
             link: link.clone(),
             after,
             replay,
+            told: after,
         };
         let feed_index = &mut index.feeds[feed.index()];
         if previous.is_some() {
@@ -905,7 +928,13 @@ impl Hub {
                 }
                 match member.link.offer(outbound, writes) {
                     Ok(()) => delivered += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(member.socket),
+                    // Closed at once, under the lock: nothing queued from now on (a position,
+                    // which could name this event) reaches the client ahead of the close.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if member.link.close(Close::slow_consumer()) {
+                            slow.push(member.socket);
+                        }
+                    }
                     // The session ended and is about to disconnect.
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
@@ -926,11 +955,14 @@ impl Hub {
             // Under the lock: a subscription registered from now on starts after this event.
             if self.position.fetch_max(event.id, Ordering::AcqRel) < event.id {
                 self.position_tag
-                    .store(tagged(key.tag(&event.at)), Ordering::Release);
+                    .store(tagged(key.tag(event.id, &event.at)), Ordering::Release);
             }
         }
         for socket in slow {
-            self.cut(socket, Close::slow_consumer());
+            self.counters
+                .slow_consumers_cut
+                .fetch_add(1, Ordering::Relaxed);
+            self.disconnect(socket);
         }
         self.counters
             .messages_delivered
@@ -1429,7 +1461,7 @@ mod tests {
     }
 
     #[test]
-    fn live_subscriptions_are_told_the_position_when_it_moved() {
+    fn live_subscriptions_are_told_the_position_when_theirs_is_older() {
         let hub = started(4);
         let told = |feed: Feed, mark: Mark| Bytes::from(format!("{}@{mark}", feed.as_str()));
         let (dentist, other) = (principal(Role::Dentist), principal(Role::Dentist));
@@ -1458,9 +1490,9 @@ mod tests {
             2,
             "the admin and the quiet dentist"
         );
-        let expected = Bytes::from(format!("appointments@{}", KEY.mark(5, "t")));
-        assert_eq!(received_raw(&mut admin), vec![expected.clone()]);
-        assert_eq!(received_raw(&mut quiet), vec![expected.clone()]);
+        let at_5 = Bytes::from(format!("appointments@{}", KEY.mark(5, "t")));
+        assert_eq!(received_raw(&mut admin), vec![at_5.clone()]);
+        assert_eq!(received_raw(&mut quiet), vec![at_5.clone()]);
         // The replaying subscription's cursor is its replay's.
         assert!(received_raw(&mut replaying).is_empty());
         assert_eq!(
@@ -1469,18 +1501,63 @@ mod tests {
             "three queued and the event"
         );
 
-        // Not moved, but one was left untold: it is told now.
-        assert_eq!(hub.tell_position(told), 3);
-        assert_eq!(received_raw(&mut busy), vec![expected.clone()]);
-        assert_eq!(received_raw(&mut admin), vec![expected]);
-        received_raw(&mut quiet);
-        // Not moved, everyone told: nothing.
+        // Not moved: only the one left untold, now that it has room.
+        assert_eq!(hub.tell_position(told), 1);
+        assert_eq!(received_raw(&mut busy), vec![at_5.clone()]);
+        assert!(received_raw(&mut admin).is_empty());
         assert_eq!(hub.tell_position(told), 0);
+        // A resumed subscription gone live holds its resume's cursor: told, though nothing moved.
+        // (Its own event 5 waited in its buffer: handed over, then live.)
+        while let Drained::Frames(_) = hub.drain_replay(replaying.id, Feed::Appointments, || {
+            Bytes::from_static(b"live")
+        }) {}
+        assert_eq!(
+            received_raw(&mut replaying),
+            vec![Bytes::from_static(b"live")]
+        );
+        assert_eq!(hub.tell_position(told), 1);
+        assert_eq!(received_raw(&mut replaying), vec![at_5]);
+
+        // A socket asked to close may have missed an event: it is told nothing more.
+        quiet.link.close(Close::slow_consumer());
         hub.skip(Cursor(8));
         assert_eq!(hub.tell_position(told), 3);
+        assert!(received_raw(&mut quiet).is_empty());
         assert_eq!(
-            received_raw(&mut quiet),
+            received_raw(&mut admin),
             vec![Bytes::from_static(b"appointments@8")]
+        );
+    }
+
+    #[test]
+    fn starting_over_closes_every_socket_before_any_is_told_the_new_position() {
+        let hub = started(8);
+        let admin = principal(Role::Admin);
+        hub.dispatch(&insert(20, &admin));
+        let mut before = join(&hub, admin);
+        let went_back = Close {
+            code: close::STATE_LOST,
+            reason: "went back".into(),
+        };
+        hub.start_over_at(KEY.mark(7, "u"), KEY, went_back);
+        assert_eq!(hub.mark(), Some(KEY.mark(7, "u")));
+        assert!(before.link.is_closing());
+        assert_eq!(hub.tell_position(|_, m| Bytes::from(m.to_string())), 0);
+        assert!(received_raw(&mut before).is_empty());
+        // A socket that connects now starts at the new position.
+        let mut after = hub.connect(admin, None);
+        let ack = |mark: Mark| Bytes::from(mark.to_string());
+        let start = hub.subscribe(
+            after.id,
+            Feed::Appointments,
+            Filter::default(),
+            Start::Live,
+            ack,
+        );
+        assert_eq!(start, Ok(Cursor(7)));
+        assert_eq!(
+            received_raw(&mut after),
+            vec![Bytes::from(KEY.mark(7, "u").to_string())]
         );
     }
 

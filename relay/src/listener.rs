@@ -29,7 +29,7 @@ use crate::hub::{Close, Hub, Writes};
 use crate::log::{self, AT_TEXT};
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
-use crate::protocol::{close, Cursor, Mark};
+use crate::protocol::{close, Cursor, CursorKey, Mark};
 
 /// Whether the relay is currently receiving events; read by the health endpoint.
 #[derive(Debug)]
@@ -203,6 +203,14 @@ impl Listener {
 
     /// The first connection: the relay starts live from the log's newest event.
     async fn start(&self) -> Result<(), ListenError> {
+        let (position, key) = self.read_start().await?;
+        self.hub.start_at(position, key);
+        Ok(())
+    }
+
+    /// Reads where the relay starts: the log's position as clients are told it, and the key of
+    /// cursors' tags; and loads what presence and the reconnect check need as of that position.
+    async fn read_start(&self) -> Result<(Mark, CursorKey), ListenError> {
         let mut lease = self.pooled().await?;
         let client = lease.client();
         // The open consultation sessions presence follows, as of that very position; events
@@ -215,7 +223,7 @@ impl Listener {
                 .start(),
         )
         .await?;
-        let position = timed(log::position(&*tx)).await?;
+        let position = timed(log::mark(&*tx)).await?;
         let open = timed(presence::open_sessions(&*tx)).await?;
         // The newest event, as if dispatched: what a later reconnect checks the log against.
         let newest = timed(tx.query_opt(
@@ -227,18 +235,12 @@ impl Listener {
         let key = timed(log::read_cursor_key(&*tx)).await?;
         timed(tx.commit()).await?;
         lease.finish();
-        // Clients are told the position tagged as its event, when it is one the log holds.
-        let mark = match &newest {
-            Some((id, at)) if *id == position.0 => key.mark(*id, at),
-            _ => Mark::from(position),
-        };
         *self
             .last_dispatched
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = newest;
         self.presence.open_sessions_loaded(open);
-        self.hub.start_at(mark, key);
-        Ok(())
+        Ok((position, key))
     }
 
     /// The log went back (restored from a backup, or failed over to a standby that missed
@@ -249,11 +251,16 @@ impl Listener {
         tracing::error!(%position, %why,
             "the event log went back; closing every socket and starting from its newest event");
         self.presence.events_lost();
-        self.start().await?;
-        self.hub.disconnect_all(Close {
-            code: close::STATE_LOST,
-            reason: "the event log went back (a restore or a failover): fetch current state".into(),
-        });
+        let (position, key) = self.read_start().await?;
+        self.hub.start_over_at(
+            position,
+            key,
+            Close {
+                code: close::STATE_LOST,
+                reason: "the event log went back (a restore or a failover): fetch current state"
+                    .into(),
+            },
+        );
         Ok(())
     }
 

@@ -197,7 +197,9 @@ pub async fn bounds(
     Ok(Bounds {
         horizon: Cursor(row.try_get(0)?),
         issued: Cursor(row.try_get(1)?),
-        logged: row.try_get::<_, Option<String>>(2)?.map(|at| key.tag(&at)),
+        logged: row
+            .try_get::<_, Option<String>>(2)?
+            .map(|at| key.tag(cursor.position.0, &at)),
     })
 }
 
