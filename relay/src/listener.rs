@@ -13,6 +13,7 @@
 //! skipping those the log already gave it. This module must not decide who sees what; that is the
 //! hub's job.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -115,9 +116,59 @@ pub struct Listener {
     pub presence: Arc<Presence>,
     /// Times each event from commit to dispatch.
     pub metrics: Arc<Metrics>,
-    /// The id and time of the last event dispatched, to tell after a reconnect whether the log
-    /// went back (a restore, a failover).
-    pub last_dispatched: std::sync::Mutex<Option<(i64, String)>>,
+    /// The ids and times of the last events dispatched: to tell after a reconnect whether the log
+    /// went back (a restore, a failover), and a notification repeating an id with another event.
+    pub dispatched: std::sync::Mutex<Dispatched>,
+}
+
+/// Why the relay starts over from the log's newest event: what it logs, and the reason every
+/// socket is closed with (4010: clients fetch current state).
+struct StartOver {
+    what: &'static str,
+    close: &'static str,
+}
+
+const WENT_BACK: StartOver = StartOver {
+    what: "the event log went back",
+    close: "the event log went back (a restore or a failover): fetch current state",
+};
+
+const FORGED: StartOver = StartOver {
+    what: "an event that was never committed was dispatched",
+    close:
+        "an event was sent that was never committed (a forged notification): fetch current state",
+};
+
+/// How many of the last events dispatched [`Dispatched`] remembers.
+const REMEMBERED: usize = 1024;
+
+/// The last events dispatched, oldest first: ids and times.
+#[derive(Debug, Default)]
+pub struct Dispatched(VecDeque<(i64, String)>);
+
+impl Dispatched {
+    fn record(&mut self, id: i64, at: &str) {
+        if self.0.len() == REMEMBERED {
+            self.0.pop_front();
+        }
+        self.0.push_back((id, at.to_owned()));
+    }
+
+    /// Starts again from the log's newest event, if any, as if dispatched.
+    fn restart(&mut self, newest: Option<(i64, String)>) {
+        self.0.clear();
+        self.0.extend(newest);
+    }
+
+    fn last(&self) -> Option<(i64, String)> {
+        self.0.back().cloned()
+    }
+
+    /// The time of the event dispatched with this id, if remembered.
+    fn at_of(&self, id: i64) -> Option<&str> {
+        let place = self.0.binary_search_by_key(&id, |(id, _)| *id).ok()?;
+        Some(self.0[place].1.as_str())
+    }
 }
 
 impl Listener {
@@ -174,7 +225,7 @@ impl Listener {
             None => self.start().await,
             Some(position) => match self.log_went_back(position).await {
                 Ok(None) => self.catch_up().await,
-                Ok(Some(why)) => self.start_over(position, &why).await,
+                Ok(Some(why)) => self.start_over(position, &why, WENT_BACK).await,
                 Err(e) => Err(e),
             },
         };
@@ -235,10 +286,7 @@ impl Listener {
         let key = timed(log::read_cursor_key(&*tx)).await?;
         timed(tx.commit()).await?;
         lease.finish();
-        *self
-            .last_dispatched
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = newest;
+        self.dispatched().restart(newest);
         self.presence.open_sessions_loaded(open);
         Ok((position, key))
     }
@@ -247,9 +295,14 @@ impl Listener {
     /// commits): ids this relay delivered are taken again by other events, and clients' views
     /// hold rows the database no longer has. Everyone starts over, once the hub stands at the
     /// log's newest event: a client that reconnects at once is never told the old position.
-    async fn start_over(&self, position: Cursor, why: &str) -> Result<(), ListenError> {
-        tracing::error!(%position, %why,
-            "the event log went back; closing every socket and starting from its newest event");
+    async fn start_over(
+        &self,
+        position: Cursor,
+        why: &str,
+        over: StartOver,
+    ) -> Result<(), ListenError> {
+        tracing::error!(%position, %why, "{}; closing every socket and starting from the log's \
+            newest event", over.what);
         self.presence.events_lost();
         let (position, key) = self.read_start().await?;
         self.hub.start_over_at(
@@ -257,8 +310,7 @@ impl Listener {
             key,
             Close {
                 code: close::STATE_LOST,
-                reason: "the event log went back (a restore or a failover): fetch current state"
-                    .into(),
+                reason: over.close.into(),
             },
         );
         Ok(())
@@ -268,11 +320,7 @@ impl Listener {
     /// out the position's id, or the last event dispatched is no longer in the log as it was
     /// (not pruned by retention, but gone or another event under its id).
     async fn log_went_back(&self, position: Cursor) -> Result<Option<String>, ListenError> {
-        let last = self
-            .last_dispatched
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let last = self.dispatched().last();
         let lease = self.pooled().await?;
         let (last_id, last_at) = last.map_or((-1, None), |(id, at)| (id, Some(at)));
         let row = timed(lease.query_one(
@@ -375,11 +423,7 @@ impl Listener {
         // Unconstrained, so that those writes do not spend this task's cooperative budget: a
         // socket write refused for want of budget would be handed to the socket's writer instead,
         // which is what writing directly saves.
-        *self
-            .last_dispatched
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((event.id, event.at.clone()));
+        self.dispatched().record(event.id, &event.at);
         let received = arrived.unwrap_or_else(SystemTime::now);
         let delivered =
             tokio::task::unconstrained(async { self.hub.dispatch_with(event, writes) }).await;
@@ -387,6 +431,50 @@ impl Listener {
             .dispatched(&event.at, received, SystemTime::now());
         self.presence.observe(event);
         delivered
+    }
+
+    fn dispatched(&self) -> std::sync::MutexGuard<'_, Dispatched> {
+        self.dispatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A notification of an event at or before the position: the same event again (read from
+    /// the log meanwhile, or buffered across a reconnect), skipped; or, with another time,
+    /// another event under an id already dispatched. Only one of the two was committed, and the
+    /// log says which. If it is the one that came now, the one dispatched was forged on the
+    /// relay's channel: clients received an event that never was and missed the real one, so
+    /// everyone starts over from the log.
+    async fn check_repeat(
+        &self,
+        event: &event::Event,
+        position: Cursor,
+    ) -> Result<(), ListenError> {
+        let dispatched = match self.dispatched().at_of(event.id) {
+            Some(at) if at != event.at => at.to_owned(),
+            _ => return Ok(()),
+        };
+        let lease = self.pooled().await?;
+        let logged = timed(lease.query_opt(
+            &format!("select {AT_TEXT} from relay.events e where e.id = $1"),
+            &[&event.id],
+        ))
+        .await?
+        .map(|row| row.get::<_, String>(0));
+        lease.finish();
+        if logged.as_deref() == Some(event.at.as_str()) {
+            let why = format!(
+                "event {} was dispatched with the time {dispatched}, but the one committed under \
+                 its id has {}: a notification was forged on the relay's channel",
+                event.id, event.at
+            );
+            self.start_over(position, &why, FORGED).await
+        } else {
+            tracing::warn!(event_id = event.id, at = %event.at, %dispatched,
+                "a notification named an event already dispatched, with another time, and the \
+                 log does not hold it: forged on the relay's channel; ignored");
+            Ok(())
+        }
     }
 
     /// A pooled connection, within the query timeout: a listener that cannot get one reconnects
@@ -455,7 +543,9 @@ impl Listener {
                 tracing::trace!(event_id = event.id, feed = %event.feed, delivered, "event dispatched");
                 Ok(())
             }
-            Ok(Payload::Inline(event)) if Cursor(event.id) <= position => Ok(()),
+            Ok(Payload::Inline(event)) if Cursor(event.id) <= position => {
+                self.check_repeat(&event, position).await
+            }
             Ok(Payload::Inline(event)) => {
                 tracing::debug!(event_id = event.id, %position, "a gap in event ids; reading the log");
                 self.catch_up().await
@@ -533,6 +623,24 @@ fn jitter(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_events_dispatched_are_remembered_by_id() {
+        let mut dispatched = Dispatched::default();
+        dispatched.restart(Some((3, "c".into())));
+        for id in 5..5 + REMEMBERED as i64 {
+            dispatched.record(id, &format!("t{id}"));
+        }
+        // The oldest went to make room; every other is found by its id, gaps and all.
+        assert_eq!(dispatched.at_of(3), None);
+        assert_eq!(dispatched.at_of(4), None);
+        assert_eq!(dispatched.at_of(5), Some("t5"));
+        assert_eq!(dispatched.at_of(700), Some("t700"));
+        let last = 4 + REMEMBERED as i64;
+        assert_eq!(dispatched.last(), Some((last, format!("t{last}"))));
+        dispatched.restart(None);
+        assert_eq!((dispatched.last(), dispatched.at_of(700)), (None, None));
+    }
 
     #[test]
     fn jitter_stays_within_half_to_one_and_a_half() {

@@ -188,7 +188,7 @@ impl Relay {
                 health: health.clone(),
                 presence: presence.clone(),
                 metrics: metrics.clone(),
-                last_dispatched: Default::default(),
+                dispatched: Default::default(),
             }
             .run(stopped.clone()),
         );
