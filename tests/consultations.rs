@@ -446,20 +446,7 @@ async fn history_then_live_has_no_gap_and_no_duplicate_while_messages_keep_comin
     // It names the event at the log's position, as an event frame would: after a restore, a
     // cursor of an event the log no longer holds is refused, however far new ids have gone.
     let mark: relay::protocol::Mark = cursor.parse().unwrap();
-    let at: String = db
-        .client
-        .query_one(
-            &format!(
-                "select {} from relay.events e where e.id = $1",
-                relay::log::AT_TEXT
-            ),
-            &[&mark.position.0],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let key = relay::log::read_cursor_key(&db.client).await.unwrap();
-    assert_eq!(cursor, key.mark(mark.position.0, &at).to_string());
+    assert_eq!(cursor, db.event_cursor(mark.position.0).await);
     let _ = after_cursor.send(());
     let mut pages = vec![page];
     while let Some(before) = pages.last().unwrap()["next_before"]

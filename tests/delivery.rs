@@ -288,20 +288,7 @@ async fn a_cursor_older_than_retention_is_refused_never_partly_replayed() {
         .await
         .unwrap();
     // A cursor names its event by its time too: `newest` as the log now holds it.
-    let at: String = db
-        .client
-        .query_one(
-            &format!(
-                "select {} from relay.events e where e.id = $1",
-                relay::log::AT_TEXT
-            ),
-            &[&position(&newest)],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let key = relay::log::read_cursor_key(&db.client).await.unwrap();
-    let (stale, newest) = (newest.clone(), key.mark(position(&newest), &at).to_string());
+    let (stale, newest) = (newest.clone(), db.event_cursor(position(&newest)).await);
     let pool = relay::server::pool(&db.config()).unwrap();
     let deleted = relay::log::prune(&pool, Duration::from_secs(86400))
         .await

@@ -1128,29 +1128,60 @@ async fn stuck_history_requests<'a>(
     (lock, path, stuck)
 }
 
+/// A relay whose clients' pool is one connection, whose requests give up after
+/// `query_timeout`; a patient, a dentist, an admin, a consultation session of the first two, and
+/// the admin watching appointments.
+struct OneConnection {
+    db: common::TestDb,
+    relay: relay::server::Relay,
+    addr: SocketAddr,
+    users: [Principal; 3],
+    session: Uuid,
+    watcher: Ws,
+}
+
+async fn one_connection(query_timeout: Duration) -> OneConnection {
+    let db = common::TestDb::new().await;
+    let mut config = db.config();
+    config.pool_size = 1;
+    config.query_timeout = query_timeout;
+    let relay = common::start_with(config).await;
+    let addr = relay.local_addr();
+    let users = [
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+        db.user(Role::Admin).await,
+    ];
+    let session = db.open_session(&users[0], &users[1]).await;
+    let watcher = Ws::subscribed(addr, users[2], &["appointments", "availability"]).await;
+    OneConnection {
+        db,
+        relay,
+        addr,
+        users,
+        session,
+        watcher,
+    }
+}
+
 /// Requests, however slow, do not hold back the live feed: the listener reads the log on
 /// connections of its own, not the clients' pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_requests_hold_back_not_the_feed() {
-    let db = common::TestDb::new().await;
-    let mut config = db.config();
-    // One connection for clients' requests, held by stuck queries for longer than the test's
-    // patience: an event that arrives at all arrived while they held it.
-    config.pool_size = 1;
-    config.query_timeout = PATIENCE * 2;
-    let relay = common::start_with(config).await;
-    let addr = relay.local_addr();
-    let (patient, dentist, admin) = (
-        db.user(Role::Patient).await,
-        db.user(Role::Dentist).await,
-        db.user(Role::Admin).await,
-    );
-    let session = db.open_session(&patient, &dentist).await;
-    let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
+    // The one connection is held by stuck queries for longer than the test's patience: an event
+    // that arrives at all arrived while they held it.
+    let OneConnection {
+        db,
+        relay,
+        addr,
+        users,
+        session,
+        mut watcher,
+    } = one_connection(PATIENCE * 2).await;
+    let [patient, dentist, _] = users;
     let before = common::listen_reconnects(&relay);
     let mut holder = common::connect_to(&db.url).await;
-    let (lock, path, stuck) =
-        stuck_history_requests(&db, &mut holder, addr, session, &[patient, dentist, admin]).await;
+    let (lock, path, stuck) = stuck_history_requests(&db, &mut holder, addr, session, &users).await;
 
     // An event too large for a notification, which the listener reads from the log.
     let booked = db.book(&patient, &dentist, &"x".repeat(9_000)).await;
@@ -1183,19 +1214,15 @@ async fn stuck_requests_hold_back_not_the_feed() {
 /// server, and its connection closed, so that the next request gets a free one at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_requests_are_given_up_on_and_hold_back_not_the_next_request() {
-    let db = common::TestDb::new().await;
-    let mut config = db.config();
-    config.pool_size = 1;
-    config.query_timeout = Duration::from_secs(3);
-    let relay = common::start_with(config).await;
-    let addr = relay.local_addr();
-    let (patient, dentist, admin) = (
-        db.user(Role::Patient).await,
-        db.user(Role::Dentist).await,
-        db.user(Role::Admin).await,
-    );
-    let session = db.open_session(&patient, &dentist).await;
-    let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
+    let OneConnection {
+        db,
+        relay,
+        addr,
+        users,
+        session,
+        mut watcher,
+    } = one_connection(Duration::from_secs(3)).await;
+    let [patient, dentist, _] = users;
     db.book(&patient, &dentist, "a cursor to resume from").await;
     let fence = db.fence().await;
     let events = watcher.events_until(fence).await;
@@ -1203,8 +1230,7 @@ async fn stuck_requests_are_given_up_on_and_hold_back_not_the_next_request() {
 
     // Three users' history queries wait behind the lock: longer, together, than anyone waits.
     let mut holder = common::connect_to(&db.url).await;
-    let (lock, path, stuck) =
-        stuck_history_requests(&db, &mut holder, addr, session, &[patient, dentist, admin]).await;
+    let (lock, path, stuck) = stuck_history_requests(&db, &mut holder, addr, session, &users).await;
     // They are given up on, while the lock is still held...
     for request in stuck {
         let (status, body) = request.await.unwrap();

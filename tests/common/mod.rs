@@ -123,6 +123,25 @@ impl TestDb {
             .get(0)
     }
 
+    /// The cursor of the event the log holds under `id`, as the relay writes it: the id and the
+    /// tag of the event's id and time, keyed by the database's key.
+    pub async fn event_cursor(&self, id: i64) -> String {
+        let at: String = self
+            .client
+            .query_one(
+                &format!(
+                    "select {} from relay.events e where e.id = $1",
+                    relay::log::AT_TEXT
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let key = relay::log::read_cursor_key(&self.client).await.unwrap();
+        key.mark(id, &at).to_string()
+    }
+
     /// Inserts the marker availability row every client waits for; returns its id.
     pub async fn fence(&self) -> Uuid {
         let dentist = self.user(Role::Dentist).await;
