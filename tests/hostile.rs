@@ -836,9 +836,10 @@ async fn garbage_frames_and_notifications_harm_no_one_else() {
 }
 
 /// A notification forged on the relay's channel with the next event's id is dispatched (the
-/// channel is trusted: see design.md), but when the real event of that id is notified, the relay
-/// finds out from the log that what it sent was never committed, and closes every socket with
-/// 4010 so that clients fetch current state; resuming from before the forgery gets the real event.
+/// channel is trusted: see design.md), but when the real event of that id is notified, whole or,
+/// too large for NOTIFY, by its id alone, the relay finds out from the log that what it sent was
+/// never committed, and closes every socket with 4010 so that clients fetch current state;
+/// resuming from before the forgery gets the real event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_next_event_is_found_out_when_the_real_one_comes() {
     let db = common::TestDb::new().await;
@@ -850,51 +851,56 @@ async fn a_forged_next_event_is_found_out_when_the_real_one_comes() {
         db.user(Role::Dentist).await,
     );
     db.book(&patient, &dentist, "before").await;
-    common::settle(&db, addr).await;
-    let mut watcher = Ws::connect(addr, admin).await;
-    let before = watcher.subscribe("appointments").await;
-    let position = before.split('.').next().unwrap().parse::<i64>().unwrap();
-    let issued: i64 = db
-        .client
-        .query_one("select last_value from relay.events_id_seq", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(issued, position, "the next event takes the next id");
+    for notes in ["real".to_string(), "x".repeat(9_000)] {
+        common::settle(&db, addr).await;
+        let mut watcher = Ws::connect(addr, admin).await;
+        let before = watcher.subscribe("appointments").await;
+        let position = before.split('.').next().unwrap().parse::<i64>().unwrap();
+        let issued: i64 = db
+            .client
+            .query_one("select last_value from relay.events_id_seq", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(issued, position, "the next event takes the next id");
 
-    let forged = json!({"id": position + 1, "table": "appointments", "op": "INSERT",
-                        "at": "2000-01-01T00:00:00.000000Z",
-                        "new": {"id": Uuid::new_v4(), "patient_id": patient.user_id,
-                                "dentist_id": dentist.user_id, "notes": "forged"}});
-    db.client
-        .execute(
-            "select pg_notify('relay_events', $1)",
-            &[&forged.to_string()],
-        )
-        .await
-        .unwrap();
-    let frame = watcher.recv().await;
-    assert_eq!(
-        (&frame["id"], &frame["row"]["notes"]),
-        (&json!(position + 1), &json!("forged")),
-        "{frame}"
-    );
+        let forged = json!({"id": position + 1, "table": "appointments", "op": "INSERT",
+                            "at": "2000-01-01T00:00:00.000000Z",
+                            "new": {"id": Uuid::new_v4(), "patient_id": patient.user_id,
+                                    "dentist_id": dentist.user_id, "notes": "forged"}});
+        db.client
+            .execute(
+                "select pg_notify('relay_events', $1)",
+                &[&forged.to_string()],
+            )
+            .await
+            .unwrap();
+        let frame = watcher.recv().await;
+        assert_eq!(
+            (&frame["id"], &frame["row"]["notes"]),
+            (&json!(position + 1), &json!("forged")),
+            "{frame}"
+        );
 
-    let real = db.book(&patient, &dentist, "real").await;
-    match watcher.next_message().await {
-        Some(Message::Close(Some(frame))) => {
-            assert_eq!(u16::from(frame.code), relay::protocol::close::STATE_LOST);
-            assert!(frame.reason.contains("never committed"), "{}", frame.reason);
+        let real = db.book(&patient, &dentist, &notes).await;
+        match watcher.next_message().await {
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), relay::protocol::close::STATE_LOST);
+                assert!(frame.reason.contains("never committed"), "{}", frame.reason);
+            }
+            other => panic!(
+                "{} bytes of notes: expected close 4010, got {other:?}",
+                notes.len()
+            ),
         }
-        other => panic!("expected close 4010, got {other:?}"),
+        let mut again = Ws::connect(addr, admin).await;
+        let replayed = again.resume("appointments", &before).await;
+        assert_eq!(replayed.len(), 1, "{replayed:?}");
+        assert_eq!(
+            (&replayed[0]["id"], &replayed[0]["row"]["id"]),
+            (&json!(position + 1), &json!(real))
+        );
     }
-    let mut again = Ws::connect(addr, admin).await;
-    let replayed = again.resume("appointments", &before).await;
-    assert_eq!(replayed.len(), 1, "{replayed:?}");
-    assert_eq!(
-        (&replayed[0]["id"], &replayed[0]["row"]["id"]),
-        (&json!(position + 1), &json!(real))
-    );
     relay.shutdown().await;
 }
 

@@ -841,13 +841,14 @@ impl Hub {
     pub fn cut(&self, socket: SocketId, reason: Close) {
         let link = self.read().sockets.get(&socket).map(|s| s.link.clone());
         if let Some(link) = link {
-            if reason.code == close::SLOW_CONSUMER {
+            // Counted by whoever closes it first (here, or a dispatch that found its queue full).
+            let slow = reason.code == close::SLOW_CONSUMER;
+            if link.close(reason) && slow {
                 self.counters
                     .slow_consumers_cut
                     .fetch_add(1, Ordering::Relaxed);
             }
             self.disconnect(socket);
-            link.close(reason);
         }
     }
 
@@ -1248,6 +1249,14 @@ mod tests {
         );
         assert!(fast.closed.borrow().is_none());
         assert_eq!(hub.counters().slow_consumers_cut.load(Ordering::Relaxed), 1);
+        // A socket closed as slow by a dispatch and cut by its session too, before the dispatch
+        // disconnected it: counted once, by whoever closed it (here, the dispatch, uncounted
+        // in this test).
+        let other = join(&hub, principal(Role::Admin));
+        assert!(other.link.close(Close::slow_consumer()));
+        hub.cut(other.id, Close::slow_consumer());
+        assert_eq!(hub.counters().slow_consumers_cut.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.active_subscriptions(), 1, "disconnected all the same");
         // The cut socket is gone from the index; the other still receives.
         assert_eq!(
             hub.dispatch(&appointment_event(

@@ -439,41 +439,53 @@ impl Listener {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A notification of an event at or before the position: the same event again (read from
-    /// the log meanwhile, or buffered across a reconnect), skipped; or, with another time,
-    /// another event under an id already dispatched. Only one of the two was committed, and the
-    /// log says which. If it is the one that came now, the one dispatched was forged on the
-    /// relay's channel: clients received an event that never was and missed the real one, so
-    /// everyone starts over from the log.
+    /// A notification of an event at or before the position, with its time (`None` when it
+    /// names only the id, for an event too large for NOTIFY). The same event again (read from the
+    /// log meanwhile, or buffered across a reconnect) is skipped. Otherwise, for an id dispatched
+    /// lately, the log says whether what was dispatched under it was committed; if not, it was
+    /// forged on the relay's channel, clients received an event that never was and missed the
+    /// real one, and everyone starts over from the log.
     async fn check_repeat(
         &self,
-        event: &event::Event,
+        id: i64,
+        at: Option<&str>,
         position: Cursor,
     ) -> Result<(), ListenError> {
-        let dispatched = match self.dispatched().at_of(event.id) {
-            Some(at) if at != event.at => at.to_owned(),
+        let dispatched = match self.dispatched().at_of(id) {
+            Some(dispatched) if Some(dispatched) != at => dispatched.to_owned(),
             _ => return Ok(()),
         };
         let lease = self.pooled().await?;
-        let logged = timed(lease.query_opt(
-            &format!("select {AT_TEXT} from relay.events e where e.id = $1"),
-            &[&event.id],
+        let row = timed(lease.query_one(
+            &format!(
+                "select (select {AT_TEXT} from relay.events e where e.id = $1), h.pruned_through \
+                 from relay.log_horizon h"
+            ),
+            &[&id],
         ))
-        .await?
-        .map(|row| row.get::<_, String>(0));
+        .await?;
         lease.finish();
-        if logged.as_deref() == Some(event.at.as_str()) {
-            let why = format!(
-                "event {} was dispatched with the time {dispatched}, but the one committed under \
-                 its id has {}: a notification was forged on the relay's channel",
-                event.id, event.at
-            );
-            self.start_over(position, &why, FORGED).await
-        } else {
-            tracing::warn!(event_id = event.id, at = %event.at, %dispatched,
-                "a notification named an event already dispatched, with another time, and the \
-                 log does not hold it: forged on the relay's channel; ignored");
-            Ok(())
+        let logged: Option<String> = row.get(0);
+        let horizon: i64 = row.get(1);
+        match logged {
+            Some(logged) if logged == dispatched => {
+                if let Some(at) = at {
+                    tracing::warn!(event_id = id, %at, %dispatched,
+                        "a notification named an event already dispatched, with another time the \
+                         log does not hold: forged on the relay's channel; ignored");
+                }
+                Ok(())
+            }
+            // Pruned since: nothing to tell by.
+            None if id <= horizon => Ok(()),
+            logged => {
+                let why = format!(
+                    "event {id} was dispatched with the time {dispatched}, but the one committed \
+                     under its id has {}: a notification was forged on the relay's channel",
+                    logged.as_deref().unwrap_or("none")
+                );
+                self.start_over(position, &why, FORGED).await
+            }
         }
     }
 
@@ -544,13 +556,15 @@ impl Listener {
                 Ok(())
             }
             Ok(Payload::Inline(event)) if Cursor(event.id) <= position => {
-                self.check_repeat(&event, position).await
+                self.check_repeat(event.id, Some(&event.at), position).await
             }
             Ok(Payload::Inline(event)) => {
                 tracing::debug!(event_id = event.id, %position, "a gap in event ids; reading the log");
                 self.catch_up().await
             }
-            Ok(Payload::Fetch { id }) if Cursor(id) <= position => Ok(()),
+            Ok(Payload::Fetch { id }) if Cursor(id) <= position => {
+                self.check_repeat(id, None, position).await
+            }
             Ok(Payload::Fetch { .. }) => self.catch_up().await,
             Err(cause) => {
                 self.hub

@@ -245,16 +245,24 @@ fn decode(row: &Row, first: usize) -> Result<Event, DecodeError> {
 const PRUNE_BATCH: i32 = 10_000;
 
 /// Deletes events recorded more than `retention` ago; returns how many.
+/// How long one batch of pruning may run on the server.
+const PRUNE_STATEMENT_TIMEOUT: &str = "set local statement_timeout = '60s'";
+
 pub async fn prune(pool: &Pool, retention: Duration) -> Result<u64, PruneError> {
-    let client = pool.get().await?;
+    let mut client = pool.get().await?;
     let mut total = 0u64;
     loop {
-        let row = client
+        // A batch may take longer than clients' requests are allowed (`RELAY_QUERY_TIMEOUT`
+        // sets the pool's statement_timeout); given up on, the log would never shrink.
+        let tx = client.transaction().await?;
+        tx.batch_execute(PRUNE_STATEMENT_TIMEOUT).await?;
+        let row = tx
             .query_one(
                 "select relay.prune_events(now() - make_interval(secs => $1), $2)",
                 &[&retention.as_secs_f64(), &PRUNE_BATCH],
             )
             .await?;
+        tx.commit().await?;
         let deleted: i64 = row.try_get(0)?;
         if deleted == 0 {
             return Ok(total);
