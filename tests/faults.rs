@@ -628,6 +628,7 @@ async fn a_log_that_went_back_closes_every_socket_and_what_follows_is_delivered(
         }
         other => panic!("expected close 4010, got {other:?}"),
     }
+    assert_eq!(common::starts_over(&relay), 1);
     let mut ws = common::Ws::connect(addr, admin).await;
     let restarted = ws.subscribe("availability").await;
     assert!(

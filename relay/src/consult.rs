@@ -234,7 +234,7 @@ pub async fn history(
                 .map_err(|e| Refusal::unavailable(&e))?;
             let unavailable = |e: tokio_postgres::Error| Refusal::unavailable(&e);
             // The first query takes the snapshot every later one reads.
-            let position = log::mark(&*tx).await.map_err(unavailable)?;
+            let (position, _) = log::mark(&*tx).await.map_err(unavailable)?;
             let session = owners(&*tx, session_id).await.map_err(unavailable)?;
             // As for a subscription's filter, a session that does not exist and one that is someone
             // else's look the same; only admins, who may read every session, learn which it is.

@@ -82,6 +82,9 @@ pub struct Counters {
     pub replays: AtomicU64,
     /// Times the LISTEN connection was re-established after a loss.
     pub listen_reconnects: AtomicU64,
+    /// Times every socket was closed (4010) for clients to fetch current state: the event log
+    /// went back, or an event that was never committed was dispatched.
+    pub starts_over: AtomicU64,
 }
 
 /// A frame queued for a socket, with the cursor of the event it carries (none for replies). The
@@ -634,6 +637,7 @@ impl Hub {
     /// before with `reason`: in one step, so that none of them is told a position of the new log
     /// (their cursors are of the old one), and every socket connected after starts there.
     pub fn start_over_at(&self, position: Mark, key: CursorKey, reason: Close) {
+        self.counters.starts_over.fetch_add(1, Ordering::Relaxed);
         let sockets: Vec<SocketId> = {
             let index = self.write();
             self.set_start(position, key);

@@ -274,7 +274,7 @@ impl Listener {
                 .start(),
         )
         .await?;
-        let position = timed(log::mark(&*tx)).await?;
+        let (position, key) = timed(log::mark(&*tx)).await?;
         let open = timed(presence::open_sessions(&*tx)).await?;
         // The newest event, as if dispatched: what a later reconnect checks the log against.
         let newest = timed(tx.query_opt(
@@ -283,7 +283,6 @@ impl Listener {
         ))
         .await?
         .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)));
-        let key = timed(log::read_cursor_key(&*tx)).await?;
         timed(tx.commit()).await?;
         lease.finish();
         self.dispatched().restart(newest);

@@ -150,8 +150,9 @@ pub async fn position(client: &impl GenericClient) -> Result<Cursor, tokio_postg
 
 /// The log's position (as [`position`]) as clients are told it: tagged as the event there, the
 /// newest one or, when retention deleted it, the one whose time retention kept; an id alone
-/// otherwise (nothing was ever logged, or pruned before that time was kept).
-pub async fn mark(client: &impl GenericClient) -> Result<Mark, tokio_postgres::Error> {
+/// otherwise (nothing was ever logged, or pruned before that time was kept); and the key the tag
+/// was made with.
+pub async fn mark(client: &impl GenericClient) -> Result<(Mark, CursorKey), tokio_postgres::Error> {
     let row = client
         .query_one(
             &format!(
@@ -165,13 +166,14 @@ pub async fn mark(client: &impl GenericClient) -> Result<Mark, tokio_postgres::E
         .await?;
     let key = cursor_key(row.try_get(4)?);
     let horizon: i64 = row.try_get(2)?;
-    Ok(match row.try_get::<_, Option<i64>>(0)? {
+    let mark = match row.try_get::<_, Option<i64>>(0)? {
         Some(newest) if newest >= horizon => key.mark(newest, &row.try_get::<_, String>(1)?),
         _ => match row.try_get::<_, Option<String>>(3)? {
             Some(at) => key.mark(horizon, &at),
             None => Mark::from(Cursor(horizon)),
         },
-    })
+    };
+    Ok((mark, key))
 }
 
 /// The bounds of a resume from `cursor`, read in one statement; the tag of the event at its id is
@@ -205,11 +207,11 @@ pub async fn bounds(
 
 /// The database's key of cursors' tags (`relay.cursor_key`, 16 bytes by its check; were it not,
 /// tags would not match and cursors would be refused as expired, never taken for others).
-pub fn cursor_key(bytes: &[u8]) -> CursorKey {
+fn cursor_key(bytes: &[u8]) -> CursorKey {
     CursorKey::from_bytes(bytes).unwrap_or(CursorKey([0; 16]))
 }
 
-/// The key of cursors' tags, for a relay starting on this database.
+/// The database's key of cursors' tags, alone (`mark` and `bounds` read it with what they tag).
 pub async fn read_cursor_key(
     client: &impl GenericClient,
 ) -> Result<CursorKey, tokio_postgres::Error> {

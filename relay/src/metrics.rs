@@ -205,6 +205,11 @@ pub fn render(hub: &Hub, metrics: &Metrics, scrape: &Scrape) -> String {
             "Times the LISTEN connection was re-established after a loss",
             &counters.listen_reconnects,
         ),
+        (
+            "relay_starts_over_total",
+            "Times every socket was closed (4010) for clients to fetch current state: the event log went back, or a forged event was dispatched",
+            &counters.starts_over,
+        ),
     ];
     for (name, help, value) in totals {
         counter(name, help, load(value));

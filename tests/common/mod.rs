@@ -187,6 +187,15 @@ pub async fn start_with(config: Config) -> Relay {
     relay
 }
 
+/// Times the relay closed every socket for clients to fetch current state.
+pub fn starts_over(relay: &Relay) -> u64 {
+    relay
+        .hub()
+        .counters()
+        .starts_over
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many times the relay's LISTEN connection has come back.
 pub fn listen_reconnects(relay: &Relay) -> u64 {
     relay
