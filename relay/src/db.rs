@@ -157,6 +157,11 @@ fn timeout_of(pool: &Pool) -> Duration {
     pool.timeouts().wait.unwrap_or(QUERY_TIMEOUT)
 }
 
+/// The `statement_timeout` of `pool`'s connections.
+pub fn statement_timeout_of(pool: &Pool) -> Duration {
+    timeout_of(pool) * STATEMENT_TIMEOUT_FACTOR
+}
+
 /// A connection from `pool`, for work that calls [`Lease::finish`] when done.
 pub async fn lease(pool: &Pool) -> Result<Lease, PoolError> {
     Ok(Lease {

@@ -43,8 +43,8 @@ pub struct RawEvent {
 pub enum Payload {
     /// The whole event is in the payload.
     Inline(Event),
-    /// Only the event's id is: read the rest from `relay.events`.
-    Fetch { id: i64 },
+    /// Only the event's id and time are: read the rest from `relay.events`.
+    Fetch { id: i64, at: String },
 }
 
 /// Why a payload or log row is not a usable event. Such events are logged and counted, and the
@@ -126,7 +126,10 @@ impl Payload {
     pub fn decode(payload: &str) -> Result<Payload, DecodeError> {
         let raw: RawEvent = serde_json::from_str(payload)?;
         if raw.fetch {
-            return Ok(Payload::Fetch { id: raw.id });
+            return Ok(Payload::Fetch {
+                id: raw.id,
+                at: raw.at,
+            });
         }
         Ok(Payload::Inline(Event::try_from(raw)?))
     }
@@ -361,7 +364,7 @@ mod tests {
             r#"{"id": 12, "table": "appointments", "op": "INSERT", "at": "t", "fetch": true}"#;
         assert!(matches!(
             Payload::decode(text),
-            Ok(Payload::Fetch { id: 12 })
+            Ok(Payload::Fetch { id: 12, .. })
         ));
     }
 

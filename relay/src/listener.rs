@@ -438,20 +438,15 @@ impl Listener {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A notification of an event at or before the position, with its time (`None` when it
-    /// names only the id, for an event too large for NOTIFY). The same event again (read from the
-    /// log meanwhile, or buffered across a reconnect) is skipped. Otherwise, for an id dispatched
+    /// A notification of an event at or before the position, with its time (whole, or naming
+    /// only the id and time of an event too large for NOTIFY). The same event again (read from
+    /// the log meanwhile, or buffered across a reconnect) is skipped. Otherwise, for an id dispatched
     /// lately, the log says whether what was dispatched under it was committed; if not, it was
     /// forged on the relay's channel, clients received an event that never was and missed the
     /// real one, and everyone starts over from the log.
-    async fn check_repeat(
-        &self,
-        id: i64,
-        at: Option<&str>,
-        position: Cursor,
-    ) -> Result<(), ListenError> {
+    async fn check_repeat(&self, id: i64, at: &str, position: Cursor) -> Result<(), ListenError> {
         let dispatched = match self.dispatched().at_of(id) {
-            Some(dispatched) if Some(dispatched) != at => dispatched.to_owned(),
+            Some(dispatched) if dispatched != at => dispatched.to_owned(),
             _ => return Ok(()),
         };
         let lease = self.pooled().await?;
@@ -468,11 +463,9 @@ impl Listener {
         let horizon: i64 = row.get(1);
         match logged {
             Some(logged) if logged == dispatched => {
-                if let Some(at) = at {
-                    tracing::warn!(event_id = id, %at, %dispatched,
-                        "a notification named an event already dispatched, with another time the \
-                         log does not hold: forged on the relay's channel; ignored");
-                }
+                tracing::warn!(event_id = id, %at, %dispatched,
+                    "a notification named an event already dispatched, with another time the log \
+                     does not hold: forged on the relay's channel; ignored");
                 Ok(())
             }
             // Pruned since: nothing to tell by.
@@ -555,14 +548,14 @@ impl Listener {
                 Ok(())
             }
             Ok(Payload::Inline(event)) if Cursor(event.id) <= position => {
-                self.check_repeat(event.id, Some(&event.at), position).await
+                self.check_repeat(event.id, &event.at, position).await
             }
             Ok(Payload::Inline(event)) => {
                 tracing::debug!(event_id = event.id, %position, "a gap in event ids; reading the log");
                 self.catch_up().await
             }
-            Ok(Payload::Fetch { id }) if Cursor(id) <= position => {
-                self.check_repeat(id, None, position).await
+            Ok(Payload::Fetch { id, at }) if Cursor(id) <= position => {
+                self.check_repeat(id, &at, position).await
             }
             Ok(Payload::Fetch { .. }) => self.catch_up().await,
             Err(cause) => {

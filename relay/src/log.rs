@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_postgres::{GenericClient, Row};
 
 use crate::authz::Feed;
+use crate::db;
 use crate::event::{DecodeError, Event, RawEvent};
 use crate::protocol::{Cursor, CursorKey, Mark, Tag};
 
@@ -246,18 +247,21 @@ fn decode(row: &Row, first: usize) -> Result<Event, DecodeError> {
 /// Events deleted per statement, so that pruning never holds long locks.
 const PRUNE_BATCH: i32 = 10_000;
 
-/// Deletes events recorded more than `retention` ago; returns how many.
-/// How long one batch of pruning may run on the server.
-const PRUNE_STATEMENT_TIMEOUT: &str = "set local statement_timeout = '60s'";
+/// How long one batch of pruning may run on the server, at least: longer than the clients' queries
+/// when `RELAY_QUERY_TIMEOUT` is short.
+const PRUNE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Deletes events recorded more than `retention` ago; returns how many.
 pub async fn prune(pool: &Pool, retention: Duration) -> Result<u64, PruneError> {
     let mut client = pool.get().await?;
     let mut total = 0u64;
+    // A batch may take longer than clients' requests are allowed (`RELAY_QUERY_TIMEOUT` sets the
+    // pool's statement_timeout); given up on each time, the log would never shrink.
+    let limit = db::statement_timeout_of(pool).max(PRUNE_STATEMENT_TIMEOUT);
+    let limit = format!("set local statement_timeout = {}", limit.as_millis());
     loop {
-        // A batch may take longer than clients' requests are allowed (`RELAY_QUERY_TIMEOUT`
-        // sets the pool's statement_timeout); given up on, the log would never shrink.
         let tx = client.transaction().await?;
-        tx.batch_execute(PRUNE_STATEMENT_TIMEOUT).await?;
+        tx.batch_execute(&limit).await?;
         let row = tx
             .query_one(
                 "select relay.prune_events(now() - make_interval(secs => $1), $2)",
