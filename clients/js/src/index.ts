@@ -98,6 +98,9 @@ export class SendError extends Error {
   constructor(
     readonly code: string,
     message: string,
+    /** The message's `client_id`, when it may have been created: send it again with this id
+     * (`send(sessionId, body, { clientId })`) and it is created once. */
+    readonly clientId?: string,
   ) {
     super(message);
     this.name = "SendError";
@@ -128,6 +131,9 @@ interface Entry {
   cursor: string | undefined;
   /** The last event id delivered, so that nothing is delivered twice. */
   lastId: number;
+  /** Why its cursor could not be resumed from: reported once it is live again, so that state
+   * the app fetches then misses nothing. */
+  expired: string | undefined;
 }
 
 interface PendingSend {
@@ -282,6 +288,7 @@ export class RelayClient {
       handler: handler as (event: ChangeEvent) => void,
       cursor: options.since,
       lastId: options.since !== undefined ? positionOf(options.since) : 0,
+      expired: undefined,
     };
     this.entries.set(feed, entry);
     this.transmitSubscribe(entry);
@@ -314,9 +321,10 @@ export class RelayClient {
    * Sends a message to a consultation session. The message gets a `client_id` now; until the
    * relay acknowledges it, it is sent again with that id on every reconnect (and after a
    * transient failure), so it is created once however often it is sent. Resolves with the
-   * message's id; rejects with a `SendError` when the relay refuses it.
+   * message's id; rejects with a `SendError` when the relay refuses it, or when the client is
+   * closed first (code `closed`, with the `clientId` to send it again with, on another client).
    */
-  send(sessionId: string, body: string): Promise<SendResult> {
+  send(sessionId: string, body: string, options: { clientId?: string } = {}): Promise<SendResult> {
     if (this.closedByUser) {
       return Promise.reject(new Error("the client is closed"));
     }
@@ -330,7 +338,15 @@ export class RelayClient {
         ),
       );
     }
-    const clientId = uuid();
+    const clientId = options.clientId ?? uuid();
+    if (!UUID.test(clientId)) {
+      return Promise.reject(new SendError("bad_request", "clientId must be a uuid"));
+    }
+    if (this.sends.has(clientId)) {
+      return Promise.reject(
+        new SendError("conflict", `a send with clientId ${clientId} is already waiting`),
+      );
+    }
     if (byteLength(JSON.stringify(this.sendFrame(clientId, sessionId, body))) > this.options.maxFrameBytes) {
       return Promise.reject(
         new SendError(
@@ -366,7 +382,14 @@ export class RelayClient {
     }
     for (const [clientId, pending] of this.sends) {
       this.sends.delete(clientId);
-      pending.reject(new Error("the client was closed before the relay acknowledged the message"));
+      pending.reject(
+        new SendError(
+          "closed",
+          "the client was closed before the relay acknowledged the message; it may have been " +
+            "created: send it again with the same clientId",
+          clientId,
+        ),
+      );
     }
     this.setState("closed");
   }
@@ -476,7 +499,7 @@ export class RelayClient {
       for (const entry of this.entries.values()) {
         entry.cursor = undefined;
         entry.lastId = 0;
-        this.emit("error", { code: "cursor_expired", message: reason, feed: entry.feed });
+        entry.expired = reason;
       }
     }
     if (code === 1002 || code === 1007 || code === 1009 || code === 4029) {
@@ -741,6 +764,13 @@ export class RelayClient {
             entry.cursor = frame.cursor as string;
             entry.lastId = positionOf(frame.cursor as string);
           }
+          if (entry.expired !== undefined) {
+            // Live again: every change from here on reaches the handler, so state fetched now
+            // (with the events that arrive meanwhile applied after it) misses nothing.
+            const message = entry.expired;
+            entry.expired = undefined;
+            this.emit("error", { code: "cursor_expired", message, feed: entry.feed });
+          }
         }
         break;
       }
@@ -852,10 +882,11 @@ export class RelayClient {
       entry.pending = ref;
       const feed = entry.feed;
       if (error.code === "cursor_expired") {
-        // The log no longer reaches back to the cursor: the app must refetch; go on live.
+        // The log no longer reaches back to the cursor: go on live, and once live, tell the app
+        // to refetch.
         entry.cursor = undefined;
         entry.lastId = 0;
-        this.emit("error", { ...error, feed });
+        entry.expired = error.message;
         this.transmitSubscribe(entry);
         return;
       }
@@ -1054,6 +1085,8 @@ function wellFormed(text: string): boolean {
 }
 
 /** A random (v4) uuid; `crypto.randomUUID` exists only in secure contexts. */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
 function uuid(): string {
   const crypto = globalThis.crypto;
   if (typeof crypto.randomUUID === "function") {

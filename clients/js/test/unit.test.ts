@@ -305,7 +305,7 @@ describe("a socket refused before it opens", () => {
 });
 
 describe("a relay whose event log went back (close 4010)", () => {
-  it("reports every feed's cursor expired, and goes on live with ids it had seen", async () => {
+  it("reports every feed's cursor expired once live again, with ids it had seen", async () => {
     const client = await accepted();
     const errors: RelayError[] = [];
     client.on("error", (e) => errors.push(e));
@@ -317,14 +317,16 @@ describe("a relay whose event log went back (close 4010)", () => {
     socket.reply(event(11));
     socket.reply(event(12));
     socket.end(4010, "the event log went back (a restore or a failover): fetch current state");
-    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
     await vi.advanceTimersByTimeAsync(20);
     const again = latest();
     expect(again).not.toBe(socket);
     again.accept();
     const [subscribe] = again.of("subscribe");
     expect(subscribe?.since).toBeUndefined();
+    // Reported once the feed is live again, so that state fetched then misses nothing.
+    expect(errors).toEqual([]);
     again.reply({ type: "subscribed", ref: subscribe?.ref, feed: "appointments", cursor: "9" });
+    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
     // The restored log hands out ids the client saw before: they are new events.
     again.reply(event(10));
     again.reply(event(11));
@@ -412,7 +414,7 @@ describe("a replay that fails after `subscribed`", () => {
     client.close();
   });
 
-  it("is reported and goes on live when retention overtook it", async () => {
+  it("goes on live when retention overtook it, and is reported once live", async () => {
     const client = await accepted();
     const errors: RelayError[] = [];
     client.on("error", (e) => errors.push(e));
@@ -421,10 +423,30 @@ describe("a replay that fails after `subscribed`", () => {
     const [first] = socket.of("subscribe");
     socket.reply({ type: "subscribed", ref: first?.ref, feed: "appointments", cursor: "10" });
     socket.reply({ type: "error", ref: first?.ref, code: "cursor_expired", message: "expired" });
-    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
     const again = socket.of("subscribe");
     expect(again).toHaveLength(2);
     expect(again[1]?.since).toBeUndefined();
+    expect(errors).toEqual([]);
+    socket.reply({ type: "subscribed", ref: again[1]?.ref, feed: "appointments", cursor: "40" });
+    expect(errors).toMatchObject([{ code: "cursor_expired", feed: "appointments" }]);
+    client.close();
+  });
+
+  it("lets the app unsubscribe from its report without leaving a subscription", async () => {
+    const client = await accepted();
+    const subscription = client.subscribe("appointments", { since: "10" }, () => {});
+    client.on("error", (e) => {
+      if (e.code === "cursor_expired") subscription.unsubscribe();
+    });
+    const socket = latest();
+    const [first] = socket.of("subscribe");
+    socket.reply({ type: "error", ref: first?.ref, code: "cursor_expired", message: "expired" });
+    const [, again] = socket.of("subscribe");
+    socket.reply({ type: "subscribed", ref: again?.ref, feed: "appointments", cursor: "40" });
+    // The unsubscribe is the last word: nothing subscribes again after it.
+    expect(socket.of("subscribe")).toHaveLength(2);
+    const feedFrames = socket.sent.filter((f) => f.type === "subscribe" || f.type === "unsubscribe");
+    expect(feedFrames.at(-1)?.type).toBe("unsubscribe");
     client.close();
   });
 
@@ -457,6 +479,31 @@ describe("across a dropped connection", () => {
     await vi.advanceTimersByTimeAsync(2_000);
     expect(socket.of("send")).toHaveLength(60);
     client.close();
+  });
+
+  it("hands the clientId of a send cut short by close() to the next client", async () => {
+    const client = await accepted();
+    const first = client.send(SESSION, "one");
+    const [frame] = latest().of("send");
+    client.close();
+    const error = await first.catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(SendError);
+    expect(error).toMatchObject({ code: "closed", clientId: frame?.client_id });
+
+    const next = await accepted();
+    const again = next.send(SESSION, "one", { clientId: (error as SendError).clientId });
+    const [resent] = latest().of("send");
+    expect(resent?.client_id).toBe(frame?.client_id);
+    // One waiting send per clientId; and only a uuid will do.
+    await expect(next.send(SESSION, "one", { clientId: frame?.client_id as string })).rejects.toMatchObject({
+      code: "conflict",
+    });
+    await expect(next.send(SESSION, "one", { clientId: "not-a-uuid" })).rejects.toMatchObject({
+      code: "bad_request",
+    });
+    latest().reply({ type: "sent", ref: resent?.ref, id: "m1", client_id: resent?.client_id });
+    await expect(again).resolves.toMatchObject({ id: "m1", clientId: frame?.client_id });
+    next.close();
   });
 
   it("retries a send answered `unavailable` on the next connection too", async () => {
