@@ -7,6 +7,7 @@
 
 mod cast;
 mod expect;
+mod peer;
 mod report;
 mod run;
 mod scrape;
@@ -76,6 +77,16 @@ struct Cli {
     #[arg(long)]
     relay_bin: Option<PathBuf>,
 
+    /// Measure a peer in the relay's place, on the same database, writers and sockets: `socketio`
+    /// is a plain Socket.IO 4.8 + pg-listen relay, for the fan-out workload only (it has no
+    /// per-row authorization); it needs Node.js and `npm ci --prefix bench/peer`. No replay.
+    #[arg(long, value_enum)]
+    peer: Option<peer::Peer>,
+
+    /// Where the peers' scripts and their `node_modules` are.
+    #[arg(long, default_value_os_t = peer::default_dir())]
+    peer_dir: PathBuf,
+
     /// Postgres server (without a database name); a fresh database is created and dropped.
     #[arg(
         long,
@@ -142,6 +153,8 @@ fn options(cli: &Cli) -> run::Options {
         max_phase: !cli.no_max,
         replay: cli.replay,
         relay_bin: cli.relay_bin.clone().unwrap_or(beside),
+        peer: cli.peer,
+        peer_dir: cli.peer_dir.clone(),
         postgres: cli.postgres.trim_end_matches('/').to_string(),
         out: cli.out.clone(),
         command: std::env::args().collect::<Vec<_>>().join(" "),

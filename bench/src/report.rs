@@ -14,6 +14,8 @@ use crate::scrape::AtMost;
 pub struct Results {
     pub machine: String,
     pub command: String,
+    /// What was measured: the relay, or a peer in its place.
+    pub server: String,
     pub mode: Mode,
     pub sockets: usize,
     pub client_processes: usize,
@@ -151,7 +153,8 @@ impl Results {
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "machine: {}", self.machine);
-        let _ = writeln!(out, "command: `{}`\n", self.command);
+        let _ = writeln!(out, "command: `{}`", self.command);
+        let _ = writeln!(out, "server: {}\n", self.server);
         let _ = writeln!(
             out,
             "{} sockets ({:?} workload) from {} client processes; {} writer connections\n",

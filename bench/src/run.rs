@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::cast::{Cast, Mode};
 use crate::expect::{self, Audience};
+use crate::peer::Peer;
 use crate::report::{
     self, FromCommitTimestamp, Memory, Percentiles, Phase, Replay, Results, Setup,
 };
@@ -42,6 +43,8 @@ pub struct Options {
     pub max_phase: bool,
     pub replay: usize,
     pub relay_bin: PathBuf,
+    pub peer: Option<Peer>,
+    pub peer_dir: PathBuf,
     pub postgres: String,
     pub out: PathBuf,
     pub command: String,
@@ -80,33 +83,28 @@ async fn connect(url: &str) -> Result<Client, Error> {
     Ok(client)
 }
 
-/// The relay as a child process.
+/// The relay, or a peer in its place, as a child process.
 struct RelayProcess {
     child: Child,
     addr: SocketAddr,
+    health: &'static str,
 }
 
 impl RelayProcess {
     async fn start(options: &Options, url: &str, secret: &str) -> Result<RelayProcess, Error> {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let child = Command::new(&options.relay_bin)
-            .arg("serve")
-            .env("DATABASE_URL", url)
-            .env("RELAY_JWT_SECRET", secret)
-            .env("RELAY_BIND", addr.to_string())
-            .env("RELAY_MAX_SOCKETS", (options.clients + 1000).to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start the relay at {} ({e}); build it with `cargo build --release -p relay` \
-                     or pass --relay-bin",
-                    options.relay_bin.display()
-                )
-            })?;
-        let relay = RelayProcess { child, addr };
+        let (child, health) = match options.peer {
+            None => (
+                start_relay(options, url, secret, addr)?,
+                "/api/realtime/health",
+            ),
+            Some(peer) => (start_peer(options, peer, url, secret, addr)?, "/health"),
+        };
+        let relay = RelayProcess {
+            child,
+            addr,
+            health,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !relay.healthy().await {
             if Instant::now() > deadline {
@@ -118,7 +116,7 @@ impl RelayProcess {
     }
 
     async fn healthy(&self) -> bool {
-        get(self.addr, "/api/realtime/health", None)
+        get(self.addr, self.health, None)
             .await
             .is_some_and(|(status, _)| status == 200)
     }
@@ -136,6 +134,57 @@ impl RelayProcess {
         }
         let _ = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
     }
+}
+
+fn start_relay(
+    options: &Options,
+    url: &str,
+    secret: &str,
+    addr: SocketAddr,
+) -> Result<Child, Error> {
+    Command::new(&options.relay_bin)
+        .arg("serve")
+        .env("DATABASE_URL", url)
+        .env("RELAY_JWT_SECRET", secret)
+        .env("RELAY_BIND", addr.to_string())
+        .env("RELAY_MAX_SOCKETS", (options.clients + 1000).to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start the relay at {} ({e}); build it with `cargo build --release -p relay` \
+                 or pass --relay-bin",
+                options.relay_bin.display()
+            )
+            .into()
+        })
+}
+
+fn start_peer(
+    options: &Options,
+    peer: Peer,
+    url: &str,
+    secret: &str,
+    addr: SocketAddr,
+) -> Result<Child, Error> {
+    if !options.peer_dir.join("node_modules").is_dir() {
+        return Err(format!(
+            "the peer's packages are not installed: run `npm ci --prefix {}`",
+            options.peer_dir.display()
+        )
+        .into());
+    }
+    Command::new("node")
+        .arg(peer.script(&options.peer_dir))
+        .env("DATABASE_URL", url)
+        .env("PEER_JWT_SECRET", secret)
+        .env("PEER_BIND", addr.to_string())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the peer with `node` ({e}); install Node.js 20").into())
 }
 
 /// A minimal HTTP GET: the status and the body.
@@ -327,6 +376,7 @@ async fn start_clients(
             relay,
             source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)),
             concurrency: 64,
+            peer: options.peer,
             sockets: chunk
                 .iter()
                 .map(|m| SocketPlan {
@@ -746,6 +796,10 @@ pub async fn run(options: Options) -> Result<Results, Error> {
 }
 
 async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Results, Error> {
+    if options.peer.is_some() && options.mode != Mode::Fanout {
+        // A peer without per-row authorization would send the role mix's rows to everyone.
+        return Err("a peer is measured in the fan-out workload only: add --mode fanout".into());
+    }
     let db = connect(url).await?;
     populate(&db, cast).await?;
     let secret_text = format!(
@@ -812,7 +866,8 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
     for process in &mut clients {
         let _ = process.child.kill().await;
     }
-    let replay = if options.replay > 0 {
+    // A peer keeps no log to replay from.
+    let replay = if options.replay > 0 && options.peer.is_none() {
         eprintln!("relay-bench: replay of {} missed events", options.replay);
         sockets_gone(relay.addr, &issuer).await?;
         Some(replay(&db, relay.addr, &issuer, options.replay).await?)
@@ -823,6 +878,7 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
     Ok(Results {
         machine: machine(),
         command: options.command.clone(),
+        server: options.peer.map_or("the relay", Peer::describe).to_string(),
         mode: options.mode,
         sockets,
         client_processes: options.client_processes,

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::expect::Digest;
+use crate::peer::{self, Peer};
 use crate::Error;
 
 /// What one client process does.
@@ -30,6 +31,8 @@ pub struct Plan {
     pub source: IpAddr,
     /// How many sockets it opens at once.
     pub concurrency: usize,
+    /// The server is a peer, not the relay: its sockets speak the peer's protocol.
+    pub peer: Option<Peer>,
     pub sockets: Vec<SocketPlan>,
 }
 
@@ -253,7 +256,8 @@ fn micros_of(at: &str) -> Option<i128> {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-/// Opens one socket from `source` and subscribes it to its feeds.
+/// Opens one socket from `source` and subscribes it to its feeds (or, with a peer, waits until
+/// the peer has put it in its room).
 async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     let tcp = match plan.source {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -262,7 +266,13 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     tcp.bind(SocketAddr::new(plan.source, 0))?;
     let stream = tcp.connect(plan.relay).await?;
     stream.set_nodelay(true)?;
-    let url = format!("ws://{}/ws?access_token={}", plan.relay, socket.token);
+    let url = match plan.peer {
+        None => format!("ws://{}/ws?access_token={}", plan.relay, socket.token),
+        Some(Peer::Socketio) => format!(
+            "ws://{}/socket.io/?EIO=4&transport=websocket&access_token={}",
+            plan.relay, socket.token
+        ),
+    };
     // tungstenite zeroes the free part of its read buffer, up to this size, before every read:
     // 4 KiB holds a whole event frame of the runs' rows, and costs a quarter of 16 KiB's
     // clearing per frame.
@@ -270,6 +280,9 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
         .read_buffer_size(4 * 1024);
     let (mut ws, _) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    if plan.peer.is_some() {
+        return connect_socket_io(ws).await;
+    }
     for feed in &socket.feeds {
         let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
         ws.send(Message::text(subscribe)).await?;
@@ -291,8 +304,34 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     Ok(ws)
 }
 
-/// Reads one socket's frames until it closes, recording each event.
-async fn read(mut ws: Socket, stats: Shared, socket: u32) {
+/// Joins a Socket.IO server's main namespace: after the server's open packet, the client's
+/// CONNECT; the server's answer comes once its middleware accepted the token and the socket is
+/// in its room.
+async fn connect_socket_io(mut ws: Socket) -> Result<Socket, Error> {
+    let mut opened = false;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed while connecting".into()),
+        };
+        match peer::frame(&text) {
+            peer::Frame::Open if !opened => {
+                opened = true;
+                ws.send(Message::text(peer::CONNECT)).await?;
+            }
+            peer::Frame::Connected if opened => return Ok(ws),
+            peer::Frame::Refused(error) => return Err(format!("connect refused: {error}").into()),
+            peer::Frame::Ping => ws.send(Message::text(peer::PONG)).await?,
+            _ => {}
+        }
+    }
+}
+
+/// Reads one socket's frames until it closes, recording each event; a Socket.IO server's pings
+/// are answered, or it would close the socket.
+async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
     let mut last_id = 0i64;
     while let Some(message) = ws.next().await {
         let Ok(Message::Text(text)) = message else {
@@ -302,7 +341,20 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32) {
             continue;
         };
         let arrived = now_micros();
-        let Some((id, at)) = event_fields(&text) else {
+        let fields = match peer {
+            None => event_fields(&text),
+            Some(Peer::Socketio) => match peer::frame(&text) {
+                peer::Frame::Event(event) => event_fields(event),
+                peer::Frame::Ping => {
+                    if ws.send(Message::text(peer::PONG)).await.is_err() {
+                        break;
+                    }
+                    None
+                }
+                _ => None,
+            },
+        };
+        let Some((id, at)) = fields else {
             continue;
         };
         let latency = micros_of(at).map(|at| (arrived - at).max(1) as u64);
@@ -355,7 +407,7 @@ pub async fn run() -> Result<(), Error> {
     let ended_micros = crate::system::now_micros();
     let mut sockets = 0;
     for (place, socket) in opened {
-        tokio::spawn(read(socket?, stats.clone(), place as u32));
+        tokio::spawn(read(socket?, stats.clone(), place as u32, plan.peer));
         sockets += 1;
     }
     let ready = Ready {

@@ -11,22 +11,32 @@ use std::process::Command;
 /// see its slowest sockets cut by its own relay.
 #[test]
 fn a_quick_run_of_each_workload_completes_and_loses_nothing() {
-    quick_run("mix");
-    quick_run("fanout");
+    quick_run("mix", None);
+    quick_run("fanout", None);
+    // The peer the fan-out workload measures the relay against, in the relay's place: its
+    // packages come from `npm ci --prefix bench/peer` (scripts/test runs it).
+    quick_run("fanout", Some("socketio"));
 }
 
-fn quick_run(mode: &str) {
+fn quick_run(mode: &str, peer: Option<&str>) {
     let bench = Path::new(env!("CARGO_BIN_EXE_relay-bench"));
     // `cargo test --workspace` builds the relay binary beside this one.
     let relay = bench.with_file_name("relay");
-    let out = std::env::temp_dir().join(format!("relay-bench-{mode}-{}", std::process::id()));
-    let status = Command::new(bench)
+    let out = std::env::temp_dir().join(format!(
+        "relay-bench-{mode}-{}-{}",
+        peer.unwrap_or("relay"),
+        std::process::id()
+    ));
+    let mut command = Command::new(bench);
+    command
         .args(["--quick", "--mode", mode, "--relay-bin"])
         .arg(&relay)
         .arg("--out")
-        .arg(&out)
-        .status()
-        .expect("run relay-bench");
+        .arg(&out);
+    if let Some(peer) = peer {
+        command.args(["--peer", peer]);
+    }
+    let status = command.status().expect("run relay-bench");
     assert!(status.success(), "relay-bench --quick failed: {status}");
 
     let results: serde_json::Value =
@@ -71,6 +81,18 @@ fn quick_run(mode: &str) {
                 assert!(value >= from_ack[p].as_f64().unwrap(), "{p}: {phase}");
             }
         }
+        // The client processes did the reading, and their CPU time was counted.
+        assert!(
+            phase["clients_cpu_cores"].as_f64().unwrap() > 0.0,
+            "{phase}"
+        );
+        // So was the server's, relay or peer.
+        assert!(phase["relay_cpu_cores"].as_f64().unwrap() > 0.0, "{phase}");
+        if peer.is_some() {
+            // A peer has no histograms of its own.
+            assert!(phase["relay_received_ms"].is_null(), "{phase}");
+            continue;
+        }
         // The relay's own histograms, read from its /metrics, counted the phase's events, and
         // each event reached the relay before its frames were handed over.
         for histogram in ["relay_received_ms", "relay_queued_ms"] {
@@ -86,13 +108,17 @@ fn quick_run(mode: &str) {
                 "{p}: {phase}"
             );
         }
-        // The client processes did the reading, and their CPU time was counted.
-        assert!(
-            phase["clients_cpu_cores"].as_f64().unwrap() > 0.0,
-            "{phase}"
-        );
     }
-    assert_eq!(results["replay"]["events"], 1000);
+    match peer {
+        None => {
+            assert_eq!(results["replay"]["events"], 1000);
+            assert_eq!(results["server"], "the relay");
+        }
+        Some(_) => {
+            assert!(results["replay"].is_null(), "a peer keeps no log to replay");
+            assert!(results["server"].as_str().unwrap().contains("Socket.IO"));
+        }
+    }
     assert!(results["memory"]["per_socket_bytes"].as_f64().unwrap() > 0.0);
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
