@@ -53,6 +53,12 @@ struct Cli {
     #[arg(long, default_value_t = 8)]
     writers: usize,
 
+    /// Rows each writer's transaction books, in the fan-out workload: above 1, events can come
+    /// faster than Postgres commits single-row transactions, to find where the relay (or a
+    /// peer) itself saturates. The rates and the ceiling still count commits and events apart.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    rows_per_commit: u16,
+
     /// Events per second in the rated phase.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -147,6 +153,7 @@ fn options(cli: &Cli) -> run::Options {
         clients: cli.clients,
         client_processes: cli.client_processes,
         writers: cli.writers,
+        rows_per_commit: usize::from(cli.rows_per_commit),
         rate: cli.rate,
         duration: Duration::from_secs(cli.seconds),
         ceiling_duration: Duration::from_secs(cli.ceiling_seconds),

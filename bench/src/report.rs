@@ -20,6 +20,8 @@ pub struct Results {
     pub sockets: usize,
     pub client_processes: usize,
     pub writers: usize,
+    /// Rows (events) each writer's transaction commits.
+    pub rows_per_commit: usize,
     pub setup: Setup,
     pub memory: Memory,
     /// Postgres alone, the same writers, no relay attached.
@@ -157,8 +159,13 @@ impl Results {
         let _ = writeln!(out, "server: {}\n", self.server);
         let _ = writeln!(
             out,
-            "{} sockets ({:?} workload) from {} client processes; {} writer connections\n",
-            self.sockets, self.mode, self.client_processes, self.writers
+            "{} sockets ({:?} workload) from {} client processes; {} writer connections, {} row{} per commit\n",
+            self.sockets,
+            self.mode,
+            self.client_processes,
+            self.writers,
+            self.rows_per_commit,
+            if self.rows_per_commit == 1 { "" } else { "s" }
         );
         let _ = writeln!(out, "| measure | value |\n|---|---|");
         let _ = writeln!(
@@ -179,8 +186,9 @@ impl Results {
         );
         let _ = writeln!(
             out,
-            "| Postgres ceiling (no relay) | {:.0} commits/s |",
-            self.ceiling_commits_per_second
+            "| Postgres ceiling (no relay) | {:.0} commits/s ({:.0} events/s) |",
+            self.ceiling_commits_per_second,
+            self.ceiling_commits_per_second * self.rows_per_commit as f64
         );
         if let Some(replay) = &self.replay {
             let _ = writeln!(

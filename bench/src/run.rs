@@ -37,6 +37,8 @@ pub struct Options {
     pub clients: usize,
     pub client_processes: usize,
     pub writers: usize,
+    /// Rows each writer's transaction changes: 1, or more in the fan-out workload.
+    pub rows_per_commit: usize,
     pub rate: f64,
     pub duration: Duration,
     pub ceiling_duration: Duration,
@@ -528,7 +530,13 @@ async fn phase(
     let clients_cpu_before = clients_cpu(clients);
     let machine_before = system::machine_ticks();
     let histograms_before = relay_histograms(context.relay_addr).await;
-    let (writers, written) = writer::write(writers, rate, context.options.duration).await?;
+    let (writers, written) = writer::write(
+        writers,
+        rate,
+        context.options.rows_per_commit,
+        context.options.duration,
+    )
+    .await?;
     let machine_busy = machine_before
         .zip(system::machine_ticks())
         .map(|(before, after)| system::busy_share(before, after));
@@ -800,6 +808,9 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         // A peer without per-row authorization would send the role mix's rows to everyone.
         return Err("a peer is measured in the fan-out workload only: add --mode fanout".into());
     }
+    if options.rows_per_commit != 1 && options.mode != Mode::Fanout {
+        return Err("--rows-per-commit is for the fan-out workload only: add --mode fanout".into());
+    }
     let db = connect(url).await?;
     populate(&db, cast).await?;
     let secret_text = format!(
@@ -814,7 +825,13 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         options.writers
     );
     let writers = writer::connect(url, cast, options.writers).await?;
-    let (writers, ceiling) = writer::write(writers, Rate::Max, options.ceiling_duration).await?;
+    let (writers, ceiling) = writer::write(
+        writers,
+        Rate::Max,
+        options.rows_per_commit,
+        options.ceiling_duration,
+    )
+    .await?;
     let ceiling = ceiling.commits as f64 / ceiling.seconds;
 
     let relay = RelayProcess::start(options, url, &secret_text).await?;
@@ -883,6 +900,7 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         sockets,
         client_processes: options.client_processes,
         writers: options.writers,
+        rows_per_commit: options.rows_per_commit,
         setup,
         memory,
         ceiling_commits_per_second: ceiling,

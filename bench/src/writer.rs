@@ -1,5 +1,5 @@
-//! The writers: several connections committing changes, one row per transaction, at a target
-//! rate or as fast as Postgres accepts them.
+//! The writers: several connections committing changes, one row per transaction (in the fan-out
+//! workload, `--rows-per-commit` rows), at a target rate or as fast as Postgres accepts them.
 //!
 //! The role mix changes all four tables: appointments booked, confirmed or cancelled, moved to
 //! another dentist, deleted; availability added; messages sent in sessions; session notes
@@ -48,6 +48,8 @@ impl Rng {
 #[derive(Clone)]
 struct Statements {
     book: Statement,
+    /// Books several appointments in one statement (the fan-out workload's `--rows-per-commit`).
+    book_many: Statement,
     set_status: Statement,
     reassign: Statement,
     delete: Statement,
@@ -83,6 +85,14 @@ impl Writer {
                 .prepare(
                     "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at)
                      values ($1, $2, $3, now() + interval '1 day', now() + interval '1 day 1 hour')
+                     returning pg_current_xact_id()::text",
+                )
+                .await?,
+            book_many: client
+                .prepare(
+                    "insert into appointments (id, patient_id, dentist_id, starts_at, ends_at)
+                     select id, patient, dentist, now() + interval '1 day', now() + interval '1 day 1 hour'
+                     from unnest($1::uuid[], $2::uuid[], $3::uuid[]) as t(id, patient, dentist)
                      returning pg_current_xact_id()::text",
                 )
                 .await?,
@@ -158,8 +168,21 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits one change.
-    async fn change(&mut self) -> Result<(), Error> {
+    /// Books `rows` appointments in one transaction, each for a user picked at random.
+    async fn book_many(&mut self, rows: usize) -> Result<(), Error> {
+        let cast = self.cast.clone();
+        let ids: Vec<Uuid> = (0..rows).map(|_| Uuid::new_v4()).collect();
+        let patients: Vec<Uuid> = (0..rows).map(|_| self.pick(&cast.patients)).collect();
+        let dentists: Vec<Uuid> = (0..rows).map(|_| self.pick(&cast.dentists)).collect();
+        let book_many = self.statements.book_many.clone();
+        self.commit(&book_many, &[&ids, &patients, &dentists]).await
+    }
+
+    /// Commits one change (in the fan-out workload, `rows` appointments).
+    async fn change(&mut self, rows: usize) -> Result<(), Error> {
+        if self.cast.mode == Mode::Fanout && rows > 1 {
+            return self.book_many(rows).await;
+        }
         if self.cast.mode == Mode::Fanout || self.booked.is_empty() {
             return self.book().await;
         }
@@ -227,10 +250,12 @@ pub async fn connect(url: &str, cast: &Arc<Cast>, count: usize) -> Result<Vec<Wr
     Ok(writers)
 }
 
-/// Runs the writers for `duration` at `rate`; returns them for the next phase, with what they did.
+/// Runs the writers for `duration` at `rate` (in events: each commit is `rows` of them); returns
+/// them for the next phase, with what they did.
 pub async fn write(
     writers: Vec<Writer>,
     rate: Rate,
+    rows: usize,
     duration: Duration,
 ) -> Result<(Vec<Writer>, Written), Error> {
     let count = writers.len();
@@ -242,7 +267,7 @@ pub async fn write(
         .map(|(i, mut writer)| {
             tokio::spawn(async move {
                 let interval = match rate {
-                    Rate::PerSecond(r) => Some(Duration::from_secs_f64(count as f64 / r)),
+                    Rate::PerSecond(r) => Some(Duration::from_secs_f64((count * rows) as f64 / r)),
                     Rate::Max => None,
                 };
                 // Writers start spread over one interval, so their commits interleave.
@@ -254,7 +279,7 @@ pub async fn write(
                         tokio::time::sleep_until(next).await;
                         next += interval;
                     }
-                    writer.change().await?;
+                    writer.change(rows).await?;
                     commits += 1;
                 }
                 Ok::<_, Error>((writer, commits))

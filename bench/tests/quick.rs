@@ -34,7 +34,8 @@ fn quick_run(mode: &str, peer: Option<&str>) {
         .arg("--out")
         .arg(&out);
     if let Some(peer) = peer {
-        command.args(["--peer", peer]);
+        // Several rows per commit too: events faster than single-row commits.
+        command.args(["--peer", peer, "--rows-per-commit", "3"]);
     }
     let status = command.status().expect("run relay-bench");
     assert!(status.success(), "relay-bench --quick failed: {status}");
@@ -116,6 +117,7 @@ fn quick_run(mode: &str, peer: Option<&str>) {
         }
         Some(_) => {
             assert!(results["replay"].is_null(), "a peer keeps no log to replay");
+            assert_eq!(results["rows_per_commit"], 3);
             assert!(results["server"].as_str().unwrap().contains("Socket.IO"));
         }
     }
