@@ -13,6 +13,9 @@ pub enum Peer {
     /// A plain Socket.IO 4.8 + pg-listen relay (`bench/peer/socketio.js`): the JWT checked at
     /// connect, a room per user and one for admins, no per-row authorization, no replay.
     Socketio,
+    /// PostGraphile v4 with simple subscriptions (`bench/peer/postgraphile.js`): each event
+    /// read back from the database for each subscriber.
+    Postgraphile,
 }
 
 impl Peer {
@@ -20,6 +23,17 @@ impl Peer {
     pub fn describe(self) -> &'static str {
         match self {
             Peer::Socketio => "Socket.IO 4.8 + pg-listen (bench/peer/socketio.js)",
+            Peer::Postgraphile => {
+                "PostGraphile 4.14 simple subscriptions (bench/peer/postgraphile.js)"
+            }
+        }
+    }
+
+    /// What it needs in the run's database before the ceiling is measured, if anything.
+    pub fn setup(self, dir: &Path) -> Option<PathBuf> {
+        match self {
+            Peer::Socketio => None,
+            Peer::Postgraphile => Some(dir.join("postgraphile.sql")),
         }
     }
 
@@ -27,6 +41,7 @@ impl Peer {
     pub fn script(self, dir: &Path) -> PathBuf {
         match self {
             Peer::Socketio => dir.join("socketio.js"),
+            Peer::Postgraphile => dir.join("postgraphile.js"),
         }
     }
 }
@@ -81,6 +96,38 @@ pub fn frame(text: &str) -> Frame<'_> {
     Frame::Other
 }
 
+/// The WebSocket subprotocol of graphql-ws, which PostGraphile speaks.
+pub const GRAPHQL_WS: &str = "graphql-transport-ws";
+
+/// graphql-ws's first message: the token goes in the connection's parameters.
+pub fn graphql_init(token: &str) -> String {
+    format!(r#"{{"type":"connection_init","payload":{{"authorization":"Bearer {token}"}}}}"#)
+}
+
+/// The one subscription a socket makes: its topic's events, the first right away (with no node)
+/// so the socket knows the subscription is in place.
+pub fn graphql_subscribe(topic: &str) -> String {
+    format!(
+        r#"{{"id":"1","type":"subscribe","payload":{{"query":"subscription {{ listen(topic: \"{topic}\", initialEvent: true) {{ relatedNode {{ ... on Event {{ id row at }} }} }} }}"}}}}"#
+    )
+}
+
+/// A graphql-ws `next` message's event: its id and `at`, without parsing the whole message (the
+/// id is a string, as PostGraphile gives a bigint). None for any other message, and for the
+/// initial one, which has no node.
+pub fn graphql_event(text: &str) -> Option<(i64, &str)> {
+    const NODE: &str = r#""relatedNode":{"id":""#;
+    if !text.starts_with(r#"{"id":"1","type":"next""#) {
+        return None;
+    }
+    let id_at = text.find(NODE)? + NODE.len();
+    let digits = text[id_at..].find('"')?;
+    let id = text[id_at..id_at + digits].parse().ok()?;
+    let at_at = text.rfind(r#""at":""#)? + 6;
+    let end = text[at_at..].find('"')?;
+    Some((id, &text[at_at..at_at + end]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +149,26 @@ mod tests {
             Frame::Event(r#"{"type":"event","id":7,"at":"2026-11-22T10:00:00.000001Z"}"#)
         );
         assert_eq!(frame(r#"42["other",{}]"#), Frame::Other);
+    }
+
+    #[test]
+    fn reads_a_postgraphile_event() {
+        let next = r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNode":{"id":"42","row":{"id":"x","at":"no"},"at":"2026-11-22T15:45:08.123456+00:00"}}}}}"#;
+        assert_eq!(
+            graphql_event(next),
+            Some((42, "2026-11-22T15:45:08.123456+00:00"))
+        );
+        let initial =
+            r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNode":null}}}}"#;
+        assert_eq!(graphql_event(initial), None);
+        assert_eq!(graphql_event(r#"{"type":"connection_ack"}"#), None);
+        let subscribe: serde_json::Value =
+            serde_json::from_str(&graphql_subscribe("user:abc")).unwrap();
+        assert!(subscribe["payload"]["query"]
+            .as_str()
+            .unwrap()
+            .contains(r#"listen(topic: "user:abc", initialEvent: true)"#));
+        let init: serde_json::Value = serde_json::from_str(&graphql_init("t.o.k")).unwrap();
+        assert_eq!(init["payload"]["authorization"], "Bearer t.o.k");
     }
 }

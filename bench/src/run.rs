@@ -384,6 +384,10 @@ async fn start_clients(
                 .map(|m| SocketPlan {
                     token: issuer.issue(&m.principal(), Duration::from_secs(4 * 3600)),
                     feeds: m.feeds.clone(),
+                    topic: match m.role {
+                        Role::Admin => "admins".to_string(),
+                        _ => format!("user:{}", m.user_id),
+                    },
                 })
                 .collect(),
         };
@@ -812,6 +816,12 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         return Err("--rows-per-commit is for the fan-out workload only: add --mode fanout".into());
     }
     let db = connect(url).await?;
+    // What the peer needs in the database goes in before the ceiling, which then includes it.
+    if let Some(setup) = options.peer.and_then(|p| p.setup(&options.peer_dir)) {
+        let sql = std::fs::read_to_string(&setup)
+            .map_err(|e| format!("cannot read {}: {e}", setup.display()))?;
+        db.batch_execute(&sql).await?;
+    }
     populate(&db, cast).await?;
     let secret_text = format!(
         "bench-{}-{}",

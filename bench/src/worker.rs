@@ -16,7 +16,8 @@ use hdrhistogram::Histogram;
 use relay::authz::Feed;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{http, Message};
 
 use crate::expect::Digest;
 use crate::peer::{self, Peer};
@@ -40,6 +41,9 @@ pub struct Plan {
 pub struct SocketPlan {
     pub token: String,
     pub feeds: Vec<Feed>,
+    /// The PostGraphile peer's topic for this socket's user (`admins`, or `user:<id>`).
+    #[serde(default)]
+    pub topic: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -272,16 +276,26 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
             "ws://{}/socket.io/?EIO=4&transport=websocket&access_token={}",
             plan.relay, socket.token
         ),
+        Some(Peer::Postgraphile) => format!("ws://{}/graphql", plan.relay),
     };
+    let mut request = url.into_client_request()?;
+    if plan.peer == Some(Peer::Postgraphile) {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            http::HeaderValue::from_static(peer::GRAPHQL_WS),
+        );
+    }
     // tungstenite zeroes the free part of its read buffer, up to this size, before every read:
     // 4 KiB holds a whole event frame of the runs' rows, and costs a quarter of 16 KiB's
     // clearing per frame.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4 * 1024);
     let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
-    if plan.peer.is_some() {
-        return connect_socket_io(ws).await;
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    match plan.peer {
+        None => {}
+        Some(Peer::Socketio) => return connect_socket_io(ws).await,
+        Some(Peer::Postgraphile) => return connect_graphql(ws, socket).await,
     }
     for feed in &socket.feeds {
         let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
@@ -329,6 +343,33 @@ async fn connect_socket_io(mut ws: Socket) -> Result<Socket, Error> {
     }
 }
 
+/// Subscribes to a PostGraphile server's `listen` field for the socket's topic; the subscription's
+/// initial event says it is in place.
+async fn connect_graphql(mut ws: Socket, socket: &SocketPlan) -> Result<Socket, Error> {
+    ws.send(Message::text(peer::graphql_init(&socket.token)))
+        .await?;
+    let mut acknowledged = false;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed while subscribing".into()),
+        };
+        if !acknowledged && text.starts_with(r#"{"type":"connection_ack""#) {
+            acknowledged = true;
+            ws.send(Message::text(peer::graphql_subscribe(&socket.topic)))
+                .await?;
+        } else if acknowledged && text.starts_with(r#"{"id":"1","type":"next""#) {
+            return Ok(ws);
+        } else if text.starts_with(r#"{"type":"ping""#) {
+            ws.send(Message::text(r#"{"type":"pong"}"#)).await?;
+        } else {
+            return Err(format!("subscription refused: {text}").into());
+        }
+    }
+}
+
 /// Reads one socket's frames until it closes, recording each event; a Socket.IO server's pings
 /// are answered, or it would close the socket.
 async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
@@ -353,6 +394,14 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
                 }
                 _ => None,
             },
+            Some(Peer::Postgraphile) => {
+                if text.starts_with(r#"{"type":"ping""#)
+                    && ws.send(Message::text(r#"{"type":"pong"}"#)).await.is_err()
+                {
+                    break;
+                }
+                peer::graphql_event(&text)
+            }
         };
         let Some((id, at)) = fields else {
             continue;

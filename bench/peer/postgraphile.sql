@@ -1,0 +1,31 @@
+-- What the PostGraphile peer (postgraphile.js) needs in the run's database, applied before
+-- Postgres' ceiling is measured, so the ceiling includes its cost. PostGraphile's simple
+-- subscriptions send a client, for each notification on `postgraphile:<topic>` it listens to,
+-- the node the notification names, read back with a query. Here the node is the event itself
+-- (its id and time, which the benchmark's accounting needs, and its row), named in a
+-- notification to the admins' topic and to the topic of each user its row names.
+create schema peer;
+
+create view peer.events as
+    select id, table_name, op::text as op, coalesce(new_row, old_row) as row, at
+    from relay.events;
+comment on view peer.events is E'@primaryKey id';
+
+create function peer.notify() returns trigger
+language plpgsql as $$
+declare
+    node text := json_build_object('__node__', json_build_array('events', new.id))::text;
+    users text[] := array[new.new_row->>'patient_id', new.new_row->>'dentist_id',
+                          new.old_row->>'patient_id', new.old_row->>'dentist_id'];
+    u text;
+begin
+    perform pg_notify('postgraphile:admins', node);
+    for u in select distinct x from unnest(users) as x where x is not null loop
+        perform pg_notify('postgraphile:user:' || u, node);
+    end loop;
+    return null;
+end
+$$;
+
+create trigger peer_notify after insert on relay.events
+    for each row execute function peer.notify();
