@@ -7,9 +7,11 @@
 //   subscription { listen(topic: "admins", initialEvent: true) {
 //     relatedNode { ... on Event { id row at } } } }
 //
-// and PostGraphile reads the event back from `peer.events` for each subscriber. The token is
-// checked when a subscription starts and for each event; which topic a client listens to is not
-// (no `pgSubscriptionAuthorizationFunction`), as in a plain setup.
+// and PostGraphile reads the event back from `peer.events` for each subscriber, in a transaction
+// that sets the token's claims. The token is verified when the subscription starts; which topic
+// a client listens to is not checked (no `pgSubscriptionAuthorizationFunction`), as in a plain
+// setup. The initial event comes once the subscription has started; its LISTEN follows within
+// moments, and the benchmark waits a second before its first phase.
 //
 // Settings come from the environment: DATABASE_URL, PEER_BIND (host:port), PEER_JWT_SECRET.
 // GET /health answers 200 once the schema is built.

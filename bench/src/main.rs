@@ -83,9 +83,10 @@ struct Cli {
     #[arg(long)]
     relay_bin: Option<PathBuf>,
 
-    /// Measure a peer in the relay's place, on the same database, writers and sockets: `socketio`
-    /// is a plain Socket.IO 4.8 + pg-listen relay, for the fan-out workload only (it has no
-    /// per-row authorization); it needs Node.js and `npm ci --prefix bench/peer`. No replay.
+    /// Measure a peer in the relay's place, on the same database, writers and sockets, in the
+    /// fan-out workload only (neither has per-row authorization): `socketio`, a plain Socket.IO
+    /// 4.8 + pg-listen relay; `postgraphile`, PostGraphile 4.14's simple subscriptions. Needs
+    /// Node.js and `npm ci --prefix bench/peer`. No replay.
     #[arg(long, value_enum)]
     peer: Option<peer::Peer>,
 

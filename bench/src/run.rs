@@ -183,6 +183,8 @@ fn start_peer(
         .env("DATABASE_URL", url)
         .env("PEER_JWT_SECRET", secret)
         .env("PEER_BIND", addr.to_string())
+        // As a deployment runs it (graphql-js, for one, checks less).
+        .env("NODE_ENV", "production")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

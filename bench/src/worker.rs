@@ -360,7 +360,9 @@ async fn connect_graphql(mut ws: Socket, socket: &SocketPlan) -> Result<Socket, 
             acknowledged = true;
             ws.send(Message::text(peer::graphql_subscribe(&socket.topic)))
                 .await?;
-        } else if acknowledged && text.starts_with(r#"{"id":"1","type":"next""#) {
+        } else if acknowledged
+            && text.starts_with(r#"{"id":"1","type":"next","payload":{"data":{"listen""#)
+        {
             return Ok(ws);
         } else if text.starts_with(r#"{"type":"ping""#) {
             ws.send(Message::text(r#"{"type":"pong"}"#)).await?;
@@ -444,21 +446,26 @@ pub async fn run() -> Result<(), Error> {
     let began_micros = crate::system::now_micros();
     let plan = Arc::new(plan);
     // Opened in any order; each keeps its place in the plan, which names it in the accounting.
-    let opened: Vec<(usize, Result<Socket, Error>)> = futures::stream::iter(0..plan.sockets.len())
+    // Each is read from as soon as it is open: a peer that pings closes a socket whose pongs do
+    // not come, and the last of 10,000 sockets can open many seconds after the first.
+    let opened: Vec<Result<(), Error>> = futures::stream::iter(0..plan.sockets.len())
         .map(|i| {
-            let plan = plan.clone();
-            async move { (i, open(&plan, &plan.sockets[i]).await) }
+            let (plan, stats) = (plan.clone(), stats.clone());
+            async move {
+                let socket = open(&plan, &plan.sockets[i]).await?;
+                tokio::spawn(read(socket, stats, i as u32, plan.peer));
+                Ok(())
+            }
         })
         .buffer_unordered(plan.concurrency.max(1))
         .collect()
         .await;
     let seconds = start.elapsed().as_secs_f64();
     let ended_micros = crate::system::now_micros();
-    let mut sockets = 0;
-    for (place, socket) in opened {
-        tokio::spawn(read(socket?, stats.clone(), place as u32, plan.peer));
-        sockets += 1;
-    }
+    let sockets = opened
+        .into_iter()
+        .collect::<Result<Vec<()>, Error>>()?
+        .len();
     let ready = Ready {
         sockets,
         seconds,
