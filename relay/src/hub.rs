@@ -493,10 +493,12 @@ impl FeedIndex {
             Reach::Everything => {
                 self.everyone.insert(member.socket, member);
             }
+            // Most users hold one socket: room for one member, where `Vec`'s first push would
+            // make room for four (three unused members per user and feed, about 300 bytes).
             Reach::Own => self
                 .by_user
                 .entry(member.principal.user_id)
-                .or_default()
+                .or_insert_with(|| Vec::with_capacity(1))
                 .push(member),
             Reach::Nothing => {}
         }
@@ -1108,6 +1110,21 @@ mod tests {
             .iter()
             .map(|b| serde_json::from_slice(b).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_users_subscription_reserves_room_for_one_member() {
+        // Memory per idle socket: most users hold one socket, so each user's list of members
+        // starts with room for one, and grows only for a second socket.
+        let hub = started(16);
+        let patient = principal(Role::Patient);
+        let _first = join(&hub, patient);
+        let capacity = |hub: &Hub| {
+            hub.read().feeds[Feed::Appointments.index()].by_user[&patient.user_id].capacity()
+        };
+        assert_eq!(capacity(&hub), 1);
+        let _second = join(&hub, patient);
+        assert!(capacity(&hub) >= 2);
     }
 
     #[test]
