@@ -17,7 +17,7 @@ use relay::authz::Feed;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{http, Message};
+use tokio_tungstenite::tungstenite::{http, Message, Utf8Bytes};
 
 use crate::expect::Digest;
 use crate::peer::{self, Peer};
@@ -318,18 +318,25 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     Ok(ws)
 }
 
+/// The next text frame from a peer while the socket is being set up.
+async fn next_text(ws: &mut Socket) -> Result<Utf8Bytes, Error> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(text),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed while connecting".into()),
+        }
+    }
+}
+
 /// Joins a Socket.IO server's main namespace: after the server's open packet, the client's
 /// CONNECT; the server's answer comes once its middleware accepted the token and the socket is
 /// in its room.
 async fn connect_socket_io(mut ws: Socket) -> Result<Socket, Error> {
     let mut opened = false;
     loop {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err("closed while connecting".into()),
-        };
+        let text = next_text(&mut ws).await?;
         match peer::frame(&text) {
             peer::Frame::Open if !opened => {
                 opened = true;
@@ -350,12 +357,7 @@ async fn connect_graphql(mut ws: Socket, socket: &SocketPlan) -> Result<Socket, 
         .await?;
     let mut acknowledged = false;
     loop {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err("closed while subscribing".into()),
-        };
+        let text = next_text(&mut ws).await?;
         if !acknowledged && text.starts_with(r#"{"type":"connection_ack""#) {
             acknowledged = true;
             ws.send(Message::text(peer::graphql_subscribe(&socket.topic)))
