@@ -21,18 +21,7 @@ const http = require("node:http");
 const { postgraphile, makePluginHook, enhanceHttpServerWithSubscriptions } = require("postgraphile");
 const { default: PgPubsub } = require("@graphile/pg-pubsub");
 
-function setting(name) {
-  const value = process.env[name];
-  if (!value) {
-    console.error(`postgraphile peer: ${name} must be set`);
-    process.exit(2);
-  }
-  return value;
-}
-
-const databaseUrl = setting("DATABASE_URL");
-const [host, port] = setting("PEER_BIND").split(":");
-const secret = setting("PEER_JWT_SECRET");
+const { databaseUrl, host, port, secret } = require("./settings")("postgraphile");
 
 const middleware = postgraphile(databaseUrl, "peer", {
   pluginHook: makePluginHook([PgPubsub]),
@@ -61,7 +50,7 @@ process.on("SIGTERM", () => process.exit(0));
 
 middleware
   .getGraphQLSchema()
-  .then(() => server.listen(Number(port), host))
+  .then(() => server.listen(port, host))
   .catch((error) => {
     console.error("postgraphile peer: cannot start:", error);
     process.exit(1);

@@ -7,7 +7,7 @@
 // fan-out workload (`relay-bench --mode fanout --peer socketio`) is a fair comparison.
 //
 // Settings come from the environment: DATABASE_URL, PEER_BIND (host:port), PEER_JWT_SECRET.
-// GET /health answers 200 once the LISTEN is in place.
+// GET /health answers 200: the server listens once the LISTEN is in place.
 "use strict";
 
 const http = require("node:http");
@@ -17,23 +17,12 @@ const jwt = require("jsonwebtoken");
 
 const CHANNEL = "relay_events";
 
-function setting(name) {
-  const value = process.env[name];
-  if (!value) {
-    console.error(`socketio peer: ${name} must be set`);
-    process.exit(2);
-  }
-  return value;
-}
+const { databaseUrl, host, port, secret } = require("./settings")("socketio");
 
-const databaseUrl = setting("DATABASE_URL");
-const [host, port] = setting("PEER_BIND").split(":");
-const secret = setting("PEER_JWT_SECRET");
-
-let listening = false;
+// Listening only once the LISTEN is in place, so a health check that answers means it is.
 const server = http.createServer((req, res) => {
   if (req.url === "/health") {
-    res.writeHead(listening ? 200 : 503).end();
+    res.writeHead(200).end();
   } else {
     res.writeHead(404).end();
   }
@@ -95,8 +84,7 @@ process.on("SIGTERM", () => {
 (async () => {
   await subscriber.connect();
   await subscriber.listenTo(CHANNEL);
-  listening = true;
-  server.listen(Number(port), host);
+  server.listen(port, host);
 })().catch((error) => {
   console.error("socketio peer: cannot start:", error);
   process.exit(1);
