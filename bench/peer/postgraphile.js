@@ -8,10 +8,11 @@
 //     relatedNode { ... on Event { id row at } } } }
 //
 // and PostGraphile reads the event back from `peer.events` for each subscriber, in a transaction
-// that sets the token's claims. The token is verified when the subscription starts; which topic
-// a client listens to is not checked (no `pgSubscriptionAuthorizationFunction`), as in a plain
-// setup. The initial event comes once the subscription has started; its LISTEN follows within
-// moments, and the benchmark waits a second before its first phase.
+// that sets the token's claims; or (`--peer postgraphile-ids`) to `{ relatedNodeId }` alone,
+// which PostGraphile sends without a query. The token is verified when the subscription starts,
+// and `peer.may_listen` decides whether its claims may listen to the topic. The initial event
+// comes once the subscription has started; its LISTEN follows within moments, and the benchmark
+// waits a second before its first phase.
 //
 // Settings come from the environment: DATABASE_URL, PEER_BIND (host:port), PEER_JWT_SECRET.
 // GET /health answers 200 once the schema is built.
@@ -29,6 +30,7 @@ const middleware = postgraphile(databaseUrl, "peer", {
   simpleSubscriptions: true,
   websockets: ["v1"],
   subscriptionEventEmitterMaxListeners: 0,
+  pgSubscriptionAuthorizationFunction: "peer.may_listen",
   jwtSecret: secret,
   // The relay's tokens carry no audience, and their `role` is the app's, not a Postgres role.
   jwtVerifyOptions: { algorithms: ["HS256"], audience: [] },

@@ -16,6 +16,10 @@ pub enum Peer {
     /// PostGraphile v4 with simple subscriptions (`bench/peer/postgraphile.js`): each event
     /// read back from the database for each subscriber.
     Postgraphile,
+    /// The same server, each client taking only the event's node id (`relatedNodeId`), which
+    /// names the event's id and time: no read-back, no row, PostGraphile's cheapest delivery.
+    #[serde(rename = "postgraphile-ids")]
+    PostgraphileIds,
 }
 
 impl Peer {
@@ -26,14 +30,22 @@ impl Peer {
             Peer::Postgraphile => {
                 "PostGraphile 4.14 simple subscriptions (bench/peer/postgraphile.js)"
             }
+            Peer::PostgraphileIds => {
+                "PostGraphile 4.14 simple subscriptions, node ids only (bench/peer/postgraphile.js)"
+            }
         }
+    }
+
+    /// Whether its clients speak graphql-ws to PostGraphile.
+    pub fn graphql(self) -> bool {
+        matches!(self, Peer::Postgraphile | Peer::PostgraphileIds)
     }
 
     /// What it needs in the run's database before the ceiling is measured, if anything.
     pub fn setup(self, dir: &Path) -> Option<PathBuf> {
         match self {
             Peer::Socketio => None,
-            Peer::Postgraphile => Some(dir.join("postgraphile.sql")),
+            Peer::Postgraphile | Peer::PostgraphileIds => Some(dir.join("postgraphile.sql")),
         }
     }
 
@@ -41,7 +53,7 @@ impl Peer {
     pub fn script(self, dir: &Path) -> PathBuf {
         match self {
             Peer::Socketio => dir.join("socketio.js"),
-            Peer::Postgraphile => dir.join("postgraphile.js"),
+            Peer::Postgraphile | Peer::PostgraphileIds => dir.join("postgraphile.js"),
         }
     }
 }
@@ -105,10 +117,15 @@ pub fn graphql_init(token: &str) -> String {
 }
 
 /// The one subscription a socket makes: its topic's events, the first right away (with no node)
-/// so the socket knows the subscription is in place.
-pub fn graphql_subscribe(topic: &str) -> String {
+/// so the socket knows the subscription is in place. With `ids_only`, each event's node id alone.
+pub fn graphql_subscribe(topic: &str, ids_only: bool) -> String {
+    let selection = if ids_only {
+        "relatedNodeId"
+    } else {
+        "relatedNode { ... on Event { id row at } }"
+    };
     format!(
-        r#"{{"id":"1","type":"subscribe","payload":{{"query":"subscription {{ listen(topic: \"{topic}\", initialEvent: true) {{ relatedNode {{ ... on Event {{ id row at }} }} }} }}"}}}}"#
+        r#"{{"id":"1","type":"subscribe","payload":{{"query":"subscription {{ listen(topic: \"{topic}\", initialEvent: true) {{ {selection} }} }}"}}}}"#
     )
 }
 
@@ -126,6 +143,24 @@ pub fn graphql_event(text: &str) -> Option<(i64, &str)> {
     let at_at = text.rfind(r#""at":""#)? + 6;
     let end = text[at_at..].find('"')?;
     Some((id, &text[at_at..at_at + end]))
+}
+
+/// A graphql-ws `next` message's event when the client takes only its node id: the base64 of
+/// the JSON array `["events", id, at]` that `postgraphile.sql` notifies. None for any other
+/// message, and for the initial one, which has no node.
+pub fn graphql_node_id(text: &str) -> Option<(i64, String)> {
+    use base64::Engine as _;
+    const NODE_ID: &str = r#""relatedNodeId":""#;
+    if !text.starts_with(r#"{"id":"1","type":"next""#) {
+        return None;
+    }
+    let start = text.find(NODE_ID)? + NODE_ID.len();
+    let end = text[start..].find('"')?;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(&text[start..start + end])
+        .ok()?;
+    let (_, id, at): (String, i64, String) = serde_json::from_slice(&json).ok()?;
+    Some((id, at))
 }
 
 #[cfg(test)]
@@ -163,12 +198,30 @@ mod tests {
         assert_eq!(graphql_event(initial), None);
         assert_eq!(graphql_event(r#"{"type":"connection_ack"}"#), None);
         let subscribe: serde_json::Value =
-            serde_json::from_str(&graphql_subscribe("user:abc")).unwrap();
-        assert!(subscribe["payload"]["query"]
-            .as_str()
-            .unwrap()
-            .contains(r#"listen(topic: "user:abc", initialEvent: true)"#));
+            serde_json::from_str(&graphql_subscribe("user:abc", false)).unwrap();
+        let query = subscribe["payload"]["query"].as_str().unwrap();
+        assert!(query.contains(r#"listen(topic: "user:abc", initialEvent: true)"#));
+        assert!(query.contains("relatedNode {"), "{query}");
         let init: serde_json::Value = serde_json::from_str(&graphql_init("t.o.k")).unwrap();
         assert_eq!(init["payload"]["authorization"], "Bearer t.o.k");
+    }
+
+    #[test]
+    fn reads_a_postgraphile_node_id() {
+        // base64 of ["events",42,"2026-11-22T15:45:08.123456+00:00"], as PostGraphile encodes
+        // the notification's __node__.
+        let next = r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNodeId":"WyJldmVudHMiLDQyLCIyMDI2LTExLTIyVDE1OjQ1OjA4LjEyMzQ1NiswMDowMCJd"}}}}"#;
+        assert_eq!(
+            graphql_node_id(next),
+            Some((42, "2026-11-22T15:45:08.123456+00:00".to_string()))
+        );
+        let initial =
+            r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNodeId":null}}}}"#;
+        assert_eq!(graphql_node_id(initial), None);
+        assert_eq!(graphql_node_id(r#"{"type":"connection_ack"}"#), None);
+        let subscribe: serde_json::Value =
+            serde_json::from_str(&graphql_subscribe("admins", true)).unwrap();
+        let query = subscribe["payload"]["query"].as_str().unwrap();
+        assert!(query.contains("{ relatedNodeId }"), "{query}");
     }
 }

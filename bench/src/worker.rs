@@ -276,10 +276,10 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
             "ws://{}/socket.io/?EIO=4&transport=websocket&access_token={}",
             plan.relay, socket.token
         ),
-        Some(Peer::Postgraphile) => format!("ws://{}/graphql", plan.relay),
+        Some(_) => format!("ws://{}/graphql", plan.relay),
     };
     let mut request = url.into_client_request()?;
-    if plan.peer == Some(Peer::Postgraphile) {
+    if plan.peer.is_some_and(Peer::graphql) {
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             http::HeaderValue::from_static(peer::GRAPHQL_WS),
@@ -295,7 +295,7 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     match plan.peer {
         None => {}
         Some(Peer::Socketio) => return connect_socket_io(ws).await,
-        Some(Peer::Postgraphile) => return connect_graphql(ws, socket).await,
+        Some(peer) => return connect_graphql(ws, socket, peer == Peer::PostgraphileIds).await,
     }
     for feed in &socket.feeds {
         let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
@@ -352,7 +352,11 @@ async fn connect_socket_io(mut ws: Socket) -> Result<Socket, Error> {
 
 /// Subscribes to a PostGraphile server's `listen` field for the socket's topic; the subscription's
 /// initial event says it is in place.
-async fn connect_graphql(mut ws: Socket, socket: &SocketPlan) -> Result<Socket, Error> {
+async fn connect_graphql(
+    mut ws: Socket,
+    socket: &SocketPlan,
+    ids_only: bool,
+) -> Result<Socket, Error> {
     ws.send(Message::text(peer::graphql_init(&socket.token)))
         .await?;
     let mut acknowledged = false;
@@ -360,8 +364,11 @@ async fn connect_graphql(mut ws: Socket, socket: &SocketPlan) -> Result<Socket, 
         let text = next_text(&mut ws).await?;
         if !acknowledged && text.starts_with(r#"{"type":"connection_ack""#) {
             acknowledged = true;
-            ws.send(Message::text(peer::graphql_subscribe(&socket.topic)))
-                .await?;
+            ws.send(Message::text(peer::graphql_subscribe(
+                &socket.topic,
+                ids_only,
+            )))
+            .await?;
         } else if acknowledged
             && text.starts_with(r#"{"id":"1","type":"next","payload":{"data":{"listen""#)
         {
@@ -386,10 +393,12 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
             continue;
         };
         let arrived = now_micros();
+        // Each event's id and the microseconds of its `at`.
+        let at_micros = |(id, at): (i64, &str)| (id, micros_of(at));
         let fields = match peer {
-            None => event_fields(&text),
+            None => event_fields(&text).map(at_micros),
             Some(Peer::Socketio) => match peer::frame(&text) {
-                peer::Frame::Event(event) => event_fields(event),
+                peer::Frame::Event(event) => event_fields(event).map(at_micros),
                 peer::Frame::Ping => {
                     if ws.send(Message::text(peer::PONG)).await.is_err() {
                         break;
@@ -398,19 +407,23 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
                 }
                 _ => None,
             },
-            Some(Peer::Postgraphile) => {
+            Some(peer) => {
                 if text.starts_with(r#"{"type":"ping""#)
                     && ws.send(Message::text(r#"{"type":"pong"}"#)).await.is_err()
                 {
                     break;
                 }
-                peer::graphql_event(&text)
+                if peer == Peer::PostgraphileIds {
+                    peer::graphql_node_id(&text).map(|(id, at)| (id, micros_of(&at)))
+                } else {
+                    peer::graphql_event(&text).map(at_micros)
+                }
             }
         };
         let Some((id, at)) = fields else {
             continue;
         };
-        let latency = micros_of(at).map(|at| (arrived - at).max(1) as u64);
+        let latency = at.map(|at| (arrived - at).max(1) as u64);
         let mut stats = lock(&stats);
         stats.deliveries += 1;
         if id <= last_id {
