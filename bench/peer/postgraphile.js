@@ -1,8 +1,9 @@
 // A PostGraphile v4 peer with simple subscriptions (@graphile/pg-pubsub), measured by
-// `relay-bench --mode fanout --peer postgraphile` in the relay's place. `postgraphile.sql`, which
-// the benchmark applies to the run's database first, notifies `postgraphile:admins` and
-// `postgraphile:user:<id>` for each event; a client subscribes over WebSocket (graphql-ws's
-// `graphql-transport-ws` protocol, its JWT in the connection's `authorization` parameter) to
+// `relay-bench --mode fanout --peer postgraphile` (or `--peer postgraphile-ids`) in the relay's
+// place. `postgraphile.sql`, which the benchmark applies to the run's database first, notifies
+// `postgraphile:admins` and `postgraphile:user:<id>` for each event; a client subscribes over
+// WebSocket (graphql-ws's `graphql-transport-ws` protocol, its JWT in the connection's
+// `authorization` parameter) to
 //
 //   subscription { listen(topic: "admins", initialEvent: true) {
 //     relatedNode { ... on Event { id row at } } } }

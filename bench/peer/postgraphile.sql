@@ -16,12 +16,14 @@ comment on view peer.events is E'@primaryKey id,at';
 -- Who may listen to which topic, asked by PostGraphile (`pgSubscriptionAuthorizationFunction`)
 -- with the token's claims set, once per subscription: an admin to the admins' topic, anyone to
 -- their own user's. It returns the topic that would end the subscription, one for all.
+-- A setting a pooled connection held earlier reads as '', hence nullif: no `sub`, no user topic.
 create function peer.may_listen(topic text) returns text
 language sql stable as $$
     select 'postgraphile:revoked'
-    where topic = 'postgraphile:user:' || current_setting('jwt.claims.sub', true)
+    where topic = 'postgraphile:user:' || nullif(current_setting('jwt.claims.sub', true), '')
        or (topic = 'postgraphile:admins' and current_setting('jwt.claims.role', true) = 'admin')
 $$;
+comment on function peer.may_listen(text) is E'@omit';
 
 create function peer.notify() returns trigger
 language plpgsql as $$

@@ -84,7 +84,7 @@ struct Cli {
     relay_bin: Option<PathBuf>,
 
     /// Measure a peer in the relay's place, on the same database, writers and sockets, in the
-    /// fan-out workload only (neither has per-row authorization): `socketio`, a plain Socket.IO
+    /// fan-out workload only (none has per-row authorization): `socketio`, a plain Socket.IO
     /// 4.8 + pg-listen relay; `postgraphile`, PostGraphile 4.14's simple subscriptions;
     /// `postgraphile-ids`, the same sending each event's node id only. Needs Node.js and
     /// `npm ci --prefix bench/peer`. No replay.
