@@ -129,12 +129,15 @@ pub fn graphql_subscribe(topic: &str, ids_only: bool) -> String {
     )
 }
 
+/// The start of a graphql-ws `next` message of the one subscription a socket makes.
+const NEXT: &str = r#"{"id":"1","type":"next""#;
+
 /// A graphql-ws `next` message's event: its id and `at`, without parsing the whole message (the
 /// id is a string, as PostGraphile gives a bigint). None for any other message, and for the
 /// initial one, which has no node.
 pub fn graphql_event(text: &str) -> Option<(i64, &str)> {
     const NODE: &str = r#""relatedNode":{"id":""#;
-    if !text.starts_with(r#"{"id":"1","type":"next""#) {
+    if !text.starts_with(NEXT) {
         return None;
     }
     let id_at = text.find(NODE)? + NODE.len();
@@ -151,7 +154,7 @@ pub fn graphql_event(text: &str) -> Option<(i64, &str)> {
 pub fn graphql_node_id(text: &str) -> Option<(i64, String)> {
     use base64::Engine as _;
     const NODE_ID: &str = r#""relatedNodeId":""#;
-    if !text.starts_with(r#"{"id":"1","type":"next""#) {
+    if !text.starts_with(NEXT) {
         return None;
     }
     let start = text.find(NODE_ID)? + NODE_ID.len();
@@ -197,13 +200,6 @@ mod tests {
             r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNode":null}}}}"#;
         assert_eq!(graphql_event(initial), None);
         assert_eq!(graphql_event(r#"{"type":"connection_ack"}"#), None);
-        let subscribe: serde_json::Value =
-            serde_json::from_str(&graphql_subscribe("user:abc", false)).unwrap();
-        let query = subscribe["payload"]["query"].as_str().unwrap();
-        assert!(query.contains(r#"listen(topic: "user:abc", initialEvent: true)"#));
-        assert!(query.contains("relatedNode {"), "{query}");
-        let init: serde_json::Value = serde_json::from_str(&graphql_init("t.o.k")).unwrap();
-        assert_eq!(init["payload"]["authorization"], "Bearer t.o.k");
     }
 
     #[test]
@@ -219,9 +215,21 @@ mod tests {
             r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNodeId":null}}}}"#;
         assert_eq!(graphql_node_id(initial), None);
         assert_eq!(graphql_node_id(r#"{"type":"connection_ack"}"#), None);
-        let subscribe: serde_json::Value =
-            serde_json::from_str(&graphql_subscribe("admins", true)).unwrap();
-        let query = subscribe["payload"]["query"].as_str().unwrap();
-        assert!(query.contains("{ relatedNodeId }"), "{query}");
+    }
+
+    #[test]
+    fn writes_postgraphile_messages() {
+        let query = |topic: &str, ids_only: bool| {
+            let subscribe: serde_json::Value =
+                serde_json::from_str(&graphql_subscribe(topic, ids_only)).unwrap();
+            subscribe["payload"]["query"].as_str().unwrap().to_string()
+        };
+        let node = query("user:abc", false);
+        assert!(node.contains(r#"listen(topic: "user:abc", initialEvent: true)"#));
+        assert!(node.contains("relatedNode {"), "{node}");
+        let ids = query("admins", true);
+        assert!(ids.contains("{ relatedNodeId }"), "{ids}");
+        let init: serde_json::Value = serde_json::from_str(&graphql_init("t.o.k")).unwrap();
+        assert_eq!(init["payload"]["authorization"], "Bearer t.o.k");
     }
 }
