@@ -31,7 +31,8 @@ const middleware = postgraphile(databaseUrl, "peer", {
   simpleSubscriptions: true,
   websockets: ["v1"],
   subscriptionEventEmitterMaxListeners: 0,
-  pgSubscriptionAuthorizationFunction: "peer.may_listen",
+  // pg-pubsub's own option; it hands it to the schema as `pgSubscriptionAuthorizationFunction`.
+  subscriptionAuthorizationFunction: "peer.may_listen",
   jwtSecret: secret,
   // The relay's tokens carry no audience, and their `role` is the app's, not a Postgres role.
   jwtVerifyOptions: { algorithms: ["HS256"], audience: [] },

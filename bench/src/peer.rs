@@ -132,6 +132,18 @@ pub fn graphql_subscribe(topic: &str, ids_only: bool) -> String {
 /// The start of a graphql-ws `next` message of the one subscription a socket makes.
 const NEXT: &str = r#"{"id":"1","type":"next""#;
 
+/// What PostGraphile's simple subscriptions say when the authorization function (`peer.may_listen`)
+/// turns a topic down.
+pub const GRAPHQL_REFUSED: &str = "You may not subscribe to this topic";
+
+/// Whether a graphql-ws message is the one subscription's refusal by the authorization function:
+/// its result with that error and no data.
+pub fn graphql_refusal(text: &str) -> bool {
+    text.starts_with(r#"{"id":"1","type":"next","payload":{"errors":["#)
+        && text.contains(GRAPHQL_REFUSED)
+        && !text.contains(r#""data":{"#)
+}
+
 /// A graphql-ws `next` message's event: its id and `at`, without parsing the whole message (the
 /// id is a string, as PostGraphile gives a bigint). None for any other message, and for the
 /// initial one, which has no node.
@@ -215,6 +227,21 @@ mod tests {
             r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNodeId":null}}}}"#;
         assert_eq!(graphql_node_id(initial), None);
         assert_eq!(graphql_node_id(r#"{"type":"connection_ack"}"#), None);
+    }
+
+    #[test]
+    fn tells_a_refused_postgraphile_subscription() {
+        // As PostGraphile 4.14 answers a topic `peer.may_listen` turns down.
+        let refused = r#"{"id":"1","type":"next","payload":{"errors":[{"message":"You may not subscribe to this topic","locations":[{"line":1,"column":16}],"path":["listen"]}]}}"#;
+        assert!(graphql_refusal(refused));
+        // Other errors are not that refusal: a bad token, say.
+        let other =
+            r#"{"id":"1","type":"next","payload":{"errors":[{"message":"jwt malformed"}]}}"#;
+        assert!(!graphql_refusal(other));
+        let started =
+            r#"{"id":"1","type":"next","payload":{"data":{"listen":{"relatedNodeId":null}}}}"#;
+        assert!(!graphql_refusal(started));
+        assert!(!graphql_refusal(r#"{"id":"1","type":"complete"}"#));
     }
 
     #[test]

@@ -191,6 +191,40 @@ fn start_peer(
         .map_err(|e| format!("cannot start the peer with `node` ({e}); install Node.js 20").into())
 }
 
+/// Before a PostGraphile peer is measured, checks that it refuses a user the admins' topic and
+/// another user's: it must decide who listens to what, as the relay decides who sees what.
+async fn check_topics_refused(
+    options: &Options,
+    cast: &Cast,
+    relay: SocketAddr,
+    issuer: &Issuer,
+) -> Result<(), Error> {
+    let members = cast.members();
+    let mut users = members.iter().filter(|m| m.role != Role::Admin);
+    let user = users
+        .next()
+        .ok_or("no user to check the peer's topics with")?;
+    let other = users
+        .find(|m| m.user_id != user.user_id)
+        .ok_or("no second user to check the peer's topics with")?;
+    let plan = Plan {
+        relay,
+        source: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        concurrency: 1,
+        peer: options.peer,
+        sockets: Vec::new(),
+    };
+    for topic in ["admins".to_string(), format!("user:{}", other.user_id)] {
+        let socket = SocketPlan {
+            token: issuer.issue(&user.principal(), Duration::from_secs(600)),
+            feeds: Vec::new(),
+            topic,
+        };
+        worker::check_refused(&plan, &socket).await?;
+    }
+    Ok(())
+}
+
 /// A minimal HTTP GET: the status and the body.
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -847,6 +881,9 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
     let ceiling = ceiling.commits as f64 / ceiling.seconds;
 
     let relay = RelayProcess::start(options, url, &secret_text).await?;
+    if options.peer.is_some_and(Peer::graphql) {
+        check_topics_refused(options, cast, relay.addr, &issuer).await?;
+    }
     let pid = relay.pid();
     let before = system::resident_bytes(pid).unwrap_or_default();
     eprintln!("relay-bench: opening {} sockets", cast.members().len());

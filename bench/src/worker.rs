@@ -263,6 +263,40 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 /// Opens one socket from `source` and subscribes it to its feeds (or, with a peer, waits until
 /// the peer has put it in its room).
 async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
+    let mut ws = handshake(plan, socket).await?;
+    match plan.peer {
+        None => {}
+        Some(Peer::Socketio) => return connect_socket_io(ws).await,
+        Some(peer) => {
+            return match subscribe_graphql(ws, socket, peer == Peer::PostgraphileIds).await? {
+                Subscription::Started(ws) => Ok(*ws),
+                Subscription::Refused(text) => Err(format!("subscription refused: {text}").into()),
+            }
+        }
+    }
+    for feed in &socket.feeds {
+        let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
+        ws.send(Message::text(subscribe)).await?;
+    }
+    let mut acknowledged = 0;
+    while acknowledged < socket.feeds.len() {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if text.contains(r#""type":"subscribed""#) => {
+                acknowledged += 1
+            }
+            Some(Ok(Message::Text(text))) if text.contains(r#""type":"error""#) => {
+                return Err(format!("subscribe refused: {text}").into())
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed while subscribing".into()),
+        }
+    }
+    Ok(ws)
+}
+
+/// Connects one socket from `source` and completes its WebSocket handshake.
+async fn handshake(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     let tcp = match plan.source {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -290,31 +324,8 @@ async fn open(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     // clearing per frame.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4 * 1024);
-    let (mut ws, _) =
+    let (ws, _) =
         tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
-    match plan.peer {
-        None => {}
-        Some(Peer::Socketio) => return connect_socket_io(ws).await,
-        Some(peer) => return connect_graphql(ws, socket, peer == Peer::PostgraphileIds).await,
-    }
-    for feed in &socket.feeds {
-        let subscribe = format!(r#"{{"type":"subscribe","feed":"{feed}"}}"#);
-        ws.send(Message::text(subscribe)).await?;
-    }
-    let mut acknowledged = 0;
-    while acknowledged < socket.feeds.len() {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) if text.contains(r#""type":"subscribed""#) => {
-                acknowledged += 1
-            }
-            Some(Ok(Message::Text(text))) if text.contains(r#""type":"error""#) => {
-                return Err(format!("subscribe refused: {text}").into())
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err("closed while subscribing".into()),
-        }
-    }
     Ok(ws)
 }
 
@@ -350,13 +361,21 @@ async fn connect_socket_io(mut ws: Socket) -> Result<Socket, Error> {
     }
 }
 
+/// How a PostGraphile server answered a socket's subscription.
+enum Subscription {
+    /// The initial event came: the subscription is in place.
+    Started(Box<Socket>),
+    /// Anything else came first, as it came.
+    Refused(Utf8Bytes),
+}
+
 /// Subscribes to a PostGraphile server's `listen` field for the socket's topic; the subscription's
 /// initial event says it is in place.
-async fn connect_graphql(
+async fn subscribe_graphql(
     mut ws: Socket,
     socket: &SocketPlan,
     ids_only: bool,
-) -> Result<Socket, Error> {
+) -> Result<Subscription, Error> {
     ws.send(Message::text(peer::graphql_init(&socket.token)))
         .await?;
     let mut acknowledged = false;
@@ -372,12 +391,33 @@ async fn connect_graphql(
         } else if acknowledged
             && text.starts_with(r#"{"id":"1","type":"next","payload":{"data":{"listen""#)
         {
-            return Ok(ws);
+            return Ok(Subscription::Started(Box::new(ws)));
         } else if text.starts_with(r#"{"type":"ping""#) {
             ws.send(Message::text(r#"{"type":"pong"}"#)).await?;
         } else {
-            return Err(format!("subscription refused: {text}").into());
+            return Ok(Subscription::Refused(text));
         }
+    }
+}
+
+/// Asks a PostGraphile peer for a subscription it must refuse (`socket`'s token may not listen
+/// to its topic), and fails unless the peer refuses it for that reason: the peer's authorization
+/// is checked before it is measured, so that it is not measured doing less than the relay.
+pub async fn check_refused(plan: &Plan, socket: &SocketPlan) -> Result<(), Error> {
+    let ws = handshake(plan, socket).await?;
+    let ids_only = plan.peer == Some(Peer::PostgraphileIds);
+    match subscribe_graphql(ws, socket, ids_only).await? {
+        Subscription::Refused(text) if peer::graphql_refusal(&text) => Ok(()),
+        Subscription::Refused(text) => Err(format!(
+            "the peer answered a subscription to `{}` it must refuse with something else: {text}",
+            socket.topic
+        )
+        .into()),
+        Subscription::Started(_) => Err(format!(
+            "the peer let a client subscribe to `{}`, which its token may not listen to",
+            socket.topic
+        )
+        .into()),
     }
 }
 
