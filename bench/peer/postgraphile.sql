@@ -13,7 +13,7 @@ create view peer.events as
     from relay.events;
 comment on view peer.events is E'@primaryKey id,at';
 
--- Who may listen to which topic, asked by PostGraphile (`pgSubscriptionAuthorizationFunction`)
+-- Who may listen to which topic, asked by PostGraphile (pg-pubsub's `subscriptionAuthorizationFunction`)
 -- with the token's claims set, once per subscription: an admin to the admins' topic, anyone to
 -- their own user's. It returns the topic that would end the subscription, one for all.
 -- A setting a pooled connection held earlier reads as '', hence nullif: no `sub`, no user topic.

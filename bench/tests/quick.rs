@@ -16,6 +16,8 @@ fn a_quick_run_of_each_workload_completes_and_loses_nothing() {
     // The peer the fan-out workload measures the relay against, in the relay's place: its
     // packages come from `npm ci --prefix bench/peer` (scripts/test runs it).
     quick_run("fanout", Some("socketio"));
+    // Each PostGraphile run first checks that the peer refuses a user the admins' topic and
+    // another user's, and fails if it does not.
     quick_run("fanout", Some("postgraphile"));
     quick_run("fanout", Some("postgraphile-ids"));
 }
