@@ -25,6 +25,9 @@ COPY sql /usr/share/relay/sql
 COPY triggers /usr/share/relay/triggers
 USER 10001
 ENV RELAY_BIND=0.0.0.0:8080
+# /metrics on a port of its own, for the monitoring network: publishing 8080 does not publish it.
+# Not in EXPOSE, so `docker run -P` leaves it unpublished too.
+ENV RELAY_METRICS_BIND=0.0.0.0:9090
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8080/api/realtime/health || exit 1

@@ -282,6 +282,17 @@ fn ports_and_health_checks_match_what_the_relay_serves() {
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains(&format!("EXPOSE {port}")));
     assert!(dockerfile.contains(&format!("ENV RELAY_BIND=0.0.0.0:{port}")));
+    // The image alone, published with `-p` or `-P`, keeps /metrics off the public port too.
+    assert!(dockerfile.contains(&format!("ENV RELAY_METRICS_BIND=0.0.0.0:{metrics}")));
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.trim_start().starts_with("EXPOSE"))
+    {
+        assert!(
+            !line.split_whitespace().any(|p| p == metrics.to_string()),
+            "the image exposes /metrics: {line}"
+        );
+    }
     assert!(dockerfile.contains(&format!("http://127.0.0.1:{port}{HEALTH_PATH}")));
 }
 
