@@ -295,6 +295,99 @@ async fn every_send_rule_has_its_error_code_and_writes_nothing() {
     assert_eq!(p.recv().await, json!({"type": "pong", "ref": "last"}));
 }
 
+/// A message deleted by SQL outside the relay stays deleted: its sender's retry, which may come
+/// after the delete, is refused and writes nothing. The marks the deletes leave are no app
+/// user's to read, and go with the sender's profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_does_not_send_again_a_message_deleted_since() {
+    let db = TestDb::new().await;
+    let relay = db.start().await;
+    let addr = relay.local_addr();
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let session = db.open_session(&patient, &dentist).await;
+    let mut events = Vec::new();
+    let mut p = Ws::connect(addr, patient).await;
+    let mut d = Ws::connect(addr, dentist).await;
+
+    let (mine, theirs, kept) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let reply = send(&mut p, session, "delete me", mine, "1", &mut events).await;
+    sent_id(&reply, "1", mine);
+    let reply = send(&mut d, session, "and me", theirs, "2", &mut events).await;
+    sent_id(&reply, "2", theirs);
+    let reply = send(&mut p, session, "keep me", kept, "3", &mut events).await;
+    let kept_id = sent_id(&reply, "3", kept);
+    // One statement deletes two messages, of two senders.
+    let deleted = db
+        .client
+        .execute(
+            "delete from consultation_messages where client_id = any($1)",
+            &[&vec![mine, theirs]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+
+    let reply = send(&mut p, session, "delete me", mine, "4", &mut events).await;
+    assert_eq!(error_code(&reply), "conflict", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deleted"),
+        "{reply}"
+    );
+    let reply = send(&mut d, session, "and me", theirs, "5", &mut events).await;
+    assert_eq!(error_code(&reply), "conflict", "{reply}");
+    // A retry of a message still there is answered as before, and new messages go through.
+    let reply = send(&mut p, session, "keep me", kept, "6", &mut events).await;
+    assert_eq!(sent_id(&reply, "6", kept), kept_id);
+    let reply = send(
+        &mut p,
+        session,
+        "a new one",
+        Uuid::new_v4(),
+        "7",
+        &mut events,
+    )
+    .await;
+    assert_eq!(reply["type"], "sent", "{reply}");
+    assert_eq!(messages_in(&db, session).await, 2);
+
+    // The other sender's client_id is not the patient's: a mark is per sender.
+    let reply = send(&mut p, session, "and me", theirs, "8", &mut events).await;
+    assert_eq!(reply["type"], "sent", "{reply}");
+
+    let read = as_user(
+        &db,
+        &patient,
+        "select count(*) from public.deleted_consultation_messages where $1::uuid is not null",
+        session,
+    )
+    .await;
+    assert_eq!(
+        sqlstate(&read),
+        "42501",
+        "the marks are not the app's to read"
+    );
+    let marks = "select count(*) from public.deleted_consultation_messages";
+    let count = |row: Row| row.get::<_, i64>(0);
+    assert_eq!(count(db.client.query_one(marks, &[]).await.unwrap()), 2);
+    db.client
+        .batch_execute(&format!(
+            "delete from consultation_messages where session_id = '{session}';
+             delete from consultation_sessions where id = '{session}';
+             delete from profiles where id = '{}'",
+            dentist.user_id
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(db.client.query_one(marks, &[]).await.unwrap()),
+        4,
+        "the dentist's mark went with the profile; the patient's four remain"
+    );
+}
+
 /// Runs `sql` in a transaction as `who` (their claims, as row-level security sees them).
 async fn as_user(
     db: &TestDb,

@@ -33,6 +33,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("sql/004_consultations.sql"),
     migration!("sql/005_cheaper_checks.sql"),
     migration!("sql/006_uniform_refusals.sql"),
+    migration!("sql/007_deleted_messages.sql"),
     migration!("triggers/001_event_log.sql"),
     migration!("triggers/002_capture.sql"),
     migration!("triggers/003_commit_order.sql"),
