@@ -905,6 +905,55 @@ async fn a_forged_next_event_is_found_out_when_the_real_one_comes() {
     relay.shutdown().await;
 }
 
+/// Notifications forged on the relay's channel that repeat an event already delivered, each with
+/// another time, are ignored: the log says the delivered event is the real one (it is asked once
+/// for that event, then remembered), no socket is closed, and the next real event follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_repeats_of_a_delivered_event_are_ignored() {
+    let db = common::TestDb::new().await;
+    let relay = common::start_with(db.config()).await;
+    let addr = relay.local_addr();
+    let (admin, patient, dentist) = (
+        db.user(Role::Admin).await,
+        db.user(Role::Patient).await,
+        db.user(Role::Dentist).await,
+    );
+    let mut watcher = Ws::subscribed(addr, admin, &["appointments", "availability"]).await;
+    let first = db.book(&patient, &dentist, "real").await;
+    let delivered = watcher.recv().await;
+    assert_eq!(delivered["row"]["id"], json!(first), "{delivered}");
+    let id = delivered["id"].as_i64().expect("an event id");
+
+    for n in 0..50 {
+        let forged = json!({"id": id, "table": "appointments", "op": "INSERT",
+                            "at": format!("2000-01-01T00:00:{:02}.000000Z", n % 60),
+                            "new": {"id": Uuid::new_v4(), "patient_id": patient.user_id,
+                                    "dentist_id": dentist.user_id, "notes": "forged"}});
+        db.client
+            .execute(
+                "select pg_notify('relay_events', $1)",
+                &[&forged.to_string()],
+            )
+            .await
+            .unwrap();
+    }
+    let second = db.book(&patient, &dentist, "real too").await;
+    let next = watcher.recv().await;
+    assert_eq!(
+        (&next["id"], &next["row"]["id"]),
+        (&json!(id + 1), &json!(second)),
+        "{next}"
+    );
+    let fence = db.fence().await;
+    assert_eq!(
+        watcher.events_until(fence).await,
+        Vec::<Value>::new(),
+        "nothing forged was delivered"
+    );
+    assert_eq!(common::starts_over(&relay), 0);
+    relay.shutdown().await;
+}
+
 /// Reads the fuzzer's replies until the pong of its final ping; every reply must be a
 /// well-formed frame of the protocol. Returns how many came.
 async fn well_formed_until_the_last_pong(

@@ -142,32 +142,84 @@ const FORGED: StartOver = StartOver {
 /// How many of the last events dispatched [`Dispatched`] remembers.
 const REMEMBERED: usize = 1024;
 
-/// The last events dispatched, oldest first: ids and times.
+/// The last events dispatched, oldest first: ids, times, and whether the log has confirmed the
+/// time already.
 #[derive(Debug, Default)]
-pub struct Dispatched(VecDeque<(i64, String)>);
+pub struct Dispatched(VecDeque<Sent>);
+
+#[derive(Debug)]
+struct Sent {
+    id: i64,
+    at: String,
+    /// The log holds this id with this time: any other time named for it is forged.
+    confirmed: bool,
+}
+
+/// What a notification of an event at or before the position calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Repeat {
+    /// The event itself again, or one too old to be remembered: nothing to do.
+    Nothing,
+    /// Another time for an event the log has confirmed: forged, ignored without asking the log.
+    Forged,
+    /// Another time for an event dispatched with this one: the log decides which is real.
+    Check(String),
+}
 
 impl Dispatched {
     fn record(&mut self, id: i64, at: &str) {
         if self.0.len() == REMEMBERED {
             self.0.pop_front();
         }
-        self.0.push_back((id, at.to_owned()));
+        self.0.push_back(Sent {
+            id,
+            at: at.to_owned(),
+            confirmed: false,
+        });
     }
 
     /// Starts again from the log's newest event, if any, as if dispatched.
     fn restart(&mut self, newest: Option<(i64, String)>) {
         self.0.clear();
-        self.0.extend(newest);
+        self.0.extend(newest.map(|(id, at)| Sent {
+            id,
+            at,
+            confirmed: false,
+        }));
     }
 
     fn last(&self) -> Option<(i64, String)> {
-        self.0.back().cloned()
+        self.0.back().map(|sent| (sent.id, sent.at.clone()))
+    }
+
+    fn find(&self, id: i64) -> Option<usize> {
+        self.0.binary_search_by_key(&id, |sent| sent.id).ok()
     }
 
     /// The time of the event dispatched with this id, if remembered.
+    #[cfg(test)]
     fn at_of(&self, id: i64) -> Option<&str> {
-        let place = self.0.binary_search_by_key(&id, |(id, _)| *id).ok()?;
-        Some(self.0[place].1.as_str())
+        self.find(id).map(|place| self.0[place].at.as_str())
+    }
+
+    /// What a notification naming this id and time, at or before the position, calls for.
+    fn repeat(&self, id: i64, at: &str) -> Repeat {
+        match self.find(id).map(|place| &self.0[place]) {
+            Some(sent) if sent.at == at => Repeat::Nothing,
+            Some(sent) if sent.confirmed => Repeat::Forged,
+            Some(sent) => Repeat::Check(sent.at.clone()),
+            None => Repeat::Nothing,
+        }
+    }
+
+    /// The log holds `id` with the time `at`, as dispatched: later repeats need not ask it again.
+    fn confirm(&mut self, id: i64, at: &str) {
+        if let Some(place) = self.find(id) {
+            let sent = &mut self.0[place];
+            if sent.at == at {
+                sent.confirmed = true;
+            }
+        }
     }
 }
 
@@ -445,9 +497,14 @@ impl Listener {
     /// forged on the relay's channel, clients received an event that never was and missed the
     /// real one, and everyone starts over from the log.
     async fn check_repeat(&self, id: i64, at: &str, position: Cursor) -> Result<(), ListenError> {
-        let dispatched = match self.dispatched().at_of(id) {
-            Some(dispatched) if dispatched != at => dispatched.to_owned(),
-            _ => return Ok(()),
+        let repeat = self.dispatched().repeat(id, at);
+        let dispatched = match repeat {
+            Repeat::Nothing => return Ok(()),
+            Repeat::Forged => {
+                forged_repeat(id, at);
+                return Ok(());
+            }
+            Repeat::Check(dispatched) => dispatched,
         };
         let lease = self.pooled().await?;
         let row = timed(lease.query_one(
@@ -463,9 +520,10 @@ impl Listener {
         let horizon: i64 = row.get(1);
         match logged {
             Some(logged) if logged == dispatched => {
-                tracing::warn!(event_id = id, %at, %dispatched,
-                    "a notification named an event already dispatched, with another time the log \
-                     does not hold: forged on the relay's channel; ignored");
+                // Each dispatched event is looked up once: a flood of forged repeats of it costs
+                // the database nothing more.
+                self.dispatched().confirm(id, &dispatched);
+                forged_repeat(id, at);
                 Ok(())
             }
             // Pruned since: nothing to tell by.
@@ -571,6 +629,12 @@ impl Listener {
     }
 }
 
+fn forged_repeat(id: i64, at: &str) {
+    tracing::warn!(event_id = id, %at,
+        "a notification named an event already dispatched, with another time the log does not \
+         hold: forged on the relay's channel; ignored");
+}
+
 /// Bounds a query on the LISTEN connection: one that hangs means the connection is gone.
 async fn timed<T>(
     query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
@@ -646,6 +710,26 @@ mod tests {
         assert_eq!(dispatched.last(), Some((last, format!("t{last}"))));
         dispatched.restart(None);
         assert_eq!((dispatched.last(), dispatched.at_of(700)), (None, None));
+    }
+
+    #[test]
+    fn a_repeat_is_checked_against_the_log_until_the_log_confirms_the_event() {
+        let mut dispatched = Dispatched::default();
+        dispatched.restart(Some((3, "c".into())));
+        dispatched.record(4, "d");
+        assert_eq!(dispatched.repeat(4, "d"), Repeat::Nothing, "the same event");
+        assert_eq!(dispatched.repeat(2, "x"), Repeat::Nothing, "not remembered");
+        assert_eq!(dispatched.repeat(4, "x"), Repeat::Check("d".into()));
+        // A confirmation of another time than the one dispatched confirms nothing.
+        dispatched.confirm(4, "x");
+        assert_eq!(dispatched.repeat(4, "y"), Repeat::Check("d".into()));
+        dispatched.confirm(4, "d");
+        assert_eq!(dispatched.repeat(4, "y"), Repeat::Forged);
+        assert_eq!(dispatched.repeat(4, "d"), Repeat::Nothing);
+        assert_eq!(dispatched.repeat(3, "y"), Repeat::Check("c".into()));
+        // Starting over forgets what was confirmed.
+        dispatched.restart(Some((4, "d".into())));
+        assert_eq!(dispatched.repeat(4, "y"), Repeat::Check("d".into()));
     }
 
     #[test]
