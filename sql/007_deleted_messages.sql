@@ -14,8 +14,11 @@ create table if not exists public.deleted_consultation_messages (
     deleted_at timestamptz not null default now(),
     primary key (sender_id, client_id)
 );
+-- Row-level security with no policy, and no privilege, for the roles the app signs in as: a
+-- database whose default privileges grant new tables to `authenticated` (as Supabase's do) would
+-- otherwise let a user TRUNCATE the marks, which row-level security does not stop.
 alter table public.deleted_consultation_messages enable row level security;
-revoke all on public.deleted_consultation_messages from public;
+revoke all on public.deleted_consultation_messages from public, authenticated;
 
 -- Once per statement: a session's messages deleted in one statement cost one insert.
 create or replace function public.mark_deleted_consultation_messages()
@@ -74,7 +77,7 @@ begin
         return message;
     end if;
     -- A retry of a message deleted since is not sent again. The delete and its mark commit
-    -- together: a retry sees the message or its mark.
+    -- together: a retry that starts after both sees the mark here.
     if exists (select from public.deleted_consultation_messages d
                where d.sender_id = caller and d.client_id = send_consultation_message.client_id) then
         raise exception 'client_id % was used for a message that has since been deleted; it is not sent again',
@@ -113,6 +116,16 @@ begin
         return public.send_consultation_message(
             send_consultation_message.session_id, send_consultation_message.body,
             send_consultation_message.client_id);
+    end if;
+    -- A retry that ran beside the first send, found nothing above, and inserted only once that
+    -- send's message had been deleted (the insert waits for the delete, and passes the deleted
+    -- row): the delete's mark has committed by now, and this statement sees it. The error
+    -- undoes the insert.
+    if exists (select from public.deleted_consultation_messages d
+               where d.sender_id = caller and d.client_id = send_consultation_message.client_id) then
+        raise exception 'client_id % was used for a message that has since been deleted; it is not sent again',
+            send_consultation_message.client_id
+            using errcode = 'RL409';
     end if;
     return message;
 end

@@ -369,6 +369,15 @@ async fn a_retry_does_not_send_again_a_message_deleted_since() {
         "42501",
         "the marks are not the app's to read"
     );
+    let client = common::connect_to(&db.url).await;
+    client.batch_execute("begin").await.unwrap();
+    common::act_as(&client, &patient).await.unwrap();
+    let truncated = client
+        .batch_execute("truncate public.deleted_consultation_messages")
+        .await
+        .expect_err("the marks are not the app's to truncate");
+    assert_eq!(truncated.code().map(|c| c.code()), Some("42501"));
+    drop(client);
     let marks = "select count(*) from public.deleted_consultation_messages";
     let count = |row: Row| row.get::<_, i64>(0);
     assert_eq!(count(db.client.query_one(marks, &[]).await.unwrap()), 2);
@@ -386,6 +395,79 @@ async fn a_retry_does_not_send_again_a_message_deleted_since() {
         4,
         "the dentist's mark went with the profile; the patient's four remain"
     );
+}
+
+/// A retry that found neither the message nor its mark because the first send had not committed,
+/// and whose insert then waited for that send, is refused if the message was deleted before the
+/// wait ended: the mark is looked for again after the insert. (Here the first send and the delete
+/// are one transaction, so that the retry's wait ends exactly when both have committed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_waited_for_a_send_deleted_since_does_not_bring_it_back() {
+    const SEND: &str = "select id from public.send_consultation_message($1, 'hello', $2)";
+    let db = TestDb::new().await;
+    let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
+    let session = db.open_session(&patient, &dentist).await;
+    let client_id = Uuid::new_v4();
+
+    let first = common::connect_to(&db.url).await;
+    first.batch_execute("begin").await.unwrap();
+    common::act_as(&first, &patient).await.unwrap();
+    first
+        .query_one(SEND, &[&session, &client_id])
+        .await
+        .unwrap();
+    first.batch_execute("reset role").await.unwrap();
+    let deleted = first
+        .execute(
+            "delete from consultation_messages where client_id = $1",
+            &[&client_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    let retry = common::connect_to(&db.url).await;
+    let pid: i32 = retry
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let retrying = tokio::spawn(async move {
+        retry.batch_execute("begin").await.unwrap();
+        common::act_as(&retry, &patient).await.unwrap();
+        let sent = retry.query_one(SEND, &[&session, &client_id]).await;
+        retry.batch_execute("rollback").await.unwrap();
+        sent.map(|row| row.get::<_, Uuid>(0))
+    });
+    // The retry's insert waits on the first send's uncommitted message.
+    tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            let waiting: bool = db
+                .client
+                .query_one(
+                    "select exists (select from pg_stat_activity
+                                    where pid = $1 and wait_event_type = 'Lock')",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the retry never waited for the first send");
+    first.batch_execute("commit").await.unwrap();
+
+    let refused = retrying
+        .await
+        .unwrap()
+        .expect_err("the retry sent the deleted message again");
+    assert_eq!(refused.code().map(|c| c.code()), Some("RL409"), "{refused}");
+    assert_eq!(messages_in(&db, session).await, 0);
 }
 
 /// Runs `sql` in a transaction as `who` (their claims, as row-level security sees them).

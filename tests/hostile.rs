@@ -906,8 +906,11 @@ async fn a_forged_next_event_is_found_out_when_the_real_one_comes() {
 }
 
 /// Notifications forged on the relay's channel that repeat an event already delivered, each with
-/// another time, are ignored: the log says the delivered event is the real one (it is asked once
-/// for that event, then remembered), no socket is closed, and the next real event follows.
+/// another time, are ignored: the log says the delivered event is the real one, no socket is
+/// closed, and the next real event follows. The log is asked once for that event: with the
+/// table the question reads locked, further repeats still cost nothing, and the next real event
+/// still comes (had the relay asked again, the question would wait for the lock and time out, and
+/// the LISTEN connection would start again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_repeats_of_a_delivered_event_are_ignored() {
     let db = common::TestDb::new().await;
@@ -923,27 +926,43 @@ async fn forged_repeats_of_a_delivered_event_are_ignored() {
     let delivered = watcher.recv().await;
     assert_eq!(delivered["row"]["id"], json!(first), "{delivered}");
     let id = delivered["id"].as_i64().expect("an event id");
+    let forge = |n: usize| {
+        json!({"id": id, "table": "appointments", "op": "INSERT",
+               "at": format!("2000-01-01T00:00:{:02}.000000Z", n % 60),
+               "new": {"id": Uuid::new_v4(), "patient_id": patient.user_id,
+                       "dentist_id": dentist.user_id, "notes": "forged"}})
+        .to_string()
+    };
+    let notify = "select pg_notify('relay_events', $1)";
+    let mut expected = Vec::new();
 
-    for n in 0..50 {
-        let forged = json!({"id": id, "table": "appointments", "op": "INSERT",
-                            "at": format!("2000-01-01T00:00:{:02}.000000Z", n % 60),
-                            "new": {"id": Uuid::new_v4(), "patient_id": patient.user_id,
-                                    "dentist_id": dentist.user_id, "notes": "forged"}});
-        db.client
-            .execute(
-                "select pg_notify('relay_events', $1)",
-                &[&forged.to_string()],
-            )
-            .await
-            .unwrap();
-    }
-    let second = db.book(&patient, &dentist, "real too").await;
+    // The first repeat is checked against the log; the next real event comes after it.
+    db.client.execute(notify, &[&forge(0)]).await.unwrap();
+    expected.push(db.book(&patient, &dentist, "real too").await);
     let next = watcher.recv().await;
     assert_eq!(
         (&next["id"], &next["row"]["id"]),
-        (&json!(id + 1), &json!(second)),
+        (&json!(id + 1), &json!(expected[0])),
         "{next}"
     );
+
+    let locker = common::connect_to(&db.url).await;
+    locker
+        .batch_execute("begin; lock table relay.log_horizon in access exclusive mode")
+        .await
+        .unwrap();
+    for n in 1..50 {
+        db.client.execute(notify, &[&forge(n)]).await.unwrap();
+    }
+    expected.push(db.book(&patient, &dentist, "real, locked").await);
+    let next = watcher.recv().await;
+    assert_eq!(
+        (&next["id"], &next["row"]["id"]),
+        (&json!(id + 2), &json!(expected[1])),
+        "{next}"
+    );
+    locker.batch_execute("rollback").await.unwrap();
+
     let fence = db.fence().await;
     assert_eq!(
         watcher.events_until(fence).await,
@@ -951,6 +970,7 @@ async fn forged_repeats_of_a_delivered_event_are_ignored() {
         "nothing forged was delivered"
     );
     assert_eq!(common::starts_over(&relay), 0);
+    assert_eq!(common::listen_reconnects(&relay), 0);
     relay.shutdown().await;
 }
 

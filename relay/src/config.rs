@@ -203,7 +203,8 @@ pub struct Tuning {
 
     /// Address to serve `/metrics` on, apart from `RELAY_BIND` (e.g. `0.0.0.0:9090`, a port not
     /// published beyond the monitoring network); `/metrics` is then not served on `RELAY_BIND`.
-    /// Unset: `/metrics` is served on `RELAY_BIND`, without authentication.
+    /// Unset, or the same address as `RELAY_BIND`: `/metrics` is served on `RELAY_BIND`, without
+    /// authentication.
     #[arg(long = "relay-metrics-bind", env = "RELAY_METRICS_BIND", value_parser = parse_address)]
     pub relay_metrics_bind: Option<SocketAddr>,
 
@@ -386,7 +387,11 @@ impl Config {
                 ..tokens
             },
             bind: tuning.relay_bind,
-            metrics_bind: tuning.relay_metrics_bind,
+            // The same address as RELAY_BIND names no address of its own: the way back, in an
+            // image that sets RELAY_METRICS_BIND, to /metrics beside the sockets.
+            metrics_bind: tuning
+                .relay_metrics_bind
+                .filter(|metrics| *metrics != tuning.relay_bind),
             socket_queue: tuning.relay_socket_queue as usize,
             pool_size: tuning.relay_pool_size as usize,
             shutdown_grace: tuning.relay_shutdown_grace,
@@ -804,6 +809,28 @@ mod tests {
         assert!(
             config.limits.allowed_origins.is_empty(),
             "empty means every origin"
+        );
+        let metrics = |extra: &[&str]| {
+            let mut args = vec![
+                "--relay-jwt-secret",
+                &secret,
+                "--relay-bind",
+                "0.0.0.0:8080",
+            ];
+            args.extend_from_slice(extra);
+            let args = serve_args(&args).unwrap();
+            let tokens = args.auth.token_config().unwrap();
+            Config::from_parts(args.database_url, tokens, args.tuning).metrics_bind
+        };
+        assert_eq!(metrics(&[]), None);
+        assert_eq!(
+            metrics(&["--relay-metrics-bind", "0.0.0.0:9090"]),
+            Some("0.0.0.0:9090".parse().unwrap())
+        );
+        assert_eq!(
+            metrics(&["--relay-metrics-bind", "0.0.0.0:8080"]),
+            None,
+            "RELAY_BIND's own address: /metrics beside the sockets"
         );
         for bad in [
             &["--relay-allowed-origins", "dash.example.com"][..],

@@ -142,8 +142,7 @@ const FORGED: StartOver = StartOver {
 /// How many of the last events dispatched [`Dispatched`] remembers.
 const REMEMBERED: usize = 1024;
 
-/// The last events dispatched, oldest first: ids, times, and whether the log has confirmed the
-/// time already.
+/// The last events dispatched, oldest first: ids, times, and what the log said of them.
 #[derive(Debug, Default)]
 pub struct Dispatched(VecDeque<Sent>);
 
@@ -151,17 +150,30 @@ pub struct Dispatched(VecDeque<Sent>);
 struct Sent {
     id: i64,
     at: String,
-    /// The log holds this id with this time: any other time named for it is forged.
-    confirmed: bool,
+    log: Logged,
+}
+
+/// What the log said of a dispatched event, when a repeat of its id made the listener ask. Its
+/// answer does not change, so it is asked once per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logged {
+    /// Not asked yet.
+    Unasked,
+    /// The log holds the event with the time dispatched: any other time named for it is forged.
+    Confirmed,
+    /// The log has pruned the event: nothing to tell a repeat by.
+    Pruned,
 }
 
 /// What a notification of an event at or before the position calls for.
 #[derive(Debug, PartialEq, Eq)]
 enum Repeat {
-    /// The event itself again, or one too old to be remembered: nothing to do.
+    /// The event itself again, one too old to be remembered, or one the log has pruned: nothing
+    /// to do.
     Nothing,
-    /// Another time for an event the log has confirmed: forged, ignored without asking the log.
-    Forged,
+    /// Another time for an event the log has confirmed (the time dispatched): forged, ignored
+    /// without asking the log.
+    Forged(String),
     /// Another time for an event dispatched with this one: the log decides which is real.
     Check(String),
 }
@@ -174,7 +186,7 @@ impl Dispatched {
         self.0.push_back(Sent {
             id,
             at: at.to_owned(),
-            confirmed: false,
+            log: Logged::Unasked,
         });
     }
 
@@ -184,7 +196,7 @@ impl Dispatched {
         self.0.extend(newest.map(|(id, at)| Sent {
             id,
             at,
-            confirmed: false,
+            log: Logged::Unasked,
         }));
     }
 
@@ -206,18 +218,22 @@ impl Dispatched {
     fn repeat(&self, id: i64, at: &str) -> Repeat {
         match self.find(id).map(|place| &self.0[place]) {
             Some(sent) if sent.at == at => Repeat::Nothing,
-            Some(sent) if sent.confirmed => Repeat::Forged,
-            Some(sent) => Repeat::Check(sent.at.clone()),
+            Some(sent) => match sent.log {
+                Logged::Unasked => Repeat::Check(sent.at.clone()),
+                Logged::Confirmed => Repeat::Forged(sent.at.clone()),
+                Logged::Pruned => Repeat::Nothing,
+            },
             None => Repeat::Nothing,
         }
     }
 
-    /// The log holds `id` with the time `at`, as dispatched: later repeats need not ask it again.
-    fn confirm(&mut self, id: i64, at: &str) {
+    /// What the log said of the event dispatched as `id` with the time `at`: later repeats need
+    /// not ask it again. Nothing is noted if that event is no longer the one remembered.
+    fn note(&mut self, id: i64, at: &str, log: Logged) {
         if let Some(place) = self.find(id) {
             let sent = &mut self.0[place];
             if sent.at == at {
-                sent.confirmed = true;
+                sent.log = log;
             }
         }
     }
@@ -500,8 +516,8 @@ impl Listener {
         let repeat = self.dispatched().repeat(id, at);
         let dispatched = match repeat {
             Repeat::Nothing => return Ok(()),
-            Repeat::Forged => {
-                forged_repeat(id, at);
+            Repeat::Forged(dispatched) => {
+                forged_repeat(id, at, &dispatched);
                 return Ok(());
             }
             Repeat::Check(dispatched) => dispatched,
@@ -522,12 +538,15 @@ impl Listener {
             Some(logged) if logged == dispatched => {
                 // Each dispatched event is looked up once: a flood of forged repeats of it costs
                 // the database nothing more.
-                self.dispatched().confirm(id, &dispatched);
-                forged_repeat(id, at);
+                self.dispatched().note(id, &dispatched, Logged::Confirmed);
+                forged_repeat(id, at, &dispatched);
                 Ok(())
             }
-            // Pruned since: nothing to tell by.
-            None if id <= horizon => Ok(()),
+            // Pruned since: nothing to tell by, now or later.
+            None if id <= horizon => {
+                self.dispatched().note(id, &dispatched, Logged::Pruned);
+                Ok(())
+            }
             logged => {
                 let why = format!(
                     "event {id} was dispatched with the time {dispatched}, but the one committed \
@@ -629,8 +648,8 @@ impl Listener {
     }
 }
 
-fn forged_repeat(id: i64, at: &str) {
-    tracing::warn!(event_id = id, %at,
+fn forged_repeat(id: i64, at: &str, dispatched: &str) {
+    tracing::warn!(event_id = id, %at, %dispatched,
         "a notification named an event already dispatched, with another time the log does not \
          hold: forged on the relay's channel; ignored");
 }
@@ -713,21 +732,27 @@ mod tests {
     }
 
     #[test]
-    fn a_repeat_is_checked_against_the_log_until_the_log_confirms_the_event() {
+    fn a_repeat_is_checked_against_the_log_until_the_log_has_answered_for_the_event() {
         let mut dispatched = Dispatched::default();
         dispatched.restart(Some((3, "c".into())));
         dispatched.record(4, "d");
         assert_eq!(dispatched.repeat(4, "d"), Repeat::Nothing, "the same event");
         assert_eq!(dispatched.repeat(2, "x"), Repeat::Nothing, "not remembered");
         assert_eq!(dispatched.repeat(4, "x"), Repeat::Check("d".into()));
-        // A confirmation of another time than the one dispatched confirms nothing.
-        dispatched.confirm(4, "x");
+        // What the log said of another time than the one dispatched is not noted.
+        dispatched.note(4, "x", Logged::Confirmed);
         assert_eq!(dispatched.repeat(4, "y"), Repeat::Check("d".into()));
-        dispatched.confirm(4, "d");
-        assert_eq!(dispatched.repeat(4, "y"), Repeat::Forged);
+        dispatched.note(4, "d", Logged::Confirmed);
+        assert_eq!(dispatched.repeat(4, "y"), Repeat::Forged("d".into()));
         assert_eq!(dispatched.repeat(4, "d"), Repeat::Nothing);
         assert_eq!(dispatched.repeat(3, "y"), Repeat::Check("c".into()));
-        // Starting over forgets what was confirmed.
+        dispatched.note(3, "c", Logged::Pruned);
+        assert_eq!(
+            dispatched.repeat(3, "y"),
+            Repeat::Nothing,
+            "pruned: nothing to tell by"
+        );
+        // Starting over forgets what the log said.
         dispatched.restart(Some((4, "d".into())));
         assert_eq!(dispatched.repeat(4, "y"), Repeat::Check("d".into()));
     }
