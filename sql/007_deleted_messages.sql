@@ -40,7 +40,26 @@ create trigger consultation_messages_mark_deleted
     referencing old table as gone
     for each statement execute function public.mark_deleted_consultation_messages();
 
--- As in 006_uniform_refusals.sql, with the deleted message's client_id refused.
+-- Refuses a send whose client_id names a message of this sender deleted since. Called by
+-- send_consultation_message, as its owner.
+create or replace function public.refuse_deleted_consultation_message(sender_id uuid, client_id uuid)
+returns void
+language plpgsql set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if exists (select from public.deleted_consultation_messages d
+               where d.sender_id = refuse_deleted_consultation_message.sender_id
+                 and d.client_id = refuse_deleted_consultation_message.client_id) then
+        raise exception 'client_id % was used for a message that has since been deleted; it is not sent again',
+            refuse_deleted_consultation_message.client_id
+            using errcode = 'RL409';
+    end if;
+end
+$$;
+revoke all on function public.refuse_deleted_consultation_message(uuid, uuid) from public;
+
+-- As in 006_uniform_refusals.sql, with the deleted message's client_id refused: before the
+-- insert, and again after it.
 create or replace function public.send_consultation_message(
     session_id uuid, body text, client_id uuid)
 returns public.consultation_messages
@@ -78,12 +97,7 @@ begin
     end if;
     -- A retry of a message deleted since is not sent again. The delete and its mark commit
     -- together: a retry that starts after both sees the mark here.
-    if exists (select from public.deleted_consultation_messages d
-               where d.sender_id = caller and d.client_id = send_consultation_message.client_id) then
-        raise exception 'client_id % was used for a message that has since been deleted; it is not sent again',
-            send_consultation_message.client_id
-            using errcode = 'RL409';
-    end if;
+    perform public.refuse_deleted_consultation_message(caller, send_consultation_message.client_id);
 
     -- Only the caller's own session is read, and locked. FOR SHARE: a concurrent end or
     -- hand-over of the session commits wholly before or after this message (after waiting for
@@ -121,12 +135,7 @@ begin
     -- send's message had been deleted (the insert waits for the delete, and passes the deleted
     -- row): the delete's mark has committed by now, and this statement sees it. The error
     -- undoes the insert.
-    if exists (select from public.deleted_consultation_messages d
-               where d.sender_id = caller and d.client_id = send_consultation_message.client_id) then
-        raise exception 'client_id % was used for a message that has since been deleted; it is not sent again',
-            send_consultation_message.client_id
-            using errcode = 'RL409';
-    end if;
+    perform public.refuse_deleted_consultation_message(caller, send_consultation_message.client_id);
     return message;
 end
 $$;
