@@ -82,6 +82,9 @@ pub struct Phase {
     /// The share of all the machine's cores that was busy while the writers ran; none where
     /// `/proc/stat` could not be read.
     pub machine_busy: Option<f64>,
+    /// The share of all the machine's cores taken by the hypervisor for other guests over the
+    /// same span (included in `machine_busy`): on a shared host, time nothing here could use.
+    pub machine_stolen: Option<f64>,
     /// The client processes' CPU time over the phase (writing and draining), together, as a
     /// share of one core: the load generator's part of the machine.
     pub clients_cpu_cores: f64,
@@ -145,6 +148,9 @@ pub struct Replay {
     pub events: usize,
     pub first_ms: f64,
     pub all_ms: f64,
+    /// The share of the machine's cores the hypervisor took for other guests meanwhile (to the
+    /// nearest of `/proc/stat`'s 10 ms ticks, so coarse over so short a span).
+    pub stolen: Option<f64>,
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -193,8 +199,14 @@ impl Results {
         if let Some(replay) = &self.replay {
             let _ = writeln!(
                 out,
-                "| replay of {} missed events | first after {:.1} ms, all after {:.1} ms |",
-                replay.events, replay.first_ms, replay.all_ms
+                "| replay of {} missed events | first after {:.1} ms, all after {:.1} ms{} |",
+                replay.events,
+                replay.first_ms,
+                replay.all_ms,
+                replay.stolen.map_or_else(String::new, |stolen| format!(
+                    " ({:.0} % of the machine stolen)",
+                    stolen * 100.0
+                ))
             );
         }
         let _ = writeln!(
@@ -248,9 +260,13 @@ impl Results {
             };
             let (received_p50, received_p99) = bounds(p.relay_received_ms);
             let (queued_p50, queued_p99) = bounds(p.relay_queued_ms);
-            let busy = p
-                .machine_busy
-                .map_or_else(|| "n/a".to_string(), |b| format!("{:.0} %", b * 100.0));
+            let busy = match (p.machine_busy, p.machine_stolen) {
+                (Some(busy), Some(stolen)) => {
+                    format!("{:.0} % ({:.0} % stolen)", busy * 100.0, stolen * 100.0)
+                }
+                (Some(busy), None) => format!("{:.0} %", busy * 100.0),
+                _ => "n/a".to_string(),
+            };
             let (committed_p50, committed_p99) = p.from_commit_timestamp.as_ref().map_or_else(
                 || ("n/a".to_string(), "n/a".to_string()),
                 |c| {

@@ -579,9 +579,11 @@ async fn phase(
         context.options.duration,
     )
     .await?;
-    let machine_busy = machine_before
+    let machine_shares = machine_before
         .zip(system::machine_ticks())
         .map(|(before, after)| system::busy_share(before, after));
+    let machine_busy = machine_shares.map(|(busy, _)| busy);
+    let machine_stolen = machine_shares.map(|(_, stolen)| stolen);
     command(clients, worker::Command::Mark).await?;
     let after = log_position(context.db).await?;
 
@@ -655,6 +657,7 @@ async fn phase(
         relay_received_ms,
         relay_queued_ms,
         machine_busy,
+        machine_stolen,
         clients_cpu_cores: clients_cpu.as_secs_f64() / elapsed,
         relay_cpu_cores: cpu.as_secs_f64() / elapsed,
         relay_cores_per_100k_deliveries: cpu.as_secs_f64() * 100_000.0
@@ -772,6 +775,7 @@ async fn replay(
     caught_up(relay, issuer, log_position(db).await?).await?;
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
     let start = Instant::now();
+    let machine_before = system::machine_ticks();
     ws.send(Message::text(format!(
         r#"{{"type":"subscribe","feed":"appointments","since":"{cursor}"}}"#
     )))
@@ -792,6 +796,9 @@ async fn replay(
         }
     }
     let all = start.elapsed();
+    let stolen = machine_before
+        .zip(system::machine_ticks())
+        .map(|(before, after)| system::busy_share(before, after).1);
     if events != count {
         return Err(format!("replayed {events} events, expected {count}").into());
     }
@@ -799,6 +806,7 @@ async fn replay(
         events,
         first_ms: first.unwrap_or_default().as_secs_f64() * 1000.0,
         all_ms: all.as_secs_f64() * 1000.0,
+        stolen,
     })
 }
 

@@ -30,9 +30,17 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// CPU time of the whole machine so far, in USER_HZ ticks over all cores: (busy, total). Busy is
-/// everything but idle and waiting for I/O.
-pub fn machine_ticks() -> Option<(u64, u64)> {
+/// CPU time of the whole machine so far, in USER_HZ ticks over all cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Everything but idle and waiting for I/O; the stolen ticks included.
+    pub busy: u64,
+    /// Taken by the hypervisor for other guests while this machine had work to run.
+    pub stolen: u64,
+    pub total: u64,
+}
+
+pub fn machine_ticks() -> Option<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<u64> = line
@@ -43,16 +51,25 @@ pub fn machine_ticks() -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3)? + ticks.get(4)?;
-    Some((total - idle, total))
+    Some(MachineTicks {
+        busy: total - idle,
+        stolen: ticks.get(7).copied().unwrap_or(0),
+        total,
+    })
 }
 
-/// The share of all cores that was busy between two readings of [`machine_ticks`].
-pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
-    let total = after.1.saturating_sub(before.1);
+/// The shares of all cores that were busy, and stolen, between two readings of
+/// [`machine_ticks`].
+pub fn busy_share(before: MachineTicks, after: MachineTicks) -> (f64, f64) {
+    let total = after.total.saturating_sub(before.total);
     if total == 0 {
-        return 0.0;
+        return (0.0, 0.0);
     }
-    after.0.saturating_sub(before.0) as f64 / total as f64
+    let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / total as f64;
+    (
+        share(after.busy, before.busy),
+        share(after.stolen, before.stolen),
+    )
 }
 
 #[cfg(test)]
@@ -69,9 +86,17 @@ mod tests {
         }
         assert!(cpu_time(pid).is_some());
         assert!(resident_bytes(u32::MAX).is_none());
-        let (busy, total) = machine_ticks().unwrap();
-        assert!(busy <= total && total > 0);
-        assert_eq!(busy_share((10, 100), (60, 200)), 0.5);
-        assert_eq!(busy_share((10, 100), (10, 100)), 0.0);
+        let now = machine_ticks().unwrap();
+        assert!(now.stolen <= now.busy && now.busy <= now.total && now.total > 0);
+        let ticks = |busy, stolen, total| MachineTicks {
+            busy,
+            stolen,
+            total,
+        };
+        assert_eq!(
+            busy_share(ticks(10, 2, 100), ticks(60, 12, 200)),
+            (0.5, 0.1)
+        );
+        assert_eq!(busy_share(ticks(10, 2, 100), ticks(10, 2, 100)), (0.0, 0.0));
     }
 }
