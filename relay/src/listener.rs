@@ -27,7 +27,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use crate::db;
 use crate::event::{self, Payload};
 use crate::hub::{Close, Hub, Writes};
-use crate::log::{self, AT_TEXT};
+use crate::log::{self, AT_TEXT, HORIZON};
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
 use crate::protocol::{close, Cursor, CursorKey, Mark};
@@ -392,7 +392,9 @@ impl Listener {
         let (last_id, last_at) = last.map_or((-1, None), |(id, at)| (id, Some(at)));
         let row = timed(lease.query_one(
             &format!(
-                "select case when s.is_called then s.last_value else 0 end, h.pruned_through,                         (select {AT_TEXT} from relay.events e where e.id = $1)                  from relay.events_id_seq s, relay.log_horizon h"
+                "select case when s.is_called then s.last_value else 0 end, h.pruned_through, \
+                        (select {AT_TEXT} from relay.events e where e.id = $1) \
+                 from relay.events_id_seq s, {HORIZON} h"
             ),
             &[&last_id],
         ))
@@ -526,7 +528,7 @@ impl Listener {
         let row = timed(lease.query_one(
             &format!(
                 "select (select {AT_TEXT} from relay.events e where e.id = $1), h.pruned_through \
-                 from relay.log_horizon h"
+                 from {HORIZON} h"
             ),
             &[&id],
         ))

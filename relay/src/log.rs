@@ -27,6 +27,15 @@ macro_rules! at_text {
 }
 pub const AT_TEXT: &str = at_text!();
 
+/// The one row of `relay.log_horizon`, as queries join it. A table of one row that was never
+/// analyzed (these are, unless a DBA does) is estimated by its size at over a thousand rows, and
+/// the estimate multiplies the cost of everything joined to it: a page of the log was costed past
+/// `jit_above_cost`, and every page read paid about 30 ms of JIT compilation.
+pub const HORIZON: &str = "(select * from relay.log_horizon limit 1)";
+
+/// The one row of `relay.cursor_key`, as queries join it (see [`HORIZON`]).
+const CURSOR_KEY: &str = "(select * from relay.cursor_key limit 1)";
+
 const EVENT_COLUMNS: &str = concat!(
     "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, e.old_session, e.xid::text, ",
     at_text!()
@@ -39,6 +48,43 @@ const EVENT_COLUMNS: &str = concat!(
 /// thousands of them would be hundreds of megabytes in the relay's memory, and slow enough to
 /// read to outlast the query timeout.
 pub const PAGE_BYTES: i64 = 8 << 20;
+
+/// A page as read, its events not yet decoded: where it ends is known from the ids alone, so the
+/// next page can be asked for while this one is decoded.
+#[derive(Debug)]
+pub struct RawPage {
+    /// Events below this were deleted by retention.
+    pub horizon: Cursor,
+    rows: Vec<Row>,
+    /// The id of the page's last event, if it has any.
+    pub last: Option<Cursor>,
+    /// The page ended at its count or its size: the range may hold more events after the last.
+    pub more: bool,
+}
+
+impl RawPage {
+    /// As [`Page::is_complete_after`].
+    pub fn is_complete_after(&self, after: Cursor) -> bool {
+        self.horizon <= after
+    }
+
+    /// Decodes the page's events; one that cannot be decoded is an error in its place.
+    pub fn decode(self) -> Page {
+        let events = self
+            .rows
+            .iter()
+            .filter_map(|row| {
+                let id = row.try_get::<_, Option<i64>>(2).ok().flatten()?;
+                Some((Cursor(id), decode(row, 2)))
+            })
+            .collect();
+        Page {
+            horizon: self.horizon,
+            events,
+            more: self.more,
+        }
+    }
+}
 
 /// Events of one range, read in one statement together with the horizon, so that a prune that
 /// commits meanwhile is either wholly visible (and detected) or not at all.
@@ -92,13 +138,60 @@ pub async fn read_range(
     feed: Option<Feed>,
     limit: i64,
 ) -> Result<Page, tokio_postgres::Error> {
+    Ok(read_range_raw(client, after, upto, feed, limit)
+        .await?
+        .decode())
+}
+
+/// [`read_range`], leaving the events to be decoded.
+pub async fn read_range_raw(
+    client: &impl GenericClient,
+    after: Cursor,
+    upto: Cursor,
+    feed: Option<Feed>,
+    limit: i64,
+) -> Result<RawPage, tokio_postgres::Error> {
+    let table = feed.map(Feed::as_str);
+    let rows = client
+        .query(
+            &range_sql(),
+            &[&after.0, &upto.0, &table, &limit, &PAGE_BYTES],
+        )
+        .await?;
+    let (horizon, fetched) = match rows.first() {
+        Some(row) => (
+            Cursor(row.try_get(0)?),
+            row.try_get::<_, Option<i64>>(1)?.unwrap_or(0),
+        ),
+        None => (Cursor::default(), 0),
+    };
+    let mut count = 0;
+    let mut last = None;
+    for row in &rows {
+        if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
+            count += 1;
+            last = Some(Cursor(id));
+        }
+    }
+    let more = fetched == limit || count < fetched;
+    Ok(RawPage {
+        horizon,
+        rows,
+        last,
+        more,
+    })
+}
+
+/// The statement [`read_range`] runs: `$1` after, `$2` up to, `$3` the feed's table or null,
+/// `$4` the count, `$5` the size bound.
+pub fn range_sql() -> String {
     // The innermost query takes the page by count. The sizes are summed over those rows only,
     // from the values' stored headers (pg_column_size reads no large value), and rows that start
     // past the budget are left out before anything reads their values. `fetched` is how many the
     // count took, to tell a page cut short by size.
-    let sql = format!(
+    format!(
         "select h.pruned_through, e.fetched, {EVENT_COLUMNS} \
-         from relay.log_horizon h \
+         from {HORIZON} h \
          left join lateral ( \
              select s.* from ( \
                  select c.*, sum(c.size) over (order by c.id) - c.size as before, \
@@ -111,30 +204,7 @@ pub async fn read_range(
                      order by id limit $4) c) s \
              where s.before < $5) e on true \
          order by e.id"
-    );
-    let table = feed.map(Feed::as_str);
-    let rows = client
-        .query(&sql, &[&after.0, &upto.0, &table, &limit, &PAGE_BYTES])
-        .await?;
-    let (horizon, fetched) = match rows.first() {
-        Some(row) => (
-            Cursor(row.try_get(0)?),
-            row.try_get::<_, Option<i64>>(1)?.unwrap_or(0),
-        ),
-        None => (Cursor::default(), 0),
-    };
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
-            events.push((Cursor(id), decode(row, 2)));
-        }
-    }
-    let more = fetched == limit || (events.len() as i64) < fetched;
-    Ok(Page {
-        horizon,
-        events,
-        more,
-    })
+    )
 }
 
 /// The log's newest committed event (0 if none): the position a relay starts live from.
@@ -158,7 +228,7 @@ pub async fn mark(client: &impl GenericClient) -> Result<(Mark, CursorKey), toki
         .query_one(
             &format!(
                 "select e.id, e.at, h.pruned_through, h.pruned_through_at, k.key \
-                 from relay.log_horizon h cross join relay.cursor_key k \
+                 from {HORIZON} h cross join {CURSOR_KEY} k \
                  left join lateral (select e.id, {AT_TEXT} as at from relay.events e \
                                     order by e.id desc limit 1) e on true"
             ),
@@ -191,7 +261,7 @@ pub async fn bounds(
                         case when $1 = h.pruned_through then h.pruned_through_at \
                              else (select {AT_TEXT} from relay.events e where e.id = $1) end, \
                         k.key \
-                 from relay.log_horizon h, relay.events_id_seq s, relay.cursor_key k"
+                 from {HORIZON} h, relay.events_id_seq s, {CURSOR_KEY} k"
             ),
             &[&cursor.position.0],
         )

@@ -534,7 +534,7 @@ impl Reader {
         let mut after = cursor;
         let mut replayed = 0u64;
         // Reads one page of the log, within one window of ids, and says where the window ends;
-        // spawned, so that the next page is read while this one is sent.
+        // spawned, so that the next page is read while this one is decoded and sent.
         let fetch = |after: Cursor, upto: Cursor| {
             let db = self.context.db.clone();
             let user = self.principal.user_id;
@@ -543,7 +543,7 @@ impl Reader {
                 let lease = db.get(user).await.map_err(not_leased)?;
                 db::bounded(lease, |client| {
                     Box::pin(async move {
-                        log::read_range(&***client, after, end, Some(feed), REPLAY_PAGE).await
+                        log::read_range_raw(&***client, after, end, Some(feed), REPLAY_PAGE).await
                     })
                 })
                 .await
@@ -561,13 +561,13 @@ impl Reader {
                     return Err(expired(cursor));
                 }
                 // A full page goes on after its last event; otherwise the window was read
-                // through.
-                let next = match page.events.last() {
-                    Some((last, _)) if page.more => *last,
+                // through. The next page is asked for before this one is decoded.
+                let next = match page.last {
+                    Some(last) if page.more => last,
                     _ => end,
                 };
                 pending = (next < upto).then(|| fetch(next, upto));
-                for (id, event) in page.events {
+                for (id, event) in page.decode().events {
                     let event = match event {
                         Ok(event) => event,
                         Err(cause) => {
