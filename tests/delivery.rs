@@ -247,6 +247,40 @@ async fn a_page_of_the_log_is_not_costed_past_jit_above_cost() {
     }
 }
 
+/// Pages of the log carry `at` as a timestamp and the relay writes it out: byte for byte as the
+/// capture writes it in notifications (cursors' tags are made from it), whatever the session's
+/// time zone, for whole seconds, the last microsecond of a day, leap days and times long past or
+/// far ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_time_is_written_as_the_capture_writes_it() {
+    let db = common::TestDb::new().await;
+    db.exec("set timezone = 'Asia/Kolkata'").await;
+    let rows = db
+        .client
+        .query(
+            &format!(
+                "select e.at, {} from (
+                     select t::timestamptz as at from unnest(array[
+                         '2026-01-01 00:00:00+00', '2024-02-29 23:59:59.999999+00',
+                         '1999-12-31 23:59:59.000001+00', '1970-01-01 00:00:00+00',
+                         '1900-03-01 12:00:00.5+00', '9999-12-31 23:59:59.999999+00',
+                         '2026-03-29 01:30:00.000100+02']) t
+                     union all
+                     select clock_timestamp() + (random() - 0.5) * interval '200 years'
+                     from generate_series(1, 2000)) e",
+                relay::log::AT_TEXT
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2007);
+    for row in rows {
+        let (at, text): (time::OffsetDateTime, String) = (row.get(0), row.get(1));
+        assert_eq!(relay::log::at_text_of(at), text, "{at}");
+    }
+}
+
 /// A subscription that receives nothing is told the relay's position now and then, so that its
 /// cursor keeps up with the log: once retention has passed the cursor its `subscribed` reply
 /// named, the client still resumes, from the last position it was told, with nothing missed.
