@@ -31,8 +31,8 @@ pub const HORIZON: &str = "(select * from relay.log_horizon limit 1)";
 const CURSOR_KEY: &str = "(select * from relay.cursor_key limit 1)";
 
 /// The columns of an event, in the NOTIFY payload's field order. `at` comes as the timestamp and
-/// is written out here ([`at_text_of`]): `to_char` took about a quarter of a page's time on the
-/// server.
+/// is written out here ([`at_text_of`]): `to_char` cost the server about a microsecond per event,
+/// a tenth of a page's time.
 const EVENT_COLUMNS: &str =
     "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, e.old_session, e.xid::text, e.at";
 
