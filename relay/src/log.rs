@@ -22,9 +22,10 @@ use crate::protocol::{Cursor, CursorKey, Mark, Tag};
 pub const AT_TEXT: &str = "to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
 /// The one row of `relay.log_horizon`, as queries join it. A table of one row that was never
-/// analyzed (these are, unless a DBA does) is estimated by its size at over a thousand rows, and
-/// the estimate multiplies the cost of everything joined to it: a page of the log was costed past
-/// `jit_above_cost`, and every page read paid about 30 ms of JIT compilation.
+/// analyzed (`relay.cursor_key` never is, and the horizon only once enough prunes have updated
+/// it) is estimated by its size at over a thousand rows, and the estimate multiplies the cost of
+/// everything joined to it: a page of the log was costed past `jit_above_cost`, and every page
+/// read paid about 30 ms of JIT compilation.
 pub const HORIZON: &str = "(select * from relay.log_horizon limit 1)";
 
 /// The one row of `relay.cursor_key`, as queries join it (see [`HORIZON`]).
@@ -32,12 +33,16 @@ const CURSOR_KEY: &str = "(select * from relay.cursor_key limit 1)";
 
 /// The columns of an event, in the NOTIFY payload's field order. `at` comes as the timestamp and
 /// is written out here ([`at_text_of`]): `to_char` cost the server about a microsecond per event,
-/// a tenth of a page's time.
-const EVENT_COLUMNS: &str =
-    "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, e.old_session, e.xid::text, e.at";
+/// a tenth of a page's time. Outside the years 1 to 9999, where the two would write it
+/// differently (or the timestamp could not be read here), Postgres writes it, in a tenth column.
+const EVENT_COLUMNS: &str = concat!(
+    "e.id, e.table_name, e.op, e.new_row, e.old_row, e.new_session, e.old_session, e.xid::text, ",
+    "e.at, case when e.at < '0001-01-01 00:00:00+00' or e.at >= '10000-01-01 00:00:00+00' ",
+    "then to_char(e.at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') end"
+);
 
 /// An event's `at` as [`AT_TEXT`] writes it in SQL and the capture in its notifications: RFC 3339
-/// in UTC with six digits of microseconds.
+/// in UTC with six digits of microseconds. The same text for the years 1 to 9999 only.
 pub fn at_text_of(at: time::OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
     format!(
@@ -319,11 +324,13 @@ fn decode(row: &Row, first: usize) -> Result<Event, DecodeError> {
         new_session: object(column(5)),
         old_session: object(column(6)),
         xid: text(7),
-        at: row
-            .try_get::<_, Option<time::OffsetDateTime>>(first + 8)
-            .ok()
-            .flatten()
-            .map(at_text_of)
+        at: text(9)
+            .or_else(|| {
+                row.try_get::<_, Option<time::OffsetDateTime>>(first + 8)
+                    .ok()
+                    .flatten()
+                    .map(at_text_of)
+            })
             .unwrap_or_default(),
         fetch: false,
     };
