@@ -215,14 +215,7 @@ async fn large_events_are_read_in_pages_bounded_by_size_and_all_replayed() {
 async fn a_page_of_the_log_is_not_costed_past_jit_above_cost() {
     let db = common::TestDb::new().await;
     let (patient, dentist) = (db.user(Role::Patient).await, db.user(Role::Dentist).await);
-    db.client
-        .execute(
-            "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
-             select $1, $2, now(), now() + interval '1 hour' from generate_series(1, 5000)",
-            &[&patient.user_id, &dentist.user_id],
-        )
-        .await
-        .unwrap();
+    db.book_many(&patient, &dentist, 5000).await;
     db.exec("analyze relay.events").await;
     // Postgres' default, whatever this server is set to.
     let jit_above_cost = 100_000.0;
@@ -566,14 +559,7 @@ async fn a_replay_longer_than_the_socket_queue_is_not_cut() {
     let mut ws = Ws::connect(relay.local_addr(), dentist).await;
     let cursor = ws.subscribe("appointments").await;
     drop(ws);
-    db.client
-        .execute(
-            "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
-             select $1, $2, now(), now() + interval '1 hour' from generate_series(1, 200)",
-            &[&patient.user_id, &dentist.user_id],
-        )
-        .await
-        .unwrap();
+    db.book_many(&patient, &dentist, 200).await;
     // All 200 are behind the relay's position, so the resume replays every one of them.
     common::settle(&db, relay.local_addr()).await;
 

@@ -111,6 +111,18 @@ impl TestDb {
             .get(0)
     }
 
+    /// Books `count` appointments in one statement: `count` events in one transaction.
+    pub async fn book_many(&self, patient: &Principal, dentist: &Principal, count: i32) {
+        self.client
+            .execute(
+                "insert into appointments (patient_id, dentist_id, starts_at, ends_at)
+                 select $1, $2, now(), now() + interval '1 hour' from generate_series(1, $3)",
+                &[&patient.user_id, &dentist.user_id, &count],
+            )
+            .await
+            .expect("book many");
+    }
+
     /// Opens a consultation session (status `waiting`) and returns its id.
     pub async fn open_session(&self, patient: &Principal, dentist: &Principal) -> Uuid {
         self.client
