@@ -11,6 +11,7 @@ mod peer;
 mod report;
 mod run;
 mod scrape;
+mod stamped;
 mod system;
 mod worker;
 mod writer;
@@ -52,6 +53,14 @@ struct Cli {
     /// Writer connections.
     #[arg(long, default_value_t = 8)]
     writers: usize,
+
+    /// Once subscribed, each client process reads its sockets every this many microseconds,
+    /// sleeping in between, instead of being woken by each frame (0, the default). A local
+    /// client woken by a frame costs the relay's `send` that wake-up and often a switch to the
+    /// client on the same core; clients on other machines cost it neither. The latency to the
+    /// client's socket is measured either way.
+    #[arg(long, default_value_t = 0)]
+    client_poll_micros: u64,
 
     /// Rows each writer's transaction books, in the fan-out workload: above 1, events can come
     /// faster than Postgres commits single-row transactions, to find where the relay (or a
@@ -163,6 +172,7 @@ fn options(cli: &Cli) -> run::Options {
         replay: cli.replay,
         relay_bin: cli.relay_bin.clone().unwrap_or(beside),
         peer: cli.peer,
+        poll_micros: cli.client_poll_micros,
         peer_dir: cli.peer_dir.clone(),
         postgres: cli.postgres.trim_end_matches('/').to_string(),
         out: cli.out.clone(),

@@ -19,6 +19,9 @@ pub struct Results {
     pub mode: Mode,
     pub sockets: usize,
     pub client_processes: usize,
+    /// The client processes read their sockets every this many microseconds instead of waking
+    /// for each frame; 0 when they wake.
+    pub poll_micros: u64,
     pub writers: usize,
     /// Rows (events) each writer's transaction commits.
     pub rows_per_commit: usize,
@@ -102,7 +105,11 @@ pub struct Phase {
 /// measures, and the closest to the commit itself.
 #[derive(Debug, Serialize)]
 pub struct FromCommitTimestamp {
+    /// To when the client process read the delivery.
     pub latency_ms: Percentiles,
+    /// To when the delivery reached the client's socket (the kernel's receive time of the
+    /// segment that completed its frame), whenever the client process got to read it.
+    pub at_socket_ms: Percentiles,
     /// Deliveries that arrived before their transaction's commit timestamp (none should).
     pub arrived_before: u64,
     /// The phase's events that had a commit timestamp.
@@ -165,10 +172,15 @@ impl Results {
         let _ = writeln!(out, "server: {}\n", self.server);
         let _ = writeln!(
             out,
-            "{} sockets ({:?} workload) from {} client processes; {} writer connections, {} row{} per commit\n",
+            "{} sockets ({:?} workload) from {} client processes{}; {} writer connections, {} row{} per commit\n",
             self.sockets,
             self.mode,
             self.client_processes,
+            if self.poll_micros > 0 {
+                format!(" reading every {} µs", self.poll_micros)
+            } else {
+                String::new()
+            },
             self.writers,
             self.rows_per_commit,
             if self.rows_per_commit == 1 { "" } else { "s" }
@@ -242,7 +254,7 @@ impl Results {
         }
         let _ = writeln!(
             out,
-            "\n| phase | machine busy | client processes' CPU | `at` → received by the relay, p50 | p99 | `at` → handed over by the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| phase | machine busy | client processes' CPU | `at` → received by the relay, p50 | p99 | `at` → handed over by the relay, p50 | p99 | `at` → client, p50 | p99 | commit timestamp → client, p50 | p99 | commit timestamp → client's socket, p50 | p99 | acknowledged commit → client, p50 | p99 | arrived before the acknowledgement |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let at_most = |ms: f64| {
@@ -267,18 +279,22 @@ impl Results {
                 (Some(busy), None) => format!("{:.0} %", busy * 100.0),
                 _ => "n/a".to_string(),
             };
-            let (committed_p50, committed_p99) = p.from_commit_timestamp.as_ref().map_or_else(
-                || ("n/a".to_string(), "n/a".to_string()),
-                |c| {
-                    (
-                        format!("{:.2} ms", c.latency_ms.p50),
-                        format!("{:.2} ms", c.latency_ms.p99),
-                    )
-                },
-            );
+            let from_commit = |of: fn(&FromCommitTimestamp) -> &Percentiles| {
+                p.from_commit_timestamp.as_ref().map_or_else(
+                    || ("n/a".to_string(), "n/a".to_string()),
+                    |c| {
+                        (
+                            format!("{:.2} ms", of(c).p50),
+                            format!("{:.2} ms", of(c).p99),
+                        )
+                    },
+                )
+            };
+            let (committed_p50, committed_p99) = from_commit(|c| &c.latency_ms);
+            let (socket_p50, socket_p99) = from_commit(|c| &c.at_socket_ms);
             let _ = writeln!(
                 out,
-                "| {} | {busy} | {:.0} % | {received_p50} | {received_p99} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {committed_p50} | {committed_p99} | {:.2} ms | {:.2} ms | {:.1} % |",
+                "| {} | {busy} | {:.0} % | {received_p50} | {received_p99} | {queued_p50} | {queued_p99} | {:.2} ms | {:.2} ms | {committed_p50} | {committed_p99} | {socket_p50} | {socket_p99} | {:.2} ms | {:.2} ms | {:.1} % |",
                 p.name,
                 p.clients_cpu_cores * 100.0,
                 p.latency_ms.p50,

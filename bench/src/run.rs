@@ -46,6 +46,9 @@ pub struct Options {
     pub replay: usize,
     pub relay_bin: PathBuf,
     pub peer: Option<Peer>,
+    /// The client processes read their sockets every this many microseconds instead of waking
+    /// for each frame; 0 for waking.
+    pub poll_micros: u64,
     pub peer_dir: PathBuf,
     pub postgres: String,
     pub out: PathBuf,
@@ -204,6 +207,7 @@ async fn check_topics_refused(peer: Peer, relay: SocketAddr, issuer: &Issuer) ->
         source: IpAddr::V4(Ipv4Addr::LOCALHOST),
         concurrency: 1,
         peer: Some(peer),
+        poll_micros: 0,
         sockets: Vec::new(),
     };
     for topic in ["admins".to_string(), format!("user:{}", Uuid::new_v4())] {
@@ -417,6 +421,7 @@ async fn start_clients(
             source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)),
             concurrency: 64,
             peer: options.peer,
+            poll_micros: options.poll_micros,
             sockets: chunk
                 .iter()
                 .map(|m| SocketPlan {
@@ -620,13 +625,14 @@ async fn phase(
         &per_socket,
         &received_per_socket(clients, before, after).await?,
     );
-    let (latency_from_acknowledgement_ms, arrived_before_acknowledgement, acknowledged_events) =
+    let (latency_from_acknowledgement_ms, _, arrived_before_acknowledgement, acknowledged_events) =
         measured_from(clients, acknowledgements(&xids, &written.acknowledged)).await?;
     let from_commit_timestamp = match commit_timestamps(context.db, before, after).await? {
         Some(commits) => {
-            let (latency, early, events) = measured_from(clients, commits).await?;
+            let (latency, at_socket, early, events) = measured_from(clients, commits).await?;
             Some(FromCommitTimestamp {
                 latency_ms: latency,
+                at_socket_ms: at_socket,
                 arrived_before: early,
                 events,
             })
@@ -668,22 +674,29 @@ async fn phase(
 }
 
 /// Latency from a time per event (its writer's acknowledgement, or its commit timestamp), which
-/// the client processes measure against every delivery they recorded. Also the deliveries that
-/// arrived before that time, and how many of the phase's events had one.
+/// the client processes measure against every delivery they recorded: to when they read it, and
+/// to when it reached the socket. Also the deliveries read before that time, and how many of the
+/// phase's events had one.
 async fn measured_from(
     clients: &mut [Clients],
     commits: Vec<(i64, i64)>,
-) -> Result<(Percentiles, u64, u64), Error> {
+) -> Result<(Percentiles, Percentiles, u64, u64), Error> {
     let events = commits.len() as u64;
     broadcast(clients, worker::Command::Acknowledged { commits }).await?;
-    let mut latency = worker::latency_histogram();
+    let (mut latency, mut at_socket) = (worker::latency_histogram(), worker::latency_histogram());
     let mut early = 0;
     for process in clients {
         let answer: worker::FromAcknowledgement = process.receive().await?;
         worker::add_recorded(&mut latency, &answer.latency_us);
+        worker::add_recorded(&mut at_socket, &answer.at_socket_us);
         early += answer.early;
     }
-    Ok((Percentiles::of(&latency), early, events))
+    Ok((
+        Percentiles::of(&latency),
+        Percentiles::of(&at_socket),
+        early,
+        events,
+    ))
 }
 
 /// When each writer saw its event's transaction acknowledged: the events' transaction ids (from
@@ -958,6 +971,7 @@ async fn measure(options: &Options, cast: &Arc<Cast>, url: &str) -> Result<Resul
         mode: options.mode,
         sockets,
         client_processes: options.client_processes,
+        poll_micros: options.poll_micros,
         writers: options.writers,
         rows_per_commit: options.rows_per_commit,
         setup,

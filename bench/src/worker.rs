@@ -1,6 +1,7 @@
 //! A client process: opens its share of the run's sockets from its own source address, subscribes
 //! each to its feeds, and records every event frame it receives: the latency from the event's
-//! commit-time stamp to its arrival, and how many times each event arrived.
+//! commit-time stamp to its arrival (when the process read it, and when its last segment
+//! reached the socket: see [`crate::stamped`]), and how many times each event arrived.
 //!
 //! It talks to the orchestrator over stdin and stdout, one JSON document per line: it reads its
 //! [`Plan`], answers [`Ready`] once every socket is subscribed, then obeys [`Command`]s, answering
@@ -21,6 +22,7 @@ use tokio_tungstenite::tungstenite::{http, Message, Utf8Bytes};
 
 use crate::expect::Digest;
 use crate::peer::{self, Peer};
+use crate::stamped::Stamped;
 use crate::Error;
 
 /// What one client process does.
@@ -34,6 +36,10 @@ pub struct Plan {
     pub concurrency: usize,
     /// The server is a peer, not the relay: its sockets speak the peer's protocol.
     pub peer: Option<Peer>,
+    /// Once every socket is subscribed, the process reads its sockets every this many
+    /// microseconds, sleeping in between, instead of waking for each frame (0, the default).
+    #[serde(default)]
+    pub poll_micros: u64,
     pub sockets: Vec<SocketPlan>,
 }
 
@@ -97,6 +103,9 @@ pub struct PerSocket {
 pub struct FromAcknowledgement {
     /// (value, count) pairs, in microseconds.
     pub latency_us: Vec<(u64, u64)>,
+    /// The same to each delivery's arrival at its socket: (value, count) pairs, in microseconds.
+    #[serde(default)]
+    pub at_socket_us: Vec<(u64, u64)>,
     /// Deliveries that arrived before the writer had seen its commit acknowledged (recorded as
     /// the smallest latency).
     pub early: u64,
@@ -120,9 +129,9 @@ pub struct Report {
 struct Stats {
     latency: Histogram<u64>,
     per_event: HashMap<i64, u32>,
-    /// Every delivery: (event id, arrival in microseconds since the epoch, the socket's place
-    /// in the plan).
-    arrivals: Vec<(i64, i64, u32)>,
+    /// Every delivery: (event id, when the process read it and when it reached the socket, in
+    /// microseconds since the epoch, the socket's place in the plan).
+    arrivals: Vec<(i64, i64, i64, u32)>,
     deliveries: u64,
     at_mark: u64,
     out_of_order: u64,
@@ -175,9 +184,9 @@ impl Stats {
 
     fn since_acknowledgements(&self, commits: &[(i64, i64)]) -> FromAcknowledgement {
         let commits: HashMap<i64, i64> = commits.iter().copied().collect();
-        let mut latency = latency_histogram();
+        let (mut latency, mut at_socket) = (latency_histogram(), latency_histogram());
         let mut early = 0;
-        for (id, arrived, _) in &self.arrivals {
+        for (id, arrived, reached, _) in &self.arrivals {
             let Some(committed) = commits.get(id) else {
                 continue;
             };
@@ -186,16 +195,18 @@ impl Stats {
                 early += 1;
             }
             latency.saturating_record(micros.max(1) as u64);
+            at_socket.saturating_record((reached - committed).max(1) as u64);
         }
         FromAcknowledgement {
             latency_us: recorded(&latency),
+            at_socket_us: recorded(&at_socket),
             early,
         }
     }
 
     fn per_socket(&self, sockets: usize, after: i64, upto: i64) -> PerSocket {
         let mut digests = vec![Digest::default(); sockets];
-        for (id, _, socket) in &self.arrivals {
+        for (id, _, _, socket) in &self.arrivals {
             if (after + 1..=upto).contains(id) {
                 if let Some(digest) = digests.get_mut(*socket as usize) {
                     digest.add(*id);
@@ -258,7 +269,7 @@ fn micros_of(at: &str) -> Option<i128> {
     Some(at.unix_timestamp_nanos() / 1000)
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+type Socket = tokio_tungstenite::WebSocketStream<Stamped>;
 
 /// Opens one socket from `source` and subscribes it to its feeds (or, with a peer, waits until
 /// the peer has put it in its room).
@@ -304,6 +315,7 @@ async fn handshake(plan: &Plan, socket: &SocketPlan) -> Result<Socket, Error> {
     tcp.bind(SocketAddr::new(plan.source, 0))?;
     let stream = tcp.connect(plan.relay).await?;
     stream.set_nodelay(true)?;
+    let stream = Stamped::new(stream)?;
     let url = match plan.peer {
         None => format!("ws://{}/ws?access_token={}", plan.relay, socket.token),
         Some(Peer::Socketio) => format!(
@@ -433,6 +445,11 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
             continue;
         };
         let arrived = now_micros();
+        // The kernel's time of the read that completed the frame; never after the reading.
+        let reached = ws
+            .get_ref()
+            .received_micros()
+            .map_or(arrived, |at| i128::from(at).min(arrived));
         // Each event's id and the microseconds of its `at`.
         let at_micros = |(id, at): (i64, &str)| (id, micros_of(at));
         let fields = match peer {
@@ -471,7 +488,9 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
         }
         last_id = id;
         *stats.per_event.entry(id).or_default() += 1;
-        stats.arrivals.push((id, arrived as i64, socket));
+        stats
+            .arrivals
+            .push((id, arrived as i64, reached as i64, socket));
         if let Some(latency) = latency {
             stats.latency.saturating_record(latency);
         }
@@ -528,6 +547,17 @@ pub async fn run() -> Result<(), Error> {
         ended_micros,
     };
     say(&mut out, &ready).await?;
+    if plan.poll_micros > 0 {
+        // The process's one thread sleeps outside the runtime, so no frame wakes it; then the
+        // runtime takes every socket that became readable, and the sleep comes round again.
+        let nap = std::time::Duration::from_micros(plan.poll_micros);
+        tokio::spawn(async move {
+            loop {
+                std::thread::sleep(nap);
+                tokio::task::yield_now().await;
+            }
+        });
+    }
 
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str::<Command>(&line)? {
@@ -572,7 +602,8 @@ mod tests {
         let mut stats = Stats::new();
         // Event 1 acknowledged at 1,000 µs: deliveries at 1,500 and 900 (before the
         // acknowledgement reached the writer). Event 2 has no acknowledgement and is left out.
-        stats.arrivals = vec![(1, 1_500, 0), (1, 900, 1), (2, 5_000, 0)];
+        // Each reached its socket 200 µs before it was read.
+        stats.arrivals = vec![(1, 1_500, 1_300, 0), (1, 900, 700, 1), (2, 5_000, 4_800, 0)];
         let answer = stats.since_acknowledgements(&[(1, 1_000)]);
         assert_eq!(answer.early, 1);
         let recorded: u64 = answer.latency_us.iter().map(|(_, n)| n).sum();
@@ -582,6 +613,10 @@ mod tests {
             .latency_us
             .iter()
             .any(|(v, _)| (499..=501).contains(v)));
+        let at_socket: Vec<u64> = answer.at_socket_us.iter().map(|(v, _)| *v).collect();
+        assert_eq!(at_socket.len(), 2);
+        assert_eq!(at_socket[0], 1);
+        assert!((299..=301).contains(&at_socket[1]), "{at_socket:?}");
     }
 
     #[test]
