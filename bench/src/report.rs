@@ -70,6 +70,8 @@ pub struct Phase {
     /// From the moment the writer saw its commit acknowledged: a lower bound, since the
     /// acknowledgement reaches the writer after the commit.
     pub latency_from_acknowledgement_ms: Percentiles,
+    /// The same to each delivery's arrival at the client's socket.
+    pub latency_from_acknowledgement_at_socket_ms: Percentiles,
     /// Deliveries that arrived before their writer had seen the acknowledgement.
     pub arrived_before_acknowledgement: u64,
     /// The phase's events matched with a writer's acknowledgement.

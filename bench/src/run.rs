@@ -625,8 +625,12 @@ async fn phase(
         &per_socket,
         &received_per_socket(clients, before, after).await?,
     );
-    let (latency_from_acknowledgement_ms, _, arrived_before_acknowledgement, acknowledged_events) =
-        measured_from(clients, acknowledgements(&xids, &written.acknowledged)).await?;
+    let (
+        latency_from_acknowledgement_ms,
+        latency_from_acknowledgement_at_socket_ms,
+        arrived_before_acknowledgement,
+        acknowledged_events,
+    ) = measured_from(clients, acknowledgements(&xids, &written.acknowledged)).await?;
     let from_commit_timestamp = match commit_timestamps(context.db, before, after).await? {
         Some(commits) => {
             let (latency, at_socket, early, events) = measured_from(clients, commits).await?;
@@ -657,6 +661,7 @@ async fn phase(
         closed_sockets: closed,
         latency_ms: Percentiles::of(&latency),
         latency_from_acknowledgement_ms,
+        latency_from_acknowledgement_at_socket_ms,
         arrived_before_acknowledgement,
         acknowledged_events,
         from_commit_timestamp,
