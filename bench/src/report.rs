@@ -62,6 +62,9 @@ pub struct Phase {
     /// Share of the expected deliveries that had arrived when the writers stopped.
     pub delivered_within_run: f64,
     pub out_of_order: u64,
+    /// Deliveries whose read carried no kernel receive time, timed at the socket as when read
+    /// (none where the kernel stamps every segment).
+    pub unstamped: u64,
     /// Sockets that had closed by the end of the phase (the relay cut them, or they failed).
     pub closed_sockets: u64,
     /// From the event's `at`, taken inside the committing transaction just before its commit: an
@@ -109,8 +112,8 @@ pub struct Phase {
 pub struct FromCommitTimestamp {
     /// To when the client process read the delivery.
     pub latency_ms: Percentiles,
-    /// To when the delivery reached the client's socket (the kernel's receive time of the
-    /// segment that completed its frame), whenever the client process got to read it.
+    /// To when the delivery reached the client's socket (the kernel's receive time of the last
+    /// segment of the read that completed its frame), whenever the client process got to read it.
     pub at_socket_ms: Percentiles,
     /// Deliveries that arrived before their transaction's commit timestamp (none should).
     pub arrived_before: u64,

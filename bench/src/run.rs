@@ -613,11 +613,12 @@ async fn phase(
     let relay_received_ms = histograms.as_ref().and_then(|h| h.received.percentiles());
     let relay_queued_ms = histograms.as_ref().and_then(|h| h.queued.percentiles());
     let mut latency = worker::latency_histogram();
-    let (mut at_mark, mut out_of_order, mut closed) = (0, 0, 0);
+    let (mut at_mark, mut out_of_order, mut unstamped, mut closed) = (0, 0, 0, 0);
     for report in &reports {
         worker::add_recorded(&mut latency, &report.latency_us);
         at_mark += report.deliveries_at_mark;
         out_of_order += report.out_of_order;
+        unstamped += report.unstamped;
         closed += report.closed;
     }
     let mut accounting = expect::account(&expected, &merged(&reports));
@@ -658,6 +659,7 @@ async fn phase(
         accounting,
         delivered_within_run: at_mark as f64 / (accounting.expected.max(1)) as f64,
         out_of_order,
+        unstamped,
         closed_sockets: closed,
         latency_ms: Percentiles::of(&latency),
         latency_from_acknowledgement_ms,

@@ -118,6 +118,9 @@ pub struct Report {
     pub deliveries_at_mark: u64,
     /// Frames whose event id was not above the socket's previous one: repeated or out of order.
     pub out_of_order: u64,
+    /// Deliveries whose read carried no kernel receive time: timed at the socket as when read.
+    #[serde(default)]
+    pub unstamped: u64,
     /// Sockets that closed (none should, before the run ends).
     pub closed: u64,
     /// Commit-to-arrival latency in microseconds: (value, count) pairs.
@@ -135,6 +138,7 @@ struct Stats {
     deliveries: u64,
     at_mark: u64,
     out_of_order: u64,
+    unstamped: u64,
     closed: u64,
 }
 
@@ -167,6 +171,7 @@ impl Stats {
             deliveries: 0,
             at_mark: 0,
             out_of_order: 0,
+            unstamped: 0,
             closed: 0,
         }
     }
@@ -176,6 +181,7 @@ impl Stats {
             deliveries: self.deliveries,
             deliveries_at_mark: self.at_mark,
             out_of_order: self.out_of_order,
+            unstamped: self.unstamped,
             closed: self.closed,
             latency_us: recorded(&self.latency),
             per_event: self.per_event.iter().map(|(id, n)| (*id, *n)).collect(),
@@ -446,10 +452,8 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
         };
         let arrived = now_micros();
         // The kernel's time of the read that completed the frame; never after the reading.
-        let reached = ws
-            .get_ref()
-            .received_micros()
-            .map_or(arrived, |at| i128::from(at).min(arrived));
+        let stamp = ws.get_ref().received_micros();
+        let reached = stamp.map_or(arrived, |at| i128::from(at).min(arrived));
         // Each event's id and the microseconds of its `at`.
         let at_micros = |(id, at): (i64, &str)| (id, micros_of(at));
         let fields = match peer {
@@ -483,6 +487,9 @@ async fn read(mut ws: Socket, stats: Shared, socket: u32, peer: Option<Peer>) {
         let latency = at.map(|at| (arrived - at).max(1) as u64);
         let mut stats = lock(&stats);
         stats.deliveries += 1;
+        if stamp.is_none() {
+            stats.unstamped += 1;
+        }
         if id <= last_id {
             stats.out_of_order += 1;
         }

@@ -89,6 +89,8 @@ fn quick_run(mode: &str, peer: Option<&str>, poll_micros: u64) {
         assert_eq!(accounting["sockets_checked"], results["sockets"], "{phase}");
         assert_eq!(accounting["sockets_wrong"], 0, "{phase}");
         assert_eq!(phase["out_of_order"], 0, "{phase}");
+        // Every delivery was timed at its socket by the kernel.
+        assert_eq!(phase["unstamped"], 0, "{phase}");
         assert_eq!(phase["closed_sockets"], 0, "{phase}");
         // Measured from the writers' acknowledgements too: never later than from `at`, which
         // is taken inside the transaction before it commits.
